@@ -1,0 +1,379 @@
+"""Dataset readers: the project folder format, Pascal VOC 2012 and ADE20K (``ADEChallengeData2016``).
+
+Every reader returns a :class:`SegmentationSource`: the class names (index 0 = background), the train
+and val samples, and an optional lookup table from raw mask values to class indices. Files are only
+listed here; :func:`load_image` and :func:`load_mask` read and validate them, raising :class:`DataError`
+with the offending file and what to fix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+IGNORE = 255
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+VOC_CLASSES = (
+    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+)
+
+# objectInfo150 order; annotation value k (1..150) is class k, 0 ("other") is ignored.
+ADE_CLASSES = ("background",) + (
+    "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed", "windowpane", "grass", "cabinet",
+    "sidewalk", "person", "earth", "door", "table", "mountain", "plant", "curtain", "chair", "car", "water",
+    "painting", "sofa", "shelf", "house", "sea", "mirror", "rug", "field", "armchair", "seat", "fence", "desk",
+    "rock", "wardrobe", "lamp", "bathtub", "railing", "cushion", "base", "box", "column", "signboard",
+    "chest of drawers", "counter", "sand", "sink", "skyscraper", "fireplace", "refrigerator", "grandstand",
+    "path", "stairs", "runway", "case", "pool table", "pillow", "screen door", "stairway", "river", "bridge",
+    "bookcase", "blind", "coffee table", "toilet", "flower", "book", "hill", "bench", "countertop", "stove",
+    "palm", "kitchen island", "computer", "swivel chair", "boat", "bar", "arcade machine", "hovel", "bus",
+    "towel", "light", "truck", "tower", "chandelier", "awning", "streetlight", "booth", "television receiver",
+    "airplane", "dirt track", "apparel", "pole", "land", "bannister", "escalator", "ottoman", "bottle",
+    "buffet", "poster", "stage", "van", "ship", "fountain", "conveyer belt", "canopy", "washer", "plaything",
+    "swimming pool", "stool", "barrel", "basket", "waterfall", "tent", "bag", "minibike", "cradle", "oven",
+    "ball", "food", "step", "tank", "trade name", "microwave", "pot", "animal", "bicycle", "lake",
+    "dishwasher", "screen", "blanket", "sculpture", "hood", "sconce", "vase", "traffic light", "tray",
+    "ashcan", "fan", "pier", "crt screen", "plate", "monitor", "bulletin board", "shower", "radiator",
+    "glass", "clock", "flag",
+)
+ADE_LABEL_MAP = (IGNORE,) + tuple(range(1, 256))
+
+
+class DataError(ValueError):
+    """Bad dataset content; the message names the offending file and says what to fix."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image and its mask."""
+
+    stem: str
+    image_path: Path
+    mask_path: Path
+
+
+@dataclass(frozen=True)
+class SegmentationSource:
+    """A dataset as listed on disk.
+
+    Attributes:
+        root: The dataset folder that was read.
+        classes: Class names; index 0 is background.
+        train: Training samples, in the order of the dataset's list files (or sorted by stem).
+        val: Validation samples.
+        label_map: 256-entry lookup table from raw mask value to class index (255 = ignore);
+            None when the raw values already are class indices.
+    """
+
+    root: Path
+    classes: tuple[str, ...]
+    train: tuple[Sample, ...]
+    val: tuple[Sample, ...]
+    label_map: tuple[int, ...] | None = None
+
+
+def read_folder_dataset(root: Path) -> SegmentationSource:
+    """Reads the project folder format.
+
+    Layout: ``classes.txt`` (line i = name of mask value i, line 0 background), ``images/<stem>.(jpg|jpeg|png)``,
+    ``masks/<stem>.png`` and optionally ``splits/train.txt`` / ``splits/val.txt`` (one stem a line).
+    Without ``splits/train.txt`` every stem not listed in ``splits/val.txt`` is a training stem.
+
+    Args:
+        root: The dataset folder.
+
+    Returns:
+        The listed dataset.
+
+    Raises:
+        DataError: On a bad ``classes.txt``, a missing image or mask, or overlapping splits.
+    """
+    root = Path(root)
+    classes = _read_classes(root / "classes.txt")
+    images = _index_images(root / "images")
+    train_file, val_file = root / "splits" / "train.txt", root / "splits" / "val.txt"
+    val_stems = _read_stem_list(val_file) if val_file.is_file() else []
+    if train_file.is_file():
+        train_stems = _read_stem_list(train_file)
+        overlap = sorted(set(train_stems) & set(val_stems))
+        if overlap:
+            raise DataError(
+                f"{val_file}: {len(overlap)} stem(s) are also in {train_file} (first: {overlap[0]!r}); "
+                "a stem may be in one split only"
+            )
+    else:
+        train_stems = sorted(set(images) - set(val_stems))
+
+    def samples(stems: list[str], listed_in: Path) -> tuple[Sample, ...]:
+        found = []
+        for stem in stems:
+            if stem not in images:
+                raise DataError(f"{listed_in}: stem {stem!r} has no image {root / 'images' / stem}.(jpg|png)")
+            mask_path = root / "masks" / f"{stem}.png"
+            if not mask_path.is_file():
+                raise DataError(f"{images[stem]}: the mask {mask_path} is missing; add it or remove the image")
+            found.append(Sample(stem, images[stem], mask_path))
+        return tuple(found)
+
+    return SegmentationSource(
+        root=root,
+        classes=classes,
+        train=samples(train_stems, train_file if train_file.is_file() else root / "images"),
+        val=samples(val_stems, val_file),
+    )
+
+
+def read_voc(root: Path, aug: bool | None = None) -> SegmentationSource:
+    """Reads Pascal VOC 2012 (optionally with the SBD ``SegmentationClassAug`` masks).
+
+    Args:
+        root: The ``VOC2012`` folder, or a parent holding ``VOC2012`` or ``VOCdevkit/VOC2012``.
+        aug: Use ``SegmentationClassAug`` and ``ImageSets/SegmentationAug/train_aug.txt`` (when present,
+            else ``ImageSets/Segmentation/train.txt``); None picks the augmented masks when they exist.
+
+    Returns:
+        The listed dataset, train and val in list-file order. Train stems also in the val list are
+        dropped (some ``train_aug`` lists contain val images).
+
+    Raises:
+        DataError: When the layout is not VOC or a listed file is missing.
+    """
+    voc = _find_voc_root(Path(root))
+    if voc is None:
+        raise DataError(f"{root}: no VOC2012 layout found (JPEGImages/ + SegmentationClass[Aug]/ + ImageSets/)")
+    if aug is None:
+        aug = (voc / "SegmentationClassAug").is_dir()
+    mask_dir = voc / ("SegmentationClassAug" if aug else "SegmentationClass")
+    if not mask_dir.is_dir():
+        raise DataError(f"{mask_dir}: folder missing; add the masks or choose aug={not aug}")
+    train_list = voc / "ImageSets" / "SegmentationAug" / "train_aug.txt"
+    if not (aug and train_list.is_file()):
+        train_list = voc / "ImageSets" / "Segmentation" / "train.txt"
+    val_list = voc / "ImageSets" / "Segmentation" / "val.txt"
+    val_stems = _read_stem_list(val_list)
+    val_set = set(val_stems)
+    train_stems = [stem for stem in _read_stem_list(train_list) if stem not in val_set]
+
+    def samples(stems: list[str], listed_in: Path) -> tuple[Sample, ...]:
+        return tuple(
+            _existing_sample(stem, voc / "JPEGImages" / f"{stem}.jpg", mask_dir / f"{stem}.png", listed_in)
+            for stem in stems
+        )
+
+    return SegmentationSource(
+        root=voc, classes=VOC_CLASSES, train=samples(train_stems, train_list), val=samples(val_stems, val_list)
+    )
+
+
+def read_ade20k(root: Path) -> SegmentationSource:
+    """Reads ADE20K as distributed for the scene parsing challenge (``ADEChallengeData2016``).
+
+    Annotation 0 ("other") becomes 255 (ignore) through ``label_map``; 1..150 are the classes; class 0
+    ("background") has no pixels.
+
+    Args:
+        root: The ``ADEChallengeData2016`` folder or its parent.
+
+    Returns:
+        The listed dataset, samples sorted by file name (the order MiB's index files refer to).
+
+    Raises:
+        DataError: When the layout is not ADE20K or an image has no annotation.
+    """
+    ade = _find_ade_root(Path(root))
+    if ade is None:
+        raise DataError(f"{root}: no ADEChallengeData2016 layout found (images/training/, annotations/training/)")
+
+    def samples(split: str) -> tuple[Sample, ...]:
+        image_dir = ade / "images" / split
+        return tuple(
+            _existing_sample(path.stem, path, ade / "annotations" / split / f"{path.stem}.png", image_dir)
+            for path in sorted(image_dir.glob("*.jpg"))
+        )
+
+    return SegmentationSource(
+        root=ade, classes=ADE_CLASSES, train=samples("training"), val=samples("validation"), label_map=ADE_LABEL_MAP
+    )
+
+
+def read_source(root: Path) -> SegmentationSource:
+    """Reads a dataset in whichever supported layout ``root`` has.
+
+    Args:
+        root: A project-format folder (has ``classes.txt``), a VOC2012 or an ADE20K folder.
+
+    Returns:
+        The listed dataset.
+
+    Raises:
+        DataError: When no supported layout matches.
+    """
+    root = Path(root)
+    if (root / "classes.txt").is_file():
+        return read_folder_dataset(root)
+    if _find_voc_root(root) is not None:
+        return read_voc(root)
+    if _find_ade_root(root) is not None:
+        return read_ade20k(root)
+    raise DataError(
+        f"{root}: unknown dataset layout; expected classes.txt + images/ + masks/ (project format), "
+        "a Pascal VOC 2012 folder (JPEGImages/, SegmentationClass/) or ADEChallengeData2016 (images/, annotations/)"
+    )
+
+
+def load_image(path: Path) -> Image.Image:
+    """Loads an image as RGB.
+
+    Args:
+        path: Image file.
+
+    Returns:
+        The decoded RGB image.
+
+    Raises:
+        DataError: When the file is unreadable, corrupt, truncated or larger than
+            ``PIL.Image.MAX_IMAGE_PIXELS`` (decompression bomb guard).
+    """
+    with _open(path) as image:
+        return image.convert("RGB")
+
+
+def load_mask(sample: Sample, num_classes: int, label_map: Sequence[int] | None = None) -> np.ndarray:
+    """Loads a mask as class indices.
+
+    Args:
+        sample: The sample whose ``mask_path`` is read.
+        num_classes: Number of classes including background; valid labels are 0..num_classes-1 and 255.
+        label_map: Optional 256-entry lookup table raw value -> class index (255 = ignore).
+
+    Returns:
+        uint8 array (H, W) of class indices and 255.
+
+    Raises:
+        DataError: When the mask is not single channel or palette, unreadable, or holds a label that is
+            neither a class index nor 255.
+    """
+    with _open(sample.mask_path) as mask_image:
+        if mask_image.mode not in ("L", "P"):
+            raise DataError(
+                f"{sample.mask_path}: mask has mode {mask_image.mode}; masks must be single channel (L) or "
+                "palette (P) PNGs whose values are class indices (255 = ignore), not colour images"
+            )
+        mask = np.array(mask_image, dtype=np.uint8)  # (H, W) raw values; palette images give palette indices
+    if label_map is not None:
+        mask = np.asarray(label_map, dtype=np.uint8)[mask]
+    invalid = (mask >= num_classes) & (mask != IGNORE)
+    if invalid.any():
+        raise DataError(
+            f"{sample.mask_path}: label {int(mask[invalid][0])} is not a class index (0..{num_classes - 1}) "
+            f"nor {IGNORE} (ignore)"
+        )
+    return mask
+
+
+def label_sets(
+    source_samples: Sequence[Sample], num_classes: int, label_map: Sequence[int] | None = None
+) -> list[frozenset[int]]:
+    """Lists the labels present in each mask (255 excluded), reading every mask once.
+
+    Args:
+        source_samples: Samples whose masks are read.
+        num_classes: Number of classes including background.
+        label_map: Optional raw value -> class index lookup table.
+
+    Returns:
+        One set of class indices per sample, in order.
+    """
+    sets = []
+    for sample in source_samples:
+        counts = np.bincount(load_mask(sample, num_classes, label_map).ravel(), minlength=256)  # (256,)
+        counts[IGNORE] = 0
+        sets.append(frozenset(np.flatnonzero(counts).tolist()))
+    return sets
+
+
+def _open(path: Path) -> Image.Image:
+    """Opens and decodes an image file, turning every failure into a DataError naming it."""
+    try:
+        image = Image.open(path)
+    except Image.DecompressionBombError as error:
+        raise DataError(f"{path}: image too large ({error}); downscale it") from error
+    except (OSError, SyntaxError, ValueError) as error:
+        raise DataError(f"{path}: cannot read image ({error}); replace the file with a valid JPEG or PNG") from error
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and image.width * image.height > limit:
+        image.close()
+        raise DataError(
+            f"{path}: image has {image.width}x{image.height} pixels, more than the {limit} allowed; downscale it"
+        )
+    try:
+        image.load()
+    except (OSError, SyntaxError, ValueError) as error:
+        image.close()
+        raise DataError(f"{path}: corrupt or truncated image ({error}); replace the file") from error
+    return image
+
+
+def _read_classes(path: Path) -> tuple[str, ...]:
+    if not path.is_file():
+        raise DataError(f"{path}: missing; write one class name a line, line 0 = background")
+    lines = [line.strip() for line in path.read_text(encoding="utf-8").rstrip().splitlines()]
+    seen: dict[str, int] = {}
+    for number, name in enumerate(lines, start=1):
+        if not name:
+            raise DataError(f"{path}: line {number} is blank; line i must name the class of mask value i")
+        if name in seen:
+            raise DataError(f"{path}: line {number} repeats class {name!r} of line {seen[name]}; names must be unique")
+        seen[name] = number
+    if not 2 <= len(lines) <= IGNORE:
+        raise DataError(f"{path}: {len(lines)} classes; need background plus 1..{IGNORE - 1} classes")
+    return tuple(lines)
+
+
+def _index_images(image_dir: Path) -> dict[str, Path]:
+    if not image_dir.is_dir():
+        raise DataError(f"{image_dir}: folder missing; put the images there as <stem>.jpg or <stem>.png")
+    images: dict[str, Path] = {}
+    for path in sorted(image_dir.iterdir()):
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        if path.stem in images:
+            raise DataError(f"{path}: stem {path.stem!r} also used by {images[path.stem]}; stems must be unique")
+        images[path.stem] = path
+    if not images:
+        raise DataError(f"{image_dir}: no .jpg/.jpeg/.png images")
+    return images
+
+
+def _read_stem_list(path: Path) -> list[str]:
+    """Reads a list file: one stem a line, or a path whose stem is taken (``/JPEGImages/x.jpg ...``)."""
+    if not path.is_file():
+        raise DataError(f"{path}: split list missing")
+    return [Path(line.split()[0]).stem for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _existing_sample(stem: str, image_path: Path, mask_path: Path, listed_in: Path) -> Sample:
+    for path in (image_path, mask_path):
+        if not path.is_file():
+            raise DataError(f"{path}: missing (listed in {listed_in}); restore it or remove {stem!r} from the list")
+    return Sample(stem, image_path, mask_path)
+
+
+def _find_voc_root(root: Path) -> Path | None:
+    for candidate in (root, root / "VOC2012", root / "VOCdevkit" / "VOC2012"):
+        if (candidate / "JPEGImages").is_dir() and (candidate / "ImageSets").is_dir():
+            return candidate
+    return None
+
+
+def _find_ade_root(root: Path) -> Path | None:
+    for candidate in (root, root / "ADEChallengeData2016"):
+        if (candidate / "images" / "training").is_dir() and (candidate / "annotations").is_dir():
+            return candidate
+    return None

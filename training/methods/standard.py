@@ -1,0 +1,93 @@
+"""The classic baselines and MiB as loss terms (Cermelli et al., CVPR 2020, and its baselines).
+
+- FT: cross-entropy on the step's labels.
+- LwF (Li and Hoiem): FT + plain KD on the old classes' softmax (weight 100 as in MiB's code).
+- ILT (Michieli and Zanuttigh): LwF + L2 distillation of the encoder output (weight 100).
+- MiB: unbiased cross-entropy + unbiased KD (weight 10; MiB used 100 for 15-1), and new
+  classifier rows initialised from background (done by ``BiSeNet.add_classes``).
+- Joint: FT over all classes in a single step (the upper bound).
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from training import losses
+from training.methods.base import Batch, LossTerm, Method, StepContext, over_heads
+
+IGNORE = 255
+
+
+class CrossEntropy(LossTerm):
+    """Plain cross-entropy on main and auxiliary logits, mean over non-ignored pixels."""
+
+    name = "ce"
+    classifies = True
+
+    def __call__(self, batch: Batch, ctx: StepContext) -> Tensor:
+        return over_heads(batch, lambda logits: F.cross_entropy(logits, batch.labels, ignore_index=IGNORE))
+
+
+class UnbiasedCrossEntropy(LossTerm):
+    """MiB's unbiased cross-entropy (plain cross-entropy at step 0, as MiB does)."""
+
+    name = "unbiased_ce"
+    classifies = True
+
+    def __call__(self, batch: Batch, ctx: StepContext) -> Tensor:
+        if ctx.old_model is None:
+            return over_heads(batch, lambda logits: F.cross_entropy(logits, batch.labels, ignore_index=IGNORE))
+        return over_heads(
+            batch, lambda logits: losses.unbiased_cross_entropy(logits, batch.labels, ctx.num_old_classes)
+        )
+
+
+class Distillation(LossTerm):
+    """LwF's KD between the old and new model's logits over the old classes."""
+
+    name = "kd"
+    needs_old_model = True
+
+    def __call__(self, batch: Batch, ctx: StepContext) -> Tensor:
+        return losses.knowledge_distillation(batch.out.logits, batch.old_out.logits)
+
+
+class UnbiasedDistillation(LossTerm):
+    """MiB's unbiased KD: new classes fold into the background of the new model."""
+
+    name = "unbiased_kd"
+    needs_old_model = True
+
+    def __call__(self, batch: Batch, ctx: StepContext) -> Tensor:
+        return losses.unbiased_distillation(batch.out.logits, batch.old_out.logits)
+
+
+class EncoderDistillation(LossTerm):
+    """ILT's L2 distillation of the encoder output (the backbone's last stage)."""
+
+    name = "feature_kd"
+    needs_old_model = True
+
+    def __call__(self, batch: Batch, ctx: StepContext) -> Tensor:
+        return losses.feature_distillation(batch.out.stages[-1], batch.old_out.stages[-1])
+
+
+def ft() -> Method:
+    return Method("ft", [CrossEntropy()])
+
+
+def joint() -> Method:
+    return Method("joint", [CrossEntropy()], trains_all_classes_at_once=True)
+
+
+def lwf(kd: float = 100.0) -> Method:
+    return Method("lwf", [CrossEntropy(), Distillation(kd)])
+
+
+def ilt(kd: float = 100.0, feature_kd: float = 100.0) -> Method:
+    return Method("ilt", [CrossEntropy(), Distillation(kd), EncoderDistillation(feature_kd)])
+
+
+def mib(kd: float = 10.0) -> Method:
+    return Method("mib", [UnbiasedCrossEntropy(), UnbiasedDistillation(kd)])

@@ -1,0 +1,211 @@
+"""One class-incremental training step: the loop every entry point (CLI, benchmark, worker) runs.
+
+``train_step`` grows the previous model for the new classes, trains it with the method's summed
+loss terms while the previous model is frozen as the teacher, runs the methods' end-of-step
+hooks, evaluates, and returns a new ``ModelBundle`` (the caller saves it).
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, Field
+from torch.utils.data import DataLoader, Dataset
+
+from training.methods import Method, StepContext
+from training.methods.base import Batch
+from training.metrics import ConfusionMatrix, SegmentationScores
+from training.model_dir import ModelBundle
+from training.models.bisenet import BACKBONES, BiSeNet, BiSeNetConfig
+
+
+class StepOptions(BaseModel):
+    """Hyper-parameters of one step (validated; the service accepts the same fields as JSON)."""
+
+    epochs: int = Field(30, ge=1, le=1000)
+    batch_size: int = Field(8, ge=1, le=512)
+    size: int = Field(512, ge=32, le=4096, description="training crop and evaluation size (pixels)")
+    lr: float | None = Field(None, gt=0, description="default: 0.01 at step 0, 0.001 later (MiB)")
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(1e-4, ge=0)
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = Field(True, description="mixed precision on CUDA (ignored on CPU)")
+    workers: int = Field(0, ge=0, le=64)
+    backbone: str = Field("resnet18", description=f"step 0 only: one of {sorted(BACKBONES)}")
+    context_channels: int = Field(128, ge=8)
+    embed_channels: int = Field(256, ge=8)
+    backbone_weights: Path | None = Field(None, description="step 0 only: local torchvision ImageNet weights")
+    setting: Literal["disjoint", "overlapped", "sequential"] = "overlapped"
+
+    def learning_rate(self, step: int) -> float:
+        return self.lr if self.lr is not None else (0.01 if step == 0 else 0.001)
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+
+@dataclass(frozen=True)
+class StepProgress:
+    """Reported after every iteration; ``fraction`` in [0, 1] over the whole step."""
+
+    epoch: int
+    iteration: int
+    total_iterations: int
+    loss: float
+    losses: dict[str, float]
+
+    @property
+    def fraction(self) -> float:
+        return self.iteration / max(self.total_iterations, 1)
+
+
+ProgressCallback = Callable[[StepProgress], None]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@torch.no_grad()
+def evaluate(model: BiSeNet, loader: DataLoader, class_names: list[str], num_old: int, device: torch.device):
+    """Scores ``model`` on ``loader`` (labels in model indices); old = classes ``< num_old``."""
+    model.eval()
+    confusion = ConfusionMatrix(model.num_classes)
+    for images, labels in loader:
+        predictions = model(images.to(device)).argmax(dim=1)  # (B, H, W)
+        confusion.update(predictions.cpu(), labels)
+    return SegmentationScores.from_confusion(confusion, class_names, num_old)
+
+
+def _frozen_teacher(model: BiSeNet) -> BiSeNet:
+    teacher = copy.deepcopy(model)
+    teacher.aux_heads = torch.nn.ModuleList()
+    teacher.eval()
+    for param in teacher.parameters():
+        param.requires_grad_(False)
+    return teacher
+
+
+def train_step(
+    base: ModelBundle | None,
+    new_classes: list[str],
+    train_set: Dataset,
+    val_set: Dataset | None,
+    method: Method,
+    options: StepOptions,
+    on_progress: ProgressCallback | None = None,
+) -> tuple[ModelBundle, SegmentationScores | None]:
+    """Trains one step and returns the new model and its validation scores.
+
+    Args:
+        base: The previous model (loaded with ``aux=True``) or None for step 0.
+        new_classes: Names of the classes this step adds, in the order of their label indices.
+        train_set: Yields (image (3, S, S), labels (S, S)) in the new model's class indices.
+        val_set: Same for validation (labels of all seen classes) or None to skip evaluation.
+        method: Loss terms to sum.
+        options: Hyper-parameters.
+        on_progress: Called after every iteration.
+    """
+    seed_everything(options.seed)
+    device = options.torch_device()
+    started = datetime.now(UTC)
+    if base is None:
+        config = BiSeNetConfig(
+            num_classes=1 + len(new_classes),
+            backbone=options.backbone,
+            context_channels=options.context_channels,
+            embed_channels=options.embed_channels,
+        )
+        model, old_model, classes, num_old = BiSeNet(config, aux=True), None, ["background", *new_classes], 0
+        if options.backbone_weights is not None:
+            model.load_backbone_weights(options.backbone_weights)
+        history, state = [], {}
+    else:
+        model, num_old = copy.deepcopy(base.model), base.model.num_classes
+        old_model = _frozen_teacher(base.model).to(device)
+        model.add_classes(len(new_classes))
+        classes, history, state = [*base.classes, *new_classes], list(base.history), copy.deepcopy(base.state)
+    model.to(device)
+
+    loader = DataLoader(
+        train_set,
+        batch_size=options.batch_size,
+        shuffle=True,
+        drop_last=len(train_set) > options.batch_size,
+        num_workers=options.workers,
+        generator=torch.Generator().manual_seed(options.seed),
+    )
+    if len(loader) == 0:
+        raise ValueError("the step has no training images")
+    ctx = StepContext(len(history), model, old_model, num_old, classes, loader, device, state, options.epochs)
+    method.on_step_start(ctx)
+
+    lr = options.learning_rate(ctx.step)
+    optimizer = torch.optim.SGD(
+        [p for p in model.parameters() if p.requires_grad],
+        lr=lr,
+        momentum=options.momentum,
+        weight_decay=options.weight_decay,
+        nesterov=options.momentum > 0,
+    )
+    total = options.epochs * len(loader)
+    scheduler = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=total, power=0.9)
+    use_amp = options.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
+
+    iteration = 0
+    for epoch in range(options.epochs):
+        model.train()
+        for images, labels in loader:
+            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            with torch.autocast(device.type, enabled=use_amp):
+                out = model.forward_train(images)
+                with torch.no_grad():
+                    old_out = old_model.forward_train(images) if old_model is not None else None
+                losses = method.losses(Batch(images, labels, out, old_out), ctx)
+                loss = torch.stack(list(losses.values())).sum()
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss became {loss.item()} at iteration {iteration}: {losses}")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            iteration += 1
+            if on_progress is not None:
+                parts = {name: value.item() for name, value in losses.items()}
+                on_progress(StepProgress(epoch, iteration, total, loss.item(), parts))
+
+    method.on_step_end(ctx)
+    scores = None
+    if val_set is not None and len(val_set) > 0:
+        val_loader = DataLoader(val_set, batch_size=options.batch_size, num_workers=options.workers)
+        scores = evaluate(model, val_loader, classes, num_old if num_old else len(classes), device)
+    history.append(
+        {
+            "step": ctx.step,
+            "classes_added": list(new_classes),
+            "method": method.name,
+            "options": options.model_dump(mode="json"),
+            "train_images": len(train_set),
+            "metrics": scores.to_dict() if scores else None,
+            "started_at": started.isoformat(),
+            "finished_at": datetime.now(UTC).isoformat(),
+            "duration_s": round((datetime.now(UTC) - started).total_seconds(), 2),
+        }
+    )
+    model.cpu()
+    return ModelBundle(model, classes, history, ctx.state), scores
