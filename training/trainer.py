@@ -148,8 +148,8 @@ def train_step(
         num_workers=options.workers,
         generator=torch.Generator().manual_seed(options.seed),
     )
-    if len(loader) == 0:
-        raise ValueError("the step has no training images")
+    if len(train_set) < 2:  # batch norm needs two samples per batch in training
+        raise ValueError(f"the step has {len(train_set)} training images; it needs at least 2")
     ctx = StepContext(len(history), model, old_model, num_old, classes, loader, device, state, options.epochs)
     method.on_step_start(ctx)
 

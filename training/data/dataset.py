@@ -64,8 +64,8 @@ class SegmentationDataset(Dataset[tuple[Tensor, Tensor]]):
         mask = load_mask(sample, self.num_classes, self.label_map)  # (H, W) uint8 source class indices
         if image.size != (mask.shape[1], mask.shape[0]):
             raise DataError(
-                f"{sample.mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} but image {sample.image_path} is "
-                f"{image.width}x{image.height}; they must have the same size"
+                f"{sample.mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} but image "
+                f"{sample.image_path} is {image.width}x{image.height}; they must have the same size"
             )
         if self.label_lut is not None:
             mask = self.label_lut[mask]  # (H, W) uint8 training labels

@@ -18,30 +18,30 @@ from PIL import Image
 IGNORE = 255
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
-VOC_CLASSES = (
-    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+VOC_CLASSES = tuple(
+    """
+background aeroplane bicycle bird boat bottle bus car cat chair cow diningtable dog horse motorbike
+person pottedplant sheep sofa train tvmonitor
+""".split()
 )
 
 # objectInfo150 order; annotation value k (1..150) is class k, 0 ("other") is ignored.
-ADE_CLASSES = ("background",) + (
-    "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed", "windowpane", "grass", "cabinet",
-    "sidewalk", "person", "earth", "door", "table", "mountain", "plant", "curtain", "chair", "car", "water",
-    "painting", "sofa", "shelf", "house", "sea", "mirror", "rug", "field", "armchair", "seat", "fence", "desk",
-    "rock", "wardrobe", "lamp", "bathtub", "railing", "cushion", "base", "box", "column", "signboard",
-    "chest of drawers", "counter", "sand", "sink", "skyscraper", "fireplace", "refrigerator", "grandstand",
-    "path", "stairs", "runway", "case", "pool table", "pillow", "screen door", "stairway", "river", "bridge",
-    "bookcase", "blind", "coffee table", "toilet", "flower", "book", "hill", "bench", "countertop", "stove",
-    "palm", "kitchen island", "computer", "swivel chair", "boat", "bar", "arcade machine", "hovel", "bus",
-    "towel", "light", "truck", "tower", "chandelier", "awning", "streetlight", "booth", "television receiver",
-    "airplane", "dirt track", "apparel", "pole", "land", "bannister", "escalator", "ottoman", "bottle",
-    "buffet", "poster", "stage", "van", "ship", "fountain", "conveyer belt", "canopy", "washer", "plaything",
-    "swimming pool", "stool", "barrel", "basket", "waterfall", "tent", "bag", "minibike", "cradle", "oven",
-    "ball", "food", "step", "tank", "trade name", "microwave", "pot", "animal", "bicycle", "lake",
-    "dishwasher", "screen", "blanket", "sculpture", "hood", "sconce", "vase", "traffic light", "tray",
-    "ashcan", "fan", "pier", "crt screen", "plate", "monitor", "bulletin board", "shower", "radiator",
-    "glass", "clock", "flag",
-)
+_ADE_NAMES = """
+wall, building, sky, floor, tree, ceiling, road, bed, windowpane, grass, cabinet, sidewalk, person,
+earth, door, table, mountain, plant, curtain, chair, car, water, painting, sofa, shelf, house, sea,
+mirror, rug, field, armchair, seat, fence, desk, rock, wardrobe, lamp, bathtub, railing, cushion, base,
+box, column, signboard, chest of drawers, counter, sand, sink, skyscraper, fireplace, refrigerator,
+grandstand, path, stairs, runway, case, pool table, pillow, screen door, stairway, river, bridge,
+bookcase, blind, coffee table, toilet, flower, book, hill, bench, countertop, stove, palm,
+kitchen island, computer, swivel chair, boat, bar, arcade machine, hovel, bus, towel, light, truck, tower,
+chandelier, awning, streetlight, booth, television receiver, airplane, dirt track, apparel, pole, land,
+bannister, escalator, ottoman, bottle, buffet, poster, stage, van, ship, fountain, conveyer belt,
+canopy, washer, plaything, swimming pool, stool, barrel, basket, waterfall, tent, bag, minibike, cradle,
+oven, ball, food, step, tank, trade name, microwave, pot, animal, bicycle, lake, dishwasher, screen,
+blanket, sculpture, hood, sconce, vase, traffic light, tray, ashcan, fan, pier, crt screen, plate,
+monitor, bulletin board, shower, radiator, glass, clock, flag
+"""
+ADE_CLASSES = ("background", *(" ".join(name.split()) for name in _ADE_NAMES.split(",")))
 ADE_LABEL_MAP = (IGNORE,) + tuple(range(1, 256))
 
 
@@ -81,8 +81,9 @@ class SegmentationSource:
 def read_folder_dataset(root: Path) -> SegmentationSource:
     """Reads the project folder format.
 
-    Layout: ``classes.txt`` (line i = name of mask value i, line 0 background), ``images/<stem>.(jpg|jpeg|png)``,
-    ``masks/<stem>.png`` and optionally ``splits/train.txt`` / ``splits/val.txt`` (one stem a line).
+    Layout: ``classes.txt`` (line i = name of mask value i, line 0 background),
+    ``images/<stem>.(jpg|jpeg|png)``, ``masks/<stem>.png`` and optionally ``splits/train.txt`` and
+    ``splits/val.txt`` (one stem a line).
     Without ``splits/train.txt`` every stem not listed in ``splits/val.txt`` is a training stem.
 
     Args:
@@ -117,7 +118,9 @@ def read_folder_dataset(root: Path) -> SegmentationSource:
                 raise DataError(f"{listed_in}: stem {stem!r} has no image {root / 'images' / stem}.(jpg|png)")
             mask_path = root / "masks" / f"{stem}.png"
             if not mask_path.is_file():
-                raise DataError(f"{images[stem]}: the mask {mask_path} is missing; add it or remove the image")
+                raise DataError(
+                    f"{images[stem]}: the mask {mask_path} is missing; add it or remove the image"
+                )
             found.append(Sample(stem, images[stem], mask_path))
         return tuple(found)
 
@@ -146,7 +149,9 @@ def read_voc(root: Path, aug: bool | None = None) -> SegmentationSource:
     """
     voc = _find_voc_root(Path(root))
     if voc is None:
-        raise DataError(f"{root}: no VOC2012 layout found (JPEGImages/ + SegmentationClass[Aug]/ + ImageSets/)")
+        raise DataError(
+            f"{root}: no VOC2012 layout found (JPEGImages/ + SegmentationClass[Aug]/ + ImageSets/)"
+        )
     if aug is None:
         aug = (voc / "SegmentationClassAug").is_dir()
     mask_dir = voc / ("SegmentationClassAug" if aug else "SegmentationClass")
@@ -167,7 +172,10 @@ def read_voc(root: Path, aug: bool | None = None) -> SegmentationSource:
         )
 
     return SegmentationSource(
-        root=voc, classes=VOC_CLASSES, train=samples(train_stems, train_list), val=samples(val_stems, val_list)
+        root=voc,
+        classes=VOC_CLASSES,
+        train=samples(train_stems, train_list),
+        val=samples(val_stems, val_list),
     )
 
 
@@ -188,7 +196,9 @@ def read_ade20k(root: Path) -> SegmentationSource:
     """
     ade = _find_ade_root(Path(root))
     if ade is None:
-        raise DataError(f"{root}: no ADEChallengeData2016 layout found (images/training/, annotations/training/)")
+        raise DataError(
+            f"{root}: no ADEChallengeData2016 layout found (images/training/, annotations/training/)"
+        )
 
     def samples(split: str) -> tuple[Sample, ...]:
         image_dir = ade / "images" / split
@@ -198,7 +208,11 @@ def read_ade20k(root: Path) -> SegmentationSource:
         )
 
     return SegmentationSource(
-        root=ade, classes=ADE_CLASSES, train=samples("training"), val=samples("validation"), label_map=ADE_LABEL_MAP
+        root=ade,
+        classes=ADE_CLASSES,
+        train=samples("training"),
+        val=samples("validation"),
+        label_map=ADE_LABEL_MAP,
     )
 
 
@@ -223,7 +237,8 @@ def read_source(root: Path) -> SegmentationSource:
         return read_ade20k(root)
     raise DataError(
         f"{root}: unknown dataset layout; expected classes.txt + images/ + masks/ (project format), "
-        "a Pascal VOC 2012 folder (JPEGImages/, SegmentationClass/) or ADEChallengeData2016 (images/, annotations/)"
+        "a Pascal VOC 2012 folder (JPEGImages/, SegmentationClass/) "
+        "or ADEChallengeData2016 (images/, annotations/)"
     )
 
 
@@ -305,12 +320,15 @@ def _open(path: Path) -> Image.Image:
     except Image.DecompressionBombError as error:
         raise DataError(f"{path}: image too large ({error}); downscale it") from error
     except (OSError, SyntaxError, ValueError) as error:
-        raise DataError(f"{path}: cannot read image ({error}); replace the file with a valid JPEG or PNG") from error
+        raise DataError(
+            f"{path}: cannot read image ({error}); replace the file with a valid JPEG or PNG"
+        ) from error
     limit = Image.MAX_IMAGE_PIXELS
     if limit is not None and image.width * image.height > limit:
         image.close()
         raise DataError(
-            f"{path}: image has {image.width}x{image.height} pixels, more than the {limit} allowed; downscale it"
+            f"{path}: image has {image.width}x{image.height} pixels, more than the {limit} allowed; "
+            "downscale it"
         )
     try:
         image.load()
@@ -329,7 +347,9 @@ def _read_classes(path: Path) -> tuple[str, ...]:
         if not name:
             raise DataError(f"{path}: line {number} is blank; line i must name the class of mask value i")
         if name in seen:
-            raise DataError(f"{path}: line {number} repeats class {name!r} of line {seen[name]}; names must be unique")
+            raise DataError(
+                f"{path}: line {number} repeats class {name!r} of line {seen[name]}; names must be unique"
+            )
         seen[name] = number
     if not 2 <= len(lines) <= IGNORE:
         raise DataError(f"{path}: {len(lines)} classes; need background plus 1..{IGNORE - 1} classes")
@@ -344,7 +364,9 @@ def _index_images(image_dir: Path) -> dict[str, Path]:
         if path.suffix.lower() not in IMAGE_SUFFIXES:
             continue
         if path.stem in images:
-            raise DataError(f"{path}: stem {path.stem!r} also used by {images[path.stem]}; stems must be unique")
+            raise DataError(
+                f"{path}: stem {path.stem!r} also used by {images[path.stem]}; stems must be unique"
+            )
         images[path.stem] = path
     if not images:
         raise DataError(f"{image_dir}: no .jpg/.jpeg/.png images")
@@ -355,13 +377,17 @@ def _read_stem_list(path: Path) -> list[str]:
     """Reads a list file: one stem a line, or a path whose stem is taken (``/JPEGImages/x.jpg ...``)."""
     if not path.is_file():
         raise DataError(f"{path}: split list missing")
-    return [Path(line.split()[0]).stem for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [
+        Path(line.split()[0]).stem for line in path.read_text(encoding="utf-8").splitlines() if line.strip()
+    ]
 
 
 def _existing_sample(stem: str, image_path: Path, mask_path: Path, listed_in: Path) -> Sample:
     for path in (image_path, mask_path):
         if not path.is_file():
-            raise DataError(f"{path}: missing (listed in {listed_in}); restore it or remove {stem!r} from the list")
+            raise DataError(
+                f"{path}: missing (listed in {listed_in}); restore it or remove {stem!r} from the list"
+            )
     return Sample(stem, image_path, mask_path)
 
 

@@ -83,7 +83,9 @@ def eval_transform(size: int) -> PairTransform:
     Returns:
         Callable (PIL image, uint8 mask (H, W)) -> (float32 (3, S, S), int64 (S, S)).
     """
-    return PairTransform(v2.Compose([v2.Resize(size, antialias=True), v2.CenterCrop(size), *_to_normalised_float()]))
+    return PairTransform(
+        v2.Compose([v2.Resize(size, antialias=True), v2.CenterCrop(size), *_to_normalised_float()])
+    )
 
 
 def _to_normalised_float() -> list[v2.Transform]:

@@ -4,11 +4,21 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from training.methods import alife, plop, sdr
 from training.methods.base import Batch, LossTerm, Method, StepContext
 from training.methods.standard import ft, ilt, joint, lwf, mib
 
 # Method name -> builder with the reference repositories' default weights.
-METHODS: dict[str, Callable[[], Method]] = {"ft": ft, "joint": joint, "lwf": lwf, "ilt": ilt, "mib": mib}
+METHODS: dict[str, Callable[[], Method]] = {
+    "ft": ft,
+    "joint": joint,
+    "lwf": lwf,
+    "ilt": ilt,
+    "mib": mib,
+    "sdr": sdr.sdr,
+    "alife": alife.alife,
+    "plop": plop.plop,
+}
 
 
 def build_method(spec: str) -> Method:

@@ -280,21 +280,21 @@ class BiSeNet(nn.Module):
         self.config = BiSeNetConfig(**{**self.config.to_dict(), "num_classes": self.num_classes})
 
     def load_backbone_weights(self, path: Path) -> None:
-        """Loads torchvision ImageNet weights for the ResNet from a local file (fc ignored)."""
+        """Loads torchvision ImageNet weights for the ResNet from a local file (``fc`` is ignored).
+
+        Raises:
+            ValueError: The file does not hold weights of this model's backbone.
+        """
         state = torch.load(path, map_location="cpu", weights_only=True)
-        state = {k.removeprefix("module."): v for k, v in state.items() if not k.startswith("fc.")}
+        state = {k.removeprefix("module."): v for k, v in state.items() if not k.startswith(("fc.", "module.fc."))}
+        reference = BACKBONES[self.config.backbone][0]()
+        reference.fc = nn.Identity()
+        try:
+            reference.load_state_dict(state)
+        except RuntimeError as err:
+            first = str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else str(err)
+            raise ValueError(f"{path}: not torchvision {self.config.backbone} weights ({first})") from err
         cp = self.context_path
-        mapped = {}
-        for key, value in state.items():
-            prefix, _, rest = key.partition(".")
-            target = {"conv1": "stem.0", "bn1": "stem.1"}.get(prefix, prefix)
-            mapped[f"{target}.{rest}"] = value
-        modules = nn.ModuleDict(
-            {"stem": cp.stem, "layer1": cp.layer1, "layer2": cp.layer2, "layer3": cp.layer3, "layer4": cp.layer4}
-        )
-        missing, unexpected = modules.load_state_dict(mapped, strict=False)
-        if missing or unexpected:
-            raise ValueError(
-                f"{path}: not torchvision {self.config.backbone} weights "
-                f"(missing {missing[:3]}..., unexpected {unexpected[:3]}...)"
-            )
+        cp.stem.load_state_dict(nn.Sequential(reference.conv1, reference.bn1).state_dict())
+        for name in ("layer1", "layer2", "layer3", "layer4"):
+            getattr(cp, name).load_state_dict(getattr(reference, name).state_dict())

@@ -1,0 +1,191 @@
+"""The ``incseg`` command line: thin wrappers over the library functions the service also calls."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from export.cli import add_subcommands as add_export_subcommands
+from training.bench import format_table, plot_results, run_benchmark, write_results
+from training.data import DataError, write_synthetic_dataset
+from training.models.bisenet import BACKBONES
+from training.step import run_step
+from training.trainer import StepOptions, StepProgress
+
+console = Console(stderr=True)
+
+
+@contextmanager
+def progress_bar() -> Iterator:
+    """A rich progress bar fed by the trainer's per-iteration callback (restarts for each step)."""
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} it"),
+        TextColumn("loss {task.fields[loss]:.4f}"),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+    ) as progress:
+        task = progress.add_task("train", total=1, loss=float("nan"))
+
+        def update(p: StepProgress) -> None:
+            if p.iteration == 1:
+                progress.reset(task, total=p.total_iterations, loss=p.loss)
+            progress.update(task, completed=p.iteration, loss=p.loss, description=f"epoch {p.epoch + 1}")
+
+        yield update
+
+
+def _add_training_options(parser: argparse.ArgumentParser) -> None:
+    fields = StepOptions.model_fields
+    parser.add_argument("--epochs", type=int, default=fields["epochs"].default)
+    parser.add_argument("--size", type=int, default=fields["size"].default, help="training crop / eval size")
+    parser.add_argument("--batch-size", type=int, default=fields["batch_size"].default)
+    parser.add_argument("--lr", type=float, default=None, help="default 0.01 at step 0, 0.001 later")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    parser.add_argument("--no-amp", action="store_true", help="disable mixed precision on CUDA")
+    parser.add_argument("--workers", type=int, default=0, help="data loader processes")
+    parser.add_argument("--backbone", default="resnet18", choices=sorted(BACKBONES), help="step 0 only")
+    parser.add_argument("--context-channels", type=int, default=128, help="step 0 only (BiSeNet width)")
+    parser.add_argument("--embed-channels", type=int, default=256, help="step 0 only (embedding width)")
+    parser.add_argument("--backbone-weights", type=Path, default=None,
+                        help="step 0 only: local torchvision ImageNet weights (.pth); nothing is downloaded")
+
+
+def _options(args: argparse.Namespace, **extra) -> StepOptions:
+    return StepOptions(
+        epochs=args.epochs, size=args.size, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+        device=args.device, amp=not args.no_amp, workers=args.workers, backbone=args.backbone,
+        context_channels=args.context_channels, embed_channels=args.embed_channels,
+        backbone_weights=args.backbone_weights, **extra,
+    )
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    out = write_synthetic_dataset(args.out, args.classes, args.train, args.val, args.size, args.seed)
+    console.print(f"wrote {args.classes} classes, {args.train} train + {args.val} val images to {out}")
+    return 0
+
+
+def cmd_step(args: argparse.Namespace) -> int:
+    base = None if args.base.lower() == "none" else Path(args.base)
+    started = time.monotonic()
+    with progress_bar() as update:
+        bundle, scores = run_step(base, args.data, args.method, _options(args, setting=args.setting), args.out, update)
+    record = bundle.history[-1]
+    console.print(f"step {record['step']}: + {', '.join(record['classes_added'])} "
+                  f"({record['train_images']} images, {time.monotonic() - started:.0f} s) -> {args.out}")
+    if scores is not None:
+        table = Table("class", "IoU")
+        for name, iou in scores.per_class_iou.items():
+            table.add_row(name, "-" if iou is None else f"{100 * iou:.1f}")
+        console.print(table)
+        console.print(_scores_line(scores.miou_old, scores.miou_new, scores.miou_all))
+    return 0
+
+
+def _scores_line(old: float | None, new: float | None, all_: float | None) -> str:
+    def pct(v: float | None) -> str:
+        return "-" if v is None else f"{100 * v:.1f}"
+
+    return f"mIoU old {pct(old)} | new {pct(new)} | all {pct(all_)}"
+
+
+def _bench(args: argparse.Namespace, methods: list[str]) -> dict:
+    started = time.monotonic()
+    with progress_bar() as update:
+        results = run_benchmark(args.data, args.protocol, args.setting, methods, _options(args), args.save,
+                                log=console.print, on_progress=update)
+    results["seconds_total"] = round(time.monotonic() - started, 1)
+    print(format_table(results))
+    return results
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    results = _bench(args, methods)
+    write_results(results, args.out)
+    plot = plot_results(results, args.plot or Path(args.out).with_suffix(".png"))
+    console.print(f"results: {args.out}, plot: {plot}, total {results['seconds_total']:.0f} s")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Synthetic data -> base step -> one incremental step (FT vs MiB) -> metric table."""
+    out = Path(args.out)
+    data = out / "data"
+    if not (data / "classes.txt").exists():
+        write_synthetic_dataset(data, 8, 240, 60, args.size, args.seed)
+    args.data, args.protocol, args.setting, args.save = data, "6-2", "overlapped", out / "models"
+    results = _bench(args, ["ft", "mib"])
+    write_results(results, out / "results.json")
+    plot_results(results, out / "results.png")
+    console.print(f"models in {out / 'models'}; results in {out / 'results.json'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="incseg", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("synth", help="write a synthetic dataset in the project format")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--classes", type=int, default=20)
+    p.add_argument("--train", type=int, default=600)
+    p.add_argument("--val", type=int, default=200)
+    p.add_argument("--size", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("step", help="train one incremental step on a dataset folder")
+    p.add_argument("--base", required=True, help="model directory of the previous step, or 'none' for step 0")
+    p.add_argument("--data", type=Path, required=True, help="dataset folder (project format, VOC or ADE20K)")
+    p.add_argument("--method", default="mib", help="ft, lwf, ilt, mib, ... or a combination like mib+sdr")
+    p.add_argument("--setting", default="overlapped", choices=["disjoint", "overlapped", "sequential"])
+    p.add_argument("--out", type=Path, required=True, help="model directory to write")
+    _add_training_options(p)
+    p.set_defaults(func=cmd_step)
+
+    p = sub.add_parser("bench", help="run a class-incremental protocol for several methods")
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--protocol", default="15-1", help="e.g. 15-1, 10-2, 100-50, 15-2-3 or [[1,2],[3]]")
+    p.add_argument("--setting", default="overlapped", choices=["disjoint", "overlapped", "sequential"])
+    p.add_argument("--methods", default="ft,lwf,ilt,mib,joint")
+    p.add_argument("--out", type=Path, default=Path("results.json"))
+    p.add_argument("--plot", type=Path, default=None, help="PNG path (default: next to --out)")
+    p.add_argument("--save", type=Path, default=None, help="keep each method's model directory after every step")
+    _add_training_options(p)
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("demo", help="generate data, train a base and one incremental step, print the table")
+    p.add_argument("--out", type=Path, default=Path("runs/demo"))
+    _add_training_options(p)
+    p.set_defaults(func=cmd_demo, epochs=12, size=96, backbone="resnet18", batch_size=8)
+
+    add_export_subcommands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (DataError, ValueError, FileNotFoundError) as err:
+        console.print(f"[red]error:[/red] {err}")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

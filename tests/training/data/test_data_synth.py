@@ -1,0 +1,124 @@
+"""Synthetic dataset: determinism, class coverage, ignore bands, distinct class appearance."""
+
+import colorsys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from training.data import label_sets, read_folder_dataset, write_synthetic_dataset
+from training.data.synth import MAX_CLASSES, SHAPES, class_styles
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {
+        str(path.relative_to(root)): path.read_bytes() for path in sorted(root.rglob("*")) if path.is_file()
+    }
+
+
+def _arrays(root: Path, split: str) -> list[tuple[np.ndarray, np.ndarray]]:
+    source = read_folder_dataset(root)
+    samples = source.train if split == "train" else source.val
+    return [(np.asarray(Image.open(s.image_path)), np.asarray(Image.open(s.mask_path))) for s in samples]
+
+
+def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path: Path) -> None:
+    first = _files(write_synthetic_dataset(tmp_path / "a", 4, 5, 3, 48, seed=7))
+    assert first == _files(write_synthetic_dataset(tmp_path / "b", 4, 5, 3, 48, seed=7))
+    other = _files(write_synthetic_dataset(tmp_path / "c", 4, 5, 3, 48, seed=8))
+    assert first.keys() == other.keys() and first["images/train_00000.png"] != other["images/train_00000.png"]
+    assert first["classes.txt"].decode().splitlines()[0] == "background"
+    assert first["splits/val.txt"].decode().split() == ["val_00000", "val_00001", "val_00002"]
+
+
+@pytest.mark.parametrize(("num_classes", "size"), [(12, 32), (30, 64)])
+def test_every_class_appears_in_splits_of_num_classes_images(
+    tmp_path: Path, num_classes: int, size: int
+) -> None:
+    root = write_synthetic_dataset(tmp_path / "d", num_classes, num_classes, num_classes, size, seed=1)
+    source = read_folder_dataset(root)
+    for samples in (source.train, source.val):
+        assert set().union(*label_sets(samples, num_classes + 1)) == set(range(num_classes + 1))
+
+
+def _band_core_fraction(band: np.ndarray) -> float:
+    """Share of band pixels whose 8 neighbours are all band too (0 for a band 2 px wide, ~0.5 at 4 px)."""
+    padded = np.pad(band, 1)
+    core = band.copy()
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            core &= padded[1 + dy : 1 + dy + band.shape[0], 1 + dx : 1 + dx + band.shape[1]]
+    return float(core[band].mean())
+
+
+@pytest.mark.parametrize(("size", "core_range"), [(128, (0.0, 0.15)), (256, (0.3, 0.7))])
+def test_objects_are_framed_by_an_ignore_band_scaled_with_size(
+    tmp_path: Path, size: int, core_range: tuple[float, float]
+) -> None:
+    root = write_synthetic_dataset(tmp_path / "e", 6, 8, 0, size, seed=2)
+    for _, labels in _arrays(root, "train"):
+        for a, b in ((labels[1:], labels[:-1]), (labels[:, 1:], labels[:, :-1])):
+            assert not ((a != b) & (a != 255) & (b != 255)).any()  # labels never touch without 255 between
+        band = labels == 255
+        assert 0.005 < band.mean() < 0.25
+        assert core_range[0] <= _band_core_fraction(band) <= core_range[1]
+
+
+def test_class_names_and_looks_are_unique_combinations() -> None:
+    for num_classes in range(1, MAX_CLASSES + 1):
+        styles = class_styles(num_classes)
+        assert len({s.name for s in styles}) == num_classes
+        assert len({(s.shape, s.texture, s.name.split("_")[0]) for s in styles}) == num_classes
+    first = class_styles(len(SHAPES))
+    assert len({s.shape for s in first}) == len(SHAPES) and len({s.texture for s in first}) == 4
+    assert first[0].name == "red_circle_plain"
+
+
+def test_class_pixels_show_their_hue_and_texture(tmp_path: Path) -> None:
+    num_classes = 10
+    styles = class_styles(num_classes)
+    root = write_synthetic_dataset(tmp_path / "f", num_classes, 30, 0, 64, seed=3)
+    style_hues = np.array([colorsys.rgb_to_hsv(*(c / 255 for c in s.rgb))[0] for s in styles])
+    spread: dict[int, list[float]] = {label: [] for label in range(1, num_classes + 1)}
+    colours: dict[int, list[np.ndarray]] = {label: [] for label in range(1, num_classes + 1)}
+    for image, labels in _arrays(root, "train"):
+        for label in set(np.unique(labels).tolist()) - {0, 255}:
+            pixels = image[labels == label].astype(float)  # (N, 3)
+            if len(pixels) >= 30:
+                spread[label].append(float(pixels.mean(axis=1).std()))
+                colours[label].append(pixels.mean(axis=0))
+    for label, style in enumerate(styles, start=1):
+        hue = colorsys.rgb_to_hsv(*(np.mean(colours[label], axis=0) / 255))[0]
+        distance = np.abs((style_hues - hue + 0.5) % 1.0 - 0.5)
+        assert int(distance.argmin()) == label - 1, style.name
+        textured_spread = np.median(spread[label])
+        assert (textured_spread < 12) if style.texture == "plain" else (textured_spread > 18), style.name
+    background = np.concatenate([image[labels == 0] for image, labels in _arrays(root, "train")]).astype(
+        float
+    )
+    saturation = (background.max(axis=1) - background.min(axis=1)) / np.maximum(background.max(axis=1), 1)
+    assert np.median(saturation) < 0.3  # clutter is grey-ish; classes are saturated (0.85)
+
+
+def test_arguments_are_validated(tmp_path: Path) -> None:
+    for kwargs, message in (
+        ({"num_classes": 0}, "num_classes"),
+        ({"num_classes": MAX_CLASSES + 1}, "num_classes"),
+        ({"size": 31}, "size"),
+        ({"num_train": 0}, "num_train"),
+    ):
+        arguments = {"num_classes": 3, "num_train": 2, "num_val": 1, "size": 32, "seed": 0} | kwargs
+        with pytest.raises(ValueError, match=message):
+            write_synthetic_dataset(tmp_path / "g", **arguments)
+    (tmp_path / "h").mkdir()
+    (tmp_path / "h" / "old.txt").write_text("x")
+    with pytest.raises(FileExistsError):
+        write_synthetic_dataset(tmp_path / "h", 3, 2, 1, 32, 0)
+
+
+def test_generation_is_fast(tmp_path: Path) -> None:
+    start = time.perf_counter()
+    write_synthetic_dataset(tmp_path / "i", 10, 100, 0, 128, seed=4)
+    assert time.perf_counter() - start < 5.0  # about 1 s; 1000 images must stay well under a minute

@@ -1,0 +1,59 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from training.methods import build_method
+from training.methods.base import Batch, StepContext
+from training.models.bisenet import BiSeNet, BiSeNetConfig
+
+
+def context_and_batch(step: int = 1) -> tuple[StepContext, Batch]:
+    torch.manual_seed(0)
+    old = BiSeNet(BiSeNetConfig(3, "resnet10", 16, 16), aux=False).eval()
+    model = BiSeNet(BiSeNetConfig(3, "resnet10", 16, 16))
+    model.add_classes(2)
+    images = torch.randn(2, 3, 32, 32)
+    labels = torch.randint(0, 5, (2, 32, 32))
+    ctx = StepContext(step, model, old if step else None, 3 if step else 0, list("abcde"), None, torch.device("cpu"))
+    batch = Batch(images, labels, model.forward_train(images), old.forward_train(images) if step else None)
+    return ctx, batch
+
+
+@pytest.mark.parametrize(
+    ("spec", "terms"),
+    [
+        ("ft", ["ce"]),
+        ("lwf", ["ce", "kd"]),
+        ("ilt", ["ce", "kd", "feature_kd"]),
+        ("mib", ["unbiased_ce", "unbiased_kd"]),
+        ("joint", ["ce"]),
+    ],
+)
+def test_methods_give_finite_losses_with_gradients(spec: str, terms: list[str]) -> None:
+    ctx, batch = context_and_batch()
+    losses = build_method(spec).losses(batch, ctx)
+    assert list(losses) == terms
+    total = torch.stack(list(losses.values())).sum()
+    total.backward()
+    assert torch.isfinite(total) and ctx.model.head.classifier.weight.grad is not None
+
+
+def test_distillation_terms_are_skipped_at_step_zero() -> None:
+    ctx, batch = context_and_batch(step=0)
+    assert list(build_method("mib").losses(batch, ctx)) == ["unbiased_ce"]
+
+
+def test_weights_scale_terms() -> None:
+    ctx, batch = context_and_batch()
+    mib = build_method("mib").losses(batch, ctx)
+    from training.losses import unbiased_distillation
+
+    expected = 10 * unbiased_distillation(batch.out.logits, batch.old_out.logits)
+    torch.testing.assert_close(mib["unbiased_kd"], expected)
+
+
+@pytest.mark.parametrize(("spec", "message"), [("nope", "unknown"), ("ft+mib", "exactly one"), ("ft+ft", "twice")])
+def test_bad_combinations(spec: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        build_method(spec)

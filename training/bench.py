@@ -1,0 +1,218 @@
+"""``incseg bench``: a whole class-incremental protocol for several methods, scored like the papers.
+
+Every method starts from one shared step-0 model trained with plain cross-entropy (all methods
+train step 0 the same way; MiB's authors also reused one step-0 model), on which each method's
+end-of-step hooks then run (e.g. SDR's prototypes, ALIFE's feature memory). Joint training, the
+upper bound, learns every class in one step.
+
+Scores follow the papers' tables: old = background + the base classes ("0-15"), new = the
+classes added after step 0, all = every class seen so far; mIoU as fractions in [0, 1].
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from training.data import SegmentationDataset, SegmentationSource, eval_transform, label_sets, read_source, train_transform
+from training.methods import Method, StepContext, build_method
+from training.metrics import SegmentationScores
+from training.model_dir import ModelBundle
+from training.protocols import Protocol, Setting, train_indices, train_lut, val_indices, val_lut
+from training.trainer import ProgressCallback, StepOptions, evaluate, train_step
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class ProtocolData:
+    """A dataset cut into the steps of a protocol (image selection and labels per step)."""
+
+    source: SegmentationSource
+    protocol: Protocol
+    setting: Setting
+    options: StepOptions
+
+    def __post_init__(self) -> None:
+        n = len(self.source.classes)
+        self.train_labels = label_sets(self.source.train, n, self.source.label_map)
+        self.val_labels = label_sets(self.source.val, n, self.source.label_map)
+        self.names = [self.source.classes[i] for i in self.protocol.order()]
+
+    def _dataset(self, samples, indices, lut, transform) -> SegmentationDataset:
+        chosen = [samples[i] for i in indices]
+        return SegmentationDataset(chosen, len(self.source.classes), lut, transform, self.source.label_map)
+
+    def train_set(self, step: int) -> SegmentationDataset:
+        indices = train_indices(self.train_labels, self.protocol, step, self.setting)
+        lut = train_lut(self.protocol, step, self.setting)
+        return self._dataset(self.source.train, indices, lut, train_transform(self.options.size))
+
+    def joint_train_set(self) -> SegmentationDataset:
+        last = self.protocol.num_steps - 1
+        indices = [i for i, labels in enumerate(self.train_labels) if labels - {0}]
+        return self._dataset(self.source.train, indices, val_lut(self.protocol, last), train_transform(self.options.size))
+
+    def val_loader(self, step: int) -> DataLoader:
+        indices = val_indices(self.val_labels, self.protocol, step)
+        dataset = self._dataset(self.source.val, indices, val_lut(self.protocol, step), eval_transform(self.options.size))
+        return DataLoader(dataset, batch_size=self.options.batch_size, num_workers=self.options.workers)
+
+    def step_names(self, step: int) -> list[str]:
+        return [self.source.classes[c] for c in self.protocol.steps[step]]
+
+    def image_bytes(self, step: int) -> int:
+        """Bytes of the training images of steps 0..step that a raw-image replay would keep."""
+        used = {i for t in range(step + 1) for i in train_indices(self.train_labels, self.protocol, t, self.setting)}
+        return sum(self.source.train[i].image_path.stat().st_size for i in used)
+
+
+def memory_bytes(bundle: ModelBundle) -> int:
+    """Bytes of the replay state kept in the model directory (prototypes, feature memory, ...)."""
+    return sum(t.numel() * t.element_size() for tensors in bundle.state.values() for t in tensors.values())
+
+
+def run_end_of_step_hooks(bundle: ModelBundle, method: Method, train_set, options: StepOptions) -> ModelBundle:
+    """Runs ``method``'s end-of-step hooks on a copy of a step-0 model trained by another method."""
+    bundle = copy.deepcopy(bundle)
+    loader = DataLoader(train_set, batch_size=options.batch_size, shuffle=True, num_workers=options.workers,
+                        generator=torch.Generator().manual_seed(options.seed))
+    device = options.torch_device()
+    bundle.model.to(device)
+    ctx = StepContext(bundle.version - 1, bundle.model, None, 0, bundle.classes, loader, device, bundle.state,
+                      options.epochs)
+    method.on_step_end(ctx)
+    bundle.model.cpu()
+    bundle.state = ctx.state
+    return bundle
+
+
+def _record(step: int, data: ProtocolData, bundle: ModelBundle, scores: SegmentationScores, image_bytes: int) -> dict:
+    return {
+        "step": step,
+        "classes": list(bundle.classes),
+        "miou_old": scores.miou_old,
+        "miou_new": scores.miou_new,
+        "miou_all": scores.miou_all,
+        "hiou": scores.hiou,
+        "per_class_iou": scores.per_class_iou,
+        "memory_bytes": memory_bytes(bundle),
+        "image_bytes": image_bytes,
+    }
+
+
+def run_benchmark(
+    data_dir: Path,
+    protocol_spec: str,
+    setting: str,
+    methods: list[str],
+    options: StepOptions,
+    save_dir: Path | None = None,
+    log: Log = print,
+    on_progress: ProgressCallback | None = None,
+) -> dict:
+    """Runs the protocol for each method; returns the ``results.json`` document.
+
+    Raises:
+        ValueError: Bad protocol, setting or method name (before any training).
+    """
+    source = read_source(Path(data_dir))
+    protocol = Protocol.parse(protocol_spec, len(source.classes) - 1)
+    built = {spec: build_method(spec) for spec in methods}
+    data = ProtocolData(source, protocol, Setting(setting), options)
+    num_base = len(protocol.seen(0))
+    last = protocol.num_steps - 1
+    results = {"protocol": protocol_spec, "setting": setting, "options": options.model_dump(mode="json"), "methods": {}}
+
+    def score(bundle: ModelBundle, step: int) -> SegmentationScores:
+        return evaluate(bundle.model.to(options.torch_device()), data.val_loader(step), bundle.classes, num_base,
+                        options.torch_device())
+
+    shared_base: ModelBundle | None = None
+    base_seconds = 0.0
+    for spec, method in built.items():
+        started = time.monotonic()
+        steps = []
+        if method.trains_all_classes_at_once:
+            log(f"[{spec}] one step over all {len(data.names) - 1} classes")
+            bundle, _ = train_step(None, data.names[1:], data.joint_train_set(), None, method, options, on_progress)
+            steps.append(_record(last, data, bundle, score(bundle, last), data.image_bytes(last)))
+            _save(save_dir, spec, last, bundle)
+        else:
+            if shared_base is None:
+                log(f"[base] step 0: {len(data.step_names(0))} classes, shared by the incremental methods")
+                t0 = time.monotonic()
+                shared_base, _ = train_step(None, data.step_names(0), data.train_set(0), None, build_method("ft"),
+                                            options, on_progress)
+                base_seconds = time.monotonic() - t0
+            bundle = run_end_of_step_hooks(shared_base, method, data.train_set(0), options)
+            steps.append(_record(0, data, bundle, score(bundle, 0), data.image_bytes(0)))
+            _save(save_dir, spec, 0, bundle)
+            for step in range(1, protocol.num_steps):
+                log(f"[{spec}] step {step}: + {', '.join(data.step_names(step))}")
+                bundle, _ = train_step(bundle, data.step_names(step), data.train_set(step), None, method, options,
+                                       on_progress)
+                steps.append(_record(step, data, bundle, score(bundle, step), data.image_bytes(step)))
+                _save(save_dir, spec, step, bundle)
+        final = steps[-1]
+        results["methods"][spec] = {
+            "steps": steps,
+            "final": {k: final[k] for k in ("miou_old", "miou_new", "miou_all", "hiou")},
+            "seconds": round(time.monotonic() - started + (0 if method.trains_all_classes_at_once else base_seconds), 1),
+        }
+    return results
+
+
+def _save(save_dir: Path | None, spec: str, step: int, bundle: ModelBundle) -> None:
+    if save_dir is not None:
+        bundle.save(Path(save_dir) / spec.replace("+", "_") / f"step{step}")
+
+
+def write_results(results: dict, out: Path) -> None:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+
+
+def plot_results(results: dict, out: Path) -> Path:
+    """Line plot of all-classes mIoU after each step, one line per method (joint dashed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, result in results["methods"].items():
+        steps = result["steps"]
+        xs = [s["step"] for s in steps]
+        ys = [100 * (s["miou_all"] or 0) for s in steps]
+        if len(steps) == 1:
+            ax.axhline(ys[0], linestyle="--", color="grey", label=f"{name} (upper bound)")
+        else:
+            ax.plot(xs, ys, marker="o", label=name)
+    ax.set_xlabel("step")
+    ax.set_ylabel("mIoU of all seen classes (%)")
+    ax.set_title(f"{results['protocol']} {results['setting']}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return Path(out)
+
+
+def format_table(results: dict) -> str:
+    """The papers' table: old / new / all mIoU (%) after the last step, per method."""
+    rows = [f"{'method':<14}{'old':>8}{'new':>8}{'all':>8}{'time (s)':>10}"]
+    for name, result in results["methods"].items():
+        final = result["final"]
+        cells = ["-" if final[k] is None else f"{100 * final[k]:.1f}" for k in ("miou_old", "miou_new", "miou_all")]
+        rows.append(f"{name:<14}{cells[0]:>8}{cells[1]:>8}{cells[2]:>8}{result['seconds']:>10.0f}")
+    return "\n".join(rows)
