@@ -90,7 +90,9 @@ def read_manifest(export_dir: Path) -> dict:
         FileNotFoundError: ``export_dir`` is not an export directory.
     """
     if not is_export_dir(export_dir):
-        raise FileNotFoundError(f"{export_dir} is not an export directory (needs {MANIFEST_FILE} and {ONNX_FILE})")
+        raise FileNotFoundError(
+            f"{export_dir} is not an export directory (needs {MANIFEST_FILE} and {ONNX_FILE})"
+        )
     return json.loads((Path(export_dir) / MANIFEST_FILE).read_text())
 
 
@@ -265,4 +267,3 @@ def export_onnx(
         raise
     fp16_path = out_dir / ONNX_FP16_FILE if fp16 else None
     return ExportResult(out_dir, out_dir / ONNX_FILE, fp16_path, manifest, report)
-

@@ -65,7 +65,8 @@ class ParityReport:
         tol = "not gated" if self.max_abs_tol is None else f"tolerance {self.max_abs_tol:.1e}"
         return (
             f"{self.candidate} vs {self.reference}: max abs logit error {self.max_abs_error:.3e} ({tol}), "
-            f"argmax agreement {100 * self.argmax_agreement:.3f} % (minimum {100 * self.min_agreement:.2f} %), "
+            f"argmax agreement {100 * self.argmax_agreement:.3f} % "
+            f"(minimum {100 * self.min_agreement:.2f} %), "
             f"batches {[item.batch for item in self.per_batch]} -> {'passed' if self.passed else 'FAILED'}"
         )
 
@@ -103,7 +104,14 @@ def compare_logits(
     agreement = agree / total
     passed = agreement >= min_agreement and (max_abs_tol is None or max_abs <= max_abs_tol)
     return ParityReport(
-        max_abs, agreement, tuple(per_batch), max_abs_tol, min_agreement, passed, reference_name, candidate_name
+        max_abs,
+        agreement,
+        tuple(per_batch),
+        max_abs_tol,
+        min_agreement,
+        passed,
+        reference_name,
+        candidate_name,
     )
 
 
@@ -206,7 +214,8 @@ def parity_inputs(
     count = sum(batches)
     with tempfile.TemporaryDirectory(prefix="incseg-parity-") as tmp:
         root = write_synthetic_dataset(Path(tmp) / "data", 8, count, 0, side, seed)
-        images = [np.asarray(Image.open(path).convert("RGB")) for path in sorted((root / "images").glob("*.png"))]
+        paths = sorted((root / "images").glob("*.png"))
+        images = [np.asarray(Image.open(path).convert("RGB")) for path in paths]
     batch, _ = preprocess(images, size, mean, std)
     bounds = np.cumsum([0, *batches])
     return [batch[start:end] for start, end in zip(bounds[:-1], bounds[1:], strict=True)]

@@ -83,7 +83,8 @@ def letterbox_image(
     resized = image
     if (box.height, box.width) != image.shape[:2]:
         resized = np.asarray(Image.fromarray(image).resize((box.width, box.height), Image.BILINEAR))
-    normalised = (resized.astype(np.float32) / 255.0 - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+    normalised = (resized.astype(np.float32) / 255.0 - mean) / std
     out = np.zeros((3, *canvas), dtype=np.float32)
     out[:, box.top : box.top + box.height, box.left : box.left + box.width] = normalised.transpose(2, 0, 1)
     return out, box

@@ -121,4 +121,4 @@ def test_arguments_are_validated(tmp_path: Path) -> None:
 def test_generation_is_fast(tmp_path: Path) -> None:
     start = time.perf_counter()
     write_synthetic_dataset(tmp_path / "i", 10, 100, 0, 128, seed=4)
-    assert time.perf_counter() - start < 5.0  # about 1 s; 1000 images must stay well under a minute
+    assert time.perf_counter() - start < 6.0  # about 1 s; 1000 images must stay well under a minute

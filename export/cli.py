@@ -1,0 +1,161 @@
+"""``incseg export``, ``incseg predict`` and ``incseg bench-runtime`` subcommands.
+
+``add_subcommands`` registers them on the main CLI's subparsers; each handler takes the parsed namespace
+and returns the process exit code (0 ok, 1 failed check or run, 2 bad input).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from rich.console import Console
+
+from export.benchmark import benchmark_runtimes
+from export.onnx_export import export_onnx
+from export.parity import ParityError
+from export.processing import class_areas, mask_image, overlay
+from export.runtime import BACKEND_CHOICES, BACKENDS, open_runtime
+
+PREDICT_CHUNK = 8
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """``HxW`` (or a single side) -> (H, W); the argparse type of ``--size``."""
+    parts = text.lower().split("x")
+    try:
+        height, width = (int(parts[0]), int(parts[0])) if len(parts) == 1 else (int(parts[0]), int(parts[1]))
+    except (ValueError, IndexError):
+        raise argparse.ArgumentTypeError(f"size must look like 512x512 (HxW), got {text!r}") from None
+    if len(parts) > 2 or min(height, width) < 32:
+        raise argparse.ArgumentTypeError(f"size must be HxW with both sides >= 32, got {text!r}")
+    return height, width
+
+
+def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
+    """Registers ``export``, ``predict`` and ``bench-runtime``; each sets ``func`` to its handler."""
+    export = subparsers.add_parser(
+        "export",
+        help="export a model directory to ONNX (parity-checked), optionally build a TensorRT engine",
+        description="Writes OUT/model.onnx and OUT/manifest.json after checking ONNX Runtime against PyTorch "
+        "(max abs logit error <= 1e-3, argmax agreement >= 99.9 %%); exits 1 when the check fails.",
+    )
+    export.add_argument("--model", type=Path, required=True, help="model directory")
+    export.add_argument(
+        "--size", type=parse_size, default=(512, 512), help="serving size HxW (default 512x512)"
+    )
+    export.add_argument("--out", type=Path, required=True, help="export directory to write")
+    export.add_argument(
+        "--fp16",
+        action="store_true",
+        help="also write model_fp16.onnx (FP16 weights, FP32 I/O) for GPU runtimes; "
+        "with --trt, build an FP16 engine",
+    )
+    export.add_argument("--trt", action="store_true", help="also build a TensorRT engine on this GPU")
+    export.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    export.set_defaults(func=run_export)
+
+    predict = subparsers.add_parser(
+        "predict",
+        help="segment images; writes <stem>_mask.png and <stem>_overlay.png per image",
+        description="Prints the share of pixels per class for each image.",
+    )
+    predict.add_argument("--model", type=Path, required=True, help="model directory or export directory")
+    predict.add_argument("images", type=Path, nargs="+", help="image files")
+    predict.add_argument("--out", type=Path, required=True, help="output folder")
+    predict.add_argument("--backend", choices=BACKEND_CHOICES, default="auto", help="runtime (default auto)")
+    predict.add_argument(
+        "--size",
+        type=parse_size,
+        default=None,
+        help="serving size HxW (model directory only; default 512x512)",
+    )
+    predict.set_defaults(func=run_predict)
+
+    bench = subparsers.add_parser(
+        "bench-runtime",
+        help="per-image latency and throughput of each runtime backend",
+        description="Times each backend at batch 1 and 4 and prints p50/p90 and the ratio to PyTorch eager.",
+    )
+    bench.add_argument("--model", type=Path, required=True, help="model directory or export directory")
+    bench.add_argument("--size", type=parse_size, default=(512, 512), help="input size HxW (default 512x512)")
+    bench.add_argument("--iters", type=int, default=20, help="timed iterations per backend and batch")
+    bench.add_argument("--batches", type=int, nargs="+", default=[1, 4], help="batch sizes (default 1 4)")
+    bench.add_argument("--backends", nargs="+", choices=BACKENDS, default=None, help="default: all available")
+    bench.add_argument("--json", type=Path, default=None, help="write the results as JSON here")
+    bench.set_defaults(func=run_bench_runtime)
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return code
+
+
+def run_export(args: argparse.Namespace) -> int:
+    """Handler of ``incseg export``."""
+    console = Console()
+    try:
+        result = export_onnx(args.model, args.out, args.size, fp16=args.fp16, opset=args.opset)
+    except ParityError as error:
+        return _fail(f"{error}; nothing was written to {args.out}", 1)
+    except (FileNotFoundError, ValueError) as error:
+        return _fail(str(error), 2)
+    console.print(f"exported {result.onnx_path} ({', '.join(result.manifest['classes'])})")
+    console.print(f"parity: {result.parity.summary()}")
+    if result.fp16_path:
+        console.print(f"fp16: {result.fp16_path} (argmax agreement with FP32 checked on ONNX Runtime CPU)")
+    if args.trt:
+        from export.tensorrt_engine import ensure_engine
+
+        try:
+            build = ensure_engine(result.out_dir, "fp16" if args.fp16 else "fp32", force=True)
+        except ParityError as error:
+            return _fail(f"TensorRT engine rejected: {error}", 1)
+        except RuntimeError as error:
+            return _fail(str(error), 1)
+        manifest = build.manifest
+        console.print(
+            f"TensorRT engine {build.engine_path} ({manifest['precision']}, {manifest['gpu_name']})"
+        )
+    return 0
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    """Handler of ``incseg predict``."""
+    console = Console()
+    missing = [str(path) for path in args.images if not path.is_file()]
+    if missing:
+        return _fail(f"no such image: {', '.join(missing)}", 2)
+    try:
+        runtime = open_runtime(args.model, args.backend, args.size)
+    except (FileNotFoundError, ValueError) as error:
+        return _fail(str(error), 2)
+    args.out.mkdir(parents=True, exist_ok=True)
+    console.print(f"model {runtime.version} on {runtime.backend} ({runtime.precision}), input {runtime.size}")
+    with runtime:
+        for start in range(0, len(args.images), PREDICT_CHUNK):
+            paths = args.images[start : start + PREDICT_CHUNK]
+            images = [np.asarray(Image.open(path).convert("RGB")) for path in paths]
+            for path, image, labels in zip(paths, images, runtime.predict(images), strict=True):
+                mask_image(labels).save(args.out / f"{path.stem}_mask.png")
+                Image.fromarray(overlay(image, labels)).save(args.out / f"{path.stem}_overlay.png")
+                areas = class_areas(labels, runtime.classes)
+                summary = ", ".join(f"{name} {share:.1f} %" for name, share in areas.items())
+                console.print(f"{path.name} ({image.shape[1]}x{image.shape[0]}): {summary}")
+    return 0
+
+
+def run_bench_runtime(args: argparse.Namespace) -> int:
+    """Handler of ``incseg bench-runtime``."""
+    try:
+        report = benchmark_runtimes(args.model, args.size, args.iters, tuple(args.batches), args.backends)
+    except (FileNotFoundError, ValueError) as error:
+        return _fail(str(error), 2)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2))
+    return 0

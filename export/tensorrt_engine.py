@@ -1,0 +1,350 @@
+"""TensorRT engines built from an export directory, with a manifest that says when to rebuild.
+
+An engine is tied to the TensorRT version, the GPU and the builder flags (reference/serving.md section
+3.2), so each one is written with ``engine_manifest.json`` next to it and rebuilt on any mismatch. Layout
+inside an export directory::
+
+    EXPORT/engine.plan             serialized engine (built from model.onnx, FP16 flag or FP32)
+    EXPORT/engine_manifest.json    TensorRT version, GPU, compute capability, ONNX sha256, precision,
+                                   optimisation profile, classes, input shape, parity vs ONNX Runtime
+
+The builder's timing cache lives outside model directories (which are replaced on every incremental
+step), one file per GPU model and TensorRT version, under ``$INCSEG_TRT_CACHE`` or
+``~/.cache/incseg/tensorrt``. ``tensorrt`` is imported lazily: everything but the build and the runner
+works without it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import threading
+import time
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from export.onnx_export import ONNX_FILE, file_sha256, read_manifest
+from export.parity import (
+    ORT_MIN_AGREEMENT,
+    TRT_FP16_MIN_AGREEMENT,
+    check_agreement,
+    parity_inputs,
+    require_parity,
+    run_onnx,
+)
+
+ENGINE_FILE = "engine.plan"
+ENGINE_MANIFEST_FILE = "engine_manifest.json"
+PRECISIONS = ("fp16", "fp32")
+WORKSPACE_BYTES = 4 << 30
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    """What an engine is tied to on the machine that runs it."""
+
+    gpu_name: str
+    compute_capability: str
+    tensorrt_version: str
+
+
+@dataclass(frozen=True)
+class EngineBuild:
+    """Outcome of :func:`ensure_engine`.
+
+    Attributes:
+        engine_path: The serialized engine.
+        manifest: Contents of ``engine_manifest.json``.
+        rebuilt: Whether this call built the engine.
+        reason: Why it was rebuilt (None when the existing engine was kept).
+    """
+
+    engine_path: Path
+    manifest: dict
+    rebuilt: bool
+    reason: str | None
+
+
+def tensorrt_available() -> bool:
+    """Whether ``tensorrt`` is importable and a CUDA GPU is visible."""
+    return importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available()
+
+
+def current_device_info(device_index: int = 0) -> DeviceInfo:
+    """GPU name, compute capability and TensorRT version of this machine.
+
+    Raises:
+        RuntimeError: No CUDA GPU or no TensorRT.
+    """
+    if not tensorrt_available():
+        raise RuntimeError("TensorRT needs the `tensorrt` package and a CUDA GPU; neither is usable here")
+    import tensorrt as trt
+
+    major, minor = torch.cuda.get_device_capability(device_index)
+    return DeviceInfo(torch.cuda.get_device_name(device_index), f"{major}.{minor}", trt.__version__)
+
+
+def profile_batches(max_batch: int) -> tuple[int, int, int]:
+    """(min, opt, max) batch of the optimisation profile: 1, max // 2 (at least 1), max."""
+    if max_batch < 1:
+        raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+    return 1, max(1, max_batch // 2), max_batch
+
+
+def engine_is_stale(
+    manifest: dict | None,
+    device_info: DeviceInfo,
+    onnx_sha256: str,
+    precision: str,
+    max_batch: int | None = None,
+) -> str | None:
+    """Why an existing engine cannot be used here, or None when it can.
+
+    Args:
+        manifest: The engine's manifest (None when there is no engine).
+        device_info: This machine (see :func:`current_device_info`).
+        onnx_sha256: Hash of the ONNX model the engine must come from.
+        precision: Wanted precision, ``fp16`` or ``fp32``.
+        max_batch: Wanted largest batch; None accepts any profile.
+    """
+    if manifest is None:
+        return "no engine built yet"
+    wanted = {
+        "tensorrt_version": device_info.tensorrt_version,
+        "gpu_name": device_info.gpu_name,
+        "compute_capability": device_info.compute_capability,
+        "onnx_sha256": onnx_sha256,
+        "precision": precision,
+    }
+    for key, value in wanted.items():
+        if manifest.get(key) != value:
+            return f"{key} changed: engine has {manifest.get(key)!r}, need {value!r}"
+    if max_batch is not None and manifest.get("profile", {}).get("batch") != list(profile_batches(max_batch)):
+        return f"profile changed: engine has {manifest.get('profile')!r}, need max batch {max_batch}"
+    return None
+
+
+def default_cache_dir() -> Path:
+    """Where timing caches persist: ``$INCSEG_TRT_CACHE`` or ``~/.cache/incseg/tensorrt``."""
+    return Path(os.environ.get("INCSEG_TRT_CACHE", Path.home() / ".cache" / "incseg" / "tensorrt"))
+
+
+def timing_cache_path(cache_dir: Path, device_info: DeviceInfo) -> Path:
+    """One timing cache file per GPU model, compute capability and TensorRT version."""
+    gpu = re.sub(r"[^A-Za-z0-9]+", "-", device_info.gpu_name).strip("-").lower()
+    name = f"timing-{gpu}-sm{device_info.compute_capability}-trt{device_info.tensorrt_version}.cache"
+    return Path(cache_dir) / name
+
+
+def build_engine(
+    onnx_path: Path,
+    engine_path: Path,
+    precision: str,
+    max_batch: int,
+    timing_cache: Path,
+    workspace_bytes: int = WORKSPACE_BYTES,
+) -> dict:
+    """Builds and writes a serialized engine with one optimisation profile on the batch dimension.
+
+    Args:
+        onnx_path: ONNX model with a dynamic batch and a fixed (3, H, W).
+        engine_path: Where to write the engine.
+        precision: ``fp16`` (builder FP16 flag; TensorRT keeps FP32 where it is faster or needed) or ``fp32``.
+        max_batch: Largest batch of the profile.
+        timing_cache: Timing cache file, read when present and rewritten after the build.
+        workspace_bytes: Builder workspace limit.
+
+    Returns:
+        The profile as ``{"input": name, "batch": [min, opt, max], "shape": [3, H, W]}``.
+
+    Raises:
+        RuntimeError: Parsing or building failed (with the parser's errors).
+    """
+    import tensorrt as trt
+
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(index)) for index in range(parser.num_errors))
+        raise RuntimeError(f"TensorRT could not parse {onnx_path}: {errors}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
+    if precision == "fp16":
+        config.set_flag(trt.BuilderFlag.FP16)
+    tensor = network.get_input(0)
+    chw = tuple(tensor.shape)[1:]
+    batches = profile_batches(max_batch)
+    profile = builder.create_optimization_profile()
+    profile.set_shape(tensor.name, *[(batch, *chw) for batch in batches])
+    config.add_optimization_profile(profile)
+    cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file() else b"")
+    config.set_timing_cache(cache, False)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise RuntimeError(f"TensorRT failed to build an engine from {onnx_path} (see its log above)")
+    engine_path.write_bytes(memoryview(serialized))
+    timing_cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp_cache = timing_cache.with_name(f".{timing_cache.name}.{os.getpid()}")
+    tmp_cache.write_bytes(memoryview(config.get_timing_cache().serialize()))
+    os.replace(tmp_cache, timing_cache)
+    return {"input": tensor.name, "batch": list(batches), "shape": list(chw)}
+
+
+class EngineRunner:
+    """Runs a serialized engine on device buffers allocated once for the profile's largest batch.
+
+    Args:
+        engine_path: Serialized engine.
+        device_index: CUDA device.
+    """
+
+    def __init__(self, engine_path: Path, device_index: int = 0) -> None:
+        import tensorrt as trt
+
+        self.device = torch.device("cuda", device_index)
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        self._runtime = trt.Runtime(self._logger)
+        with torch.cuda.device(self.device):
+            self.engine = self._runtime.deserialize_cuda_engine(Path(engine_path).read_bytes())
+            if self.engine is None:
+                raise RuntimeError(f"TensorRT could not deserialize {engine_path} (see its log above)")
+            self.context = self.engine.create_execution_context()
+            names = [self.engine.get_tensor_name(index) for index in range(self.engine.num_io_tensors)]
+            modes = {name: self.engine.get_tensor_mode(name) for name in names}
+            self.input_name = next(name for name in names if modes[name] == trt.TensorIOMode.INPUT)
+            self.output_name = next(name for name in names if modes[name] == trt.TensorIOMode.OUTPUT)
+            largest = tuple(self.engine.get_tensor_profile_shape(self.input_name, 0)[2])
+            self.max_batch = largest[0]
+            self.context.set_input_shape(self.input_name, largest)
+            dtypes = {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16}
+            self.input = torch.empty(
+                largest, dtype=dtypes[self.engine.get_tensor_dtype(self.input_name)], device=self.device
+            )
+            self.output = torch.empty(
+                tuple(self.context.get_tensor_shape(self.output_name)),
+                dtype=dtypes[self.engine.get_tensor_dtype(self.output_name)],
+                device=self.device,
+            )
+            self.context.set_tensor_address(self.input_name, self.input.data_ptr())
+            self.context.set_tensor_address(self.output_name, self.output.data_ptr())
+            self.stream = torch.cuda.Stream(self.device)
+        self._lock = threading.Lock()
+
+    def run(self, batch: torch.Tensor) -> torch.Tensor:
+        """Logits (n, C, H, W) on the GPU for a batch (n, 3, H, W) with n <= ``max_batch``."""
+        count = batch.shape[0]
+        if not 1 <= count <= self.max_batch:
+            raise ValueError(f"batch of {count}; this engine takes 1..{self.max_batch}")
+        with self._lock, torch.cuda.device(self.device), torch.cuda.stream(self.stream):
+            self.input[:count].copy_(batch, non_blocking=True)
+            self.context.set_input_shape(self.input_name, (count, *self.input.shape[1:]))
+            if not self.context.execute_async_v3(self.stream.cuda_stream):
+                raise RuntimeError("TensorRT execution failed (see its log above)")
+            logits = self.output[:count].clone()
+            self.stream.synchronize()
+        return logits
+
+    def logits(self, batch: np.ndarray) -> np.ndarray:
+        """Host convenience: logits float32 (n, C, H, W) for a host batch, any n (run in chunks)."""
+        chunks = [
+            self.run(torch.from_numpy(batch[start : start + self.max_batch])).float().cpu().numpy()
+            for start in range(0, batch.shape[0], self.max_batch)
+        ]
+        return np.concatenate(chunks)
+
+
+def ensure_engine(
+    export_dir: Path,
+    precision: str = "fp16",
+    max_batch: int = 4,
+    cache_dir: Path | None = None,
+    force: bool = False,
+) -> EngineBuild:
+    """Returns a usable engine for ``export_dir`` on this GPU, rebuilding it when stale.
+
+    A rebuilt engine must agree with ONNX Runtime (CPU, FP32) on the argmax of >= 99.5 % of the pixels
+    (FP16) or >= 99.9 % (FP32) of deterministic synthetic inputs before it replaces the old one.
+
+    Args:
+        export_dir: Export directory (see :mod:`export.onnx_export`).
+        precision: ``fp16`` or ``fp32``.
+        max_batch: Largest batch of the optimisation profile.
+        cache_dir: Directory of timing caches (default :func:`default_cache_dir`).
+        force: Rebuild even when the engine looks current.
+
+    Raises:
+        RuntimeError: No TensorRT/GPU, or the build failed.
+        ParityError: The new engine disagrees with ONNX Runtime; the old engine is kept.
+    """
+    export_dir = Path(export_dir)
+    export_manifest = read_manifest(export_dir)
+    device_info = current_device_info()
+    onnx_path = export_dir / ONNX_FILE
+    onnx_sha = file_sha256(onnx_path)
+    engine_path = export_dir / ENGINE_FILE
+    manifest_path = export_dir / ENGINE_MANIFEST_FILE
+    existing = None
+    if manifest_path.is_file() and engine_path.is_file():
+        existing = json.loads(manifest_path.read_text())
+    reason = engine_is_stale(existing, device_info, onnx_sha, precision, max_batch)
+    if force:
+        reason = f"rebuild forced ({reason or 'engine was current'})"
+    if reason is None:
+        return EngineBuild(engine_path, existing, False, None)
+
+    tmp_engine = export_dir / f".{ENGINE_FILE}.{os.getpid()}"
+    try:
+        started = time.perf_counter()
+        profile = build_engine(
+            onnx_path,
+            tmp_engine,
+            precision,
+            max_batch,
+            timing_cache_path(cache_dir or default_cache_dir(), device_info),
+        )
+        seconds = time.perf_counter() - started
+        inputs = parity_inputs(
+            tuple(export_manifest["input_size"]),
+            sorted({1, max_batch}),
+            export_manifest["mean"],
+            export_manifest["std"],
+        )
+        runner = EngineRunner(tmp_engine)
+        report = require_parity(
+            check_agreement(
+                lambda batch: run_onnx(onnx_path, [batch])[0],
+                runner.logits,
+                inputs,
+                TRT_FP16_MIN_AGREEMENT if precision == "fp16" else ORT_MIN_AGREEMENT,
+                ("onnxruntime-cpu", f"tensorrt-{precision}"),
+            )
+        )
+        del runner
+        manifest = {
+            **asdict(device_info),
+            "onnx_sha256": onnx_sha,
+            "precision": precision,
+            "profile": profile,
+            "classes": export_manifest["classes"],
+            "input_shape": profile["shape"],
+            "model_version": export_manifest.get("model_version"),
+            "build_seconds": round(seconds, 1),
+            "built_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "parity": report.to_dict(),
+        }
+        manifest_path.unlink(missing_ok=True)  # a crash from here on leaves "no manifest": rebuild
+        os.replace(tmp_engine, engine_path)
+        manifest_path.write_text(json.dumps(manifest, indent=2))
+    finally:
+        tmp_engine.unlink(missing_ok=True)
+    return EngineBuild(engine_path, manifest, True, reason)

@@ -1,0 +1,27 @@
+"""The CLI end to end on tiny data: synth, step 0, step 1, and clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from incseg.cli import main
+from training.model_dir import ModelBundle
+
+TINY = ["--epochs", "1", "--size", "32", "--batch-size", "4", "--backbone", "resnet10",
+        "--context-channels", "16", "--embed-channels", "16"]
+
+
+def test_synth_and_steps(tmp_path: Path, capsys) -> None:
+    data = tmp_path / "data"
+    assert main(["synth", "--out", str(data), "--classes", "3", "--train", "8", "--val", "6", "--size", "32"]) == 0
+    assert (data / "classes.txt").read_text().splitlines()[0] == "background"
+    assert main(["step", "--base", "none", "--data", str(data), "--method", "ft", "--out", str(tmp_path / "v1"),
+                 *TINY]) == 0
+    assert ModelBundle.load(tmp_path / "v1").classes[0] == "background"
+    code = main(["step", "--base", str(tmp_path / "v1"), "--data", str(data), "--out", str(tmp_path / "v2"), *TINY])
+    assert code == 2 and "already known" in capsys.readouterr().err
+
+
+def test_bad_data_dir_is_a_clear_error(tmp_path: Path, capsys) -> None:
+    code = main(["step", "--base", "none", "--data", str(tmp_path), "--out", str(tmp_path / "m"), *TINY])
+    assert code == 2 and "error" in capsys.readouterr().err

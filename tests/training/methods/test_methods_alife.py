@@ -1,0 +1,212 @@
+"""ALIFE: ALI and its gradient, Cayley rotations, the feature memory, classifier fine-tuning, a run."""
+
+from __future__ import annotations
+
+import copy
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from training.methods.alife import (
+    FEATURE_MEMORY,
+    AdaptiveLogitRegularizer,
+    CayleyRotation,
+    FeatureMemory,
+    ForegroundDistillation,
+    NewClassCrossEntropy,
+    ReplayOptions,
+    adaptive_logit_regularizer,
+    alife,
+    extract_memory,
+    finetune_classifier,
+    rotate_memory,
+    soft_class_assignment,
+)
+from training.methods.base import Batch, StepContext
+from training.model_dir import ModelBundle
+from training.models.bisenet import BiSeNet, BiSeNetConfig, SegmentationOutput
+from training.trainer import StepOptions, train_step
+
+OPTIONS = StepOptions(
+    epochs=1, batch_size=2, size=32, backbone="resnet10", context_channels=16, embed_channels=16, workers=0
+)
+REPLAY = ReplayOptions(memory_size=8, rotation_epochs=2)
+
+
+class TinySet(Dataset):
+    """Images with 16x16 squares of the given classes on background, top row ignored."""
+
+    def __init__(self, classes: list[int], n: int = 4, seed: int = 0) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        self.images = torch.randn(n, 3, 32, 32, generator=gen)
+        self.masks = torch.zeros(n, 32, 32, dtype=torch.long)
+        for i in range(n):
+            for j, c in enumerate(classes):
+                r, col = (i + j) % 2 * 16, j % 2 * 16
+                self.masks[i, r : r + 16, col : col + 16] = c
+                self.images[i, :, r : r + 16, col : col + 16] += c
+        self.masks[:, 0] = 255
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.images[i], self.masks[i]
+
+
+def logits_batch(logits: torch.Tensor, old_logits: torch.Tensor, labels: torch.Tensor) -> Batch:
+    size = logits.shape[2:]
+    out = SegmentationOutput(logits, torch.zeros(logits.shape[0], 1, *size), [])
+    return Batch(torch.zeros(1, 3, *size), labels, out, SegmentationOutput(old_logits, out.features, []))
+
+
+def stub_ctx(num_classes: int, num_old: int) -> StepContext:
+    """A step-1 context for the per-iteration terms, which read only the class counts."""
+    classes = [f"c{i}" for i in range(num_classes)]
+    return StepContext(1, None, SimpleNamespace(), num_old, classes, None, torch.device("cpu"))
+
+
+def test_ali_value_and_gradient() -> None:
+    z = torch.tensor([1.0, 2.0, 0.5, -1.0]).view(1, 4, 1, 1).requires_grad_(True)  # 3 old classes, 1 new
+    old = torch.tensor([0.2, 0.3, 1.0]).view(1, 3, 1, 1)
+    loss = adaptive_logit_regularizer(z, old, torch.ones(1, 1, 1, dtype=torch.bool))
+    p_old = torch.softmax(old.flatten(), dim=0)
+    expected = torch.logsumexp(z.detach().flatten(), dim=0) - (p_old * z.detach().flatten()[:3]).sum()
+    assert loss.item() == pytest.approx(expected.item())
+    loss.backward()
+    softmax = torch.softmax(z.detach().flatten(), dim=0)
+    torch.testing.assert_close(z.grad.flatten(), softmax - torch.cat([p_old, torch.zeros(1)]))
+
+
+def test_ali_averages_over_background_pixels_only() -> None:
+    z = torch.randn(1, 3, 1, 3)
+    old = torch.randn(1, 2, 1, 3)
+    labels = torch.tensor([[[0, 2, 0]]])
+    loss = AdaptiveLogitRegularizer()(logits_batch(z, old, labels), stub_ctx(3, 2))
+    per_pixel = [
+        adaptive_logit_regularizer(z[..., i : i + 1], old[..., i : i + 1], torch.ones(1, 1, 1).bool())
+        for i in (0, 2)
+    ]
+    assert loss.item() == pytest.approx(sum(per_pixel).item() / 2)
+
+
+def test_new_class_cross_entropy_ignores_background_and_never_nans() -> None:
+    z = torch.randn(1, 3, 1, 3)
+    labels = torch.tensor([[[0, 2, 255]]])
+    loss = NewClassCrossEntropy()(logits_batch(z, torch.zeros(1, 2, 1, 3), labels), stub_ctx(3, 2))
+    assert loss.item() == pytest.approx(F.cross_entropy(z[..., 1], torch.tensor([[2]])).item(), rel=1e-5)
+    only_background = torch.tensor([[[0, 0, 255]]])
+    assert (
+        NewClassCrossEntropy()(logits_batch(z, torch.zeros(1, 2, 1, 3), only_background), stub_ctx(3, 2)) == 0
+    )
+
+
+def test_distillation_on_non_background_pixels() -> None:
+    z, old = torch.randn(1, 3, 1, 3), torch.randn(1, 2, 1, 3)
+    labels = torch.tensor([[[0, 2, 255]]])
+    loss = ForegroundDistillation()(logits_batch(z, old, labels), stub_ctx(3, 2))
+    per_pixel = -(torch.log_softmax(z[:, :2], dim=1) * torch.softmax(old, dim=1)).mean(dim=1)  # (1, 1, 3)
+    assert loss.item() == pytest.approx(per_pixel[0, 0, 1:].mean().item())
+
+
+@pytest.mark.parametrize(("seed", "dim"), [(0, 8), (1, 32), (2, 64), (3, 256)])
+def test_cayley_rotation_is_orthogonal_with_determinant_one(seed: int, dim: int) -> None:
+    rotation = CayleyRotation(3, dim)
+    with torch.no_grad():
+        rotation.upper.copy_(torch.randn(rotation.upper.shape, generator=torch.Generator().manual_seed(seed)))
+    matrices = rotation.matrices()  # (3, D, D)
+    eye = torch.eye(dim).expand(3, dim, dim)
+    torch.testing.assert_close(matrices @ matrices.transpose(1, 2), eye, atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.linalg.det(matrices.double()), torch.ones(3, dtype=torch.float64))
+    x = torch.randn(3, dim)
+    torch.testing.assert_close(rotation(x), torch.einsum("kij,kj->ki", matrices, x))
+
+
+def test_cayley_rotation_starts_at_identity_and_has_gradients() -> None:
+    rotation = CayleyRotation(2, 5)
+    torch.testing.assert_close(rotation.matrices(), torch.eye(5).expand(2, 5, 5))
+    rotation(torch.randn(2, 5)).pow(2).sum().backward()
+    assert rotation.upper.grad is not None and rotation.upper.grad.shape == (2, 10)
+
+
+def test_rotate_memory_applies_each_class_rotation() -> None:
+    memory = FeatureMemory(torch.randn(4, 2), torch.tensor([0, 1, 0, 1]), torch.zeros(4, dtype=torch.long))
+    quarter = torch.tensor([[0.0, -1.0], [1.0, 0.0]])
+    rotated = rotate_memory(memory, torch.stack([torch.eye(2), quarter]), torch.tensor([0, 1]))
+    torch.testing.assert_close(rotated.features[[0, 2]], memory.features[[0, 2]])
+    torch.testing.assert_close(rotated.features[[1, 3]], memory.features[[1, 3]] @ quarter.T)
+
+
+def test_soft_assignment_prefers_pixels_like_the_memory() -> None:
+    memory = FeatureMemory(
+        torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 3]), torch.zeros(2).long()
+    )
+    pixels = torch.tensor([[2.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    weights = soft_class_assignment(memory, torch.tensor([0, 3]), pixels, temperature=10.0)
+    torch.testing.assert_close(weights.sum(dim=1), torch.ones(2))
+    assert weights[0].argmax() == 0 and weights[1].argmax() == 1
+
+
+def tiny_ctx(step: int, num_classes: int, num_old: int, dataset: Dataset) -> StepContext:
+    model = BiSeNet(BiSeNetConfig(num_classes, "resnet10", 16, 16), aux=False)
+    old = None
+    if num_old:
+        old = BiSeNet(BiSeNetConfig(num_old, "resnet10", 16, 16), aux=False).eval()
+        model.load_state_dict(
+            {k: v for k, v in old.state_dict().items() if "classifier" not in k}, strict=False
+        )
+    loader = DataLoader(dataset, batch_size=2, shuffle=True)
+    return StepContext(
+        step, model, old, num_old, [f"c{i}" for i in range(num_classes)], loader, torch.device("cpu")
+    )
+
+
+def test_extract_memory_stores_area_weighted_class_means() -> None:
+    dataset = TinySet([1, 2], n=2)
+    ctx = tiny_ctx(0, 3, 0, dataset)
+    memory = extract_memory(ctx, [0, 1, 2], ReplayOptions(memory_size=3))
+    assert memory.features.shape == (9, 16) and memory.features.dtype == torch.float16
+    assert memory.classes.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2] and memory.steps.tolist() == [0] * 9
+    ctx.model.eval()
+    with torch.no_grad():
+        features = ctx.model.forward_features(dataset.images)  # (2, 16, 4, 4)
+    cells = F.interpolate((dataset.masks == 1).float()[:, None], size=(4, 4), mode="area")  # (2, 1, 4, 4)
+    per_image = (features * cells).sum(dim=(2, 3)) / cells.sum(dim=(2, 3))  # (2, 16)
+    for vector in memory.features[3:6].float():  # each drawn from one of the two images
+        assert min((vector - mean).abs().max().item() for mean in per_image) < 1e-2
+
+
+def test_finetuning_changes_only_the_classifier() -> None:
+    ctx = tiny_ctx(1, 4, 3, TinySet([3]))
+    memory = FeatureMemory(torch.randn(6, 16).half(), torch.tensor([0, 0, 1, 1, 2, 2]), torch.zeros(6).long())
+    ctx.model.train()
+    before = copy.deepcopy(ctx.model.state_dict())
+    finetune_classifier(ctx, memory, REPLAY)
+    after = ctx.model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"head.classifier.weight", "head.classifier.bias"}
+    assert all(p.requires_grad for p in ctx.model.parameters())
+
+
+def test_two_step_alife_run_builds_rotates_and_saves_the_memory(tmp_path) -> None:
+    step0, _ = train_step(None, ["a", "b"], TinySet([1, 2]), None, alife(replay=REPLAY), OPTIONS)
+    memory0 = step0.state[FEATURE_MEMORY]
+    assert memory0["classes"].tolist() == [0] * 8 + [1] * 8 + [2] * 8
+    step1, scores = train_step(
+        step0, ["c"], TinySet([3]), TinySet([1, 2, 3], seed=1), alife(replay=REPLAY), OPTIONS
+    )
+    assert step1.model.num_classes == 4 and scores is not None
+    memory = step1.state[FEATURE_MEMORY]
+    assert set(memory) == {"features", "classes", "steps"}  # vectors and indices only, no pixels
+    assert memory["features"].shape == (32, 16) and memory["features"].dtype == torch.float16
+    assert memory["classes"].tolist() == [0] * 8 + [1] * 8 + [2] * 8 + [3] * 8
+    assert memory["steps"].tolist() == [0] * 24 + [1] * 8
+    assert not torch.equal(memory["features"][:24], memory0["features"])  # old classes were rotated
+    norms = memory["features"][:24].float().norm(dim=1)  # a rotation keeps lengths
+    torch.testing.assert_close(norms, memory0["features"].float().norm(dim=1), atol=2e-2, rtol=2e-3)
+    loaded = ModelBundle.load(step1.save(tmp_path / "model"))
+    for key, value in memory.items():
+        assert torch.equal(loaded.state[FEATURE_MEMORY][key], value.cpu())
