@@ -42,7 +42,7 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
         "export",
         help="export a model directory to ONNX (parity-checked), optionally build a TensorRT engine",
         description="Writes OUT/model.onnx and OUT/manifest.json after checking ONNX Runtime against PyTorch "
-        "(max abs logit error <= 1e-3, argmax agreement >= 99.9 %%); exits 1 when the check fails.",
+        "(max abs logit error <= 1e-3, argmax agreement >= 99.9 %); exits 1 when the check fails.",
     )
     export.add_argument("--model", type=Path, required=True, help="model directory")
     export.add_argument(
@@ -112,7 +112,7 @@ def run_export(args: argparse.Namespace) -> int:
         from export.tensorrt_engine import ensure_engine
 
         try:
-            build = ensure_engine(result.out_dir, "fp16" if args.fp16 else "fp32", force=True)
+            build = ensure_engine(result.out_dir, "fp16" if args.fp16 else "fp32")
         except ParityError as error:
             return _fail(f"TensorRT engine rejected: {error}", 1)
         except RuntimeError as error:

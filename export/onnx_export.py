@@ -46,6 +46,7 @@ from export.parity import (
 )
 from training.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from training.model_dir import WEIGHTS_FILE, ModelBundle
+from training.models.bisenet import BiSeNet
 
 MANIFEST_FILE = "manifest.json"
 ONNX_FILE = "model.onnx"
@@ -120,7 +121,7 @@ def library_versions() -> dict[str, str]:
     }
 
 
-def _export_graph(model: torch.nn.Module, path: Path, size: tuple[int, int], opset: int) -> None:
+def _export_graph(model: BiSeNet, path: Path, size: tuple[int, int], opset: int) -> None:
     """Traces ``model`` to ONNX at a fixed H x W with a dynamic batch, then cleans the graph.
 
     ``dynamo=False`` (TorchScript tracing) is chosen on purpose: with torch 2.14 the dynamo exporter only
@@ -147,6 +148,10 @@ def _export_graph(model: torch.nn.Module, path: Path, size: tuple[int, int], ops
             dynamo=False,
         )
     proto = onnxscript.optimizer.optimize(onnx.load(str(path)))
+    # the tracer leaves the output's C, H, W symbolic (they come out of a Resize); declare them
+    dims = proto.graph.output[0].type.tensor_type.shape.dim
+    for dim, value in zip(dims[1:], (model.num_classes, *size), strict=True):
+        dim.dim_value = value
     onnx.checker.check_model(proto, full_check=True)
     onnx.save(proto, str(path))
 

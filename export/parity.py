@@ -71,7 +71,8 @@ class ParityReport:
         )
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """JSON-ready form (what manifests store)."""
+        return {**asdict(self), "per_batch": [asdict(item) for item in self.per_batch]}
 
 
 class ParityError(ValueError):
@@ -95,7 +96,7 @@ def compare_logits(
     for ref, out in zip(reference, candidate, strict=True):
         if ref.shape != out.shape:
             raise ValueError(f"{candidate_name} returned {out.shape}, {reference_name} {ref.shape}")
-        same = np.count_nonzero(ref.argmax(1) == out.argmax(1))
+        same = int(np.count_nonzero(ref.argmax(1) == out.argmax(1)))
         pixels = ref.shape[0] * ref.shape[2] * ref.shape[3]
         error = float(np.max(np.abs(ref.astype(np.float32) - out.astype(np.float32))))
         per_batch.append(BatchParity(ref.shape[0], error, same / pixels))

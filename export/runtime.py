@@ -263,7 +263,9 @@ class OrtRuntime(SegmentationRuntime):
     and, on CPU, the NCHWc layout transform) and ``intra_op_num_threads`` = physical cores.
     """
 
-    def __init__(self, export_dir: Path, device: str = "cpu", fp16: bool = False, threads: int | None = None):
+    def __init__(
+        self, export_dir: Path, device: str = "cpu", fp16: bool = False, threads: int | None = None
+    ) -> None:
         manifest = read_manifest(export_dir)
         use_fp16 = fp16 and device == "cuda" and bool(manifest.get("fp16"))
         super().__init__(
@@ -362,7 +364,7 @@ class TensorRTRuntime(SegmentationRuntime):
         max_batch: int = DEFAULT_MAX_BATCH,
     ) -> TensorRTRuntime:
         """Opens an export directory (exporting a model directory first) and ensures a current engine."""
-        return cls(ensure_export(model_dir, size), fp16, max_batch)
+        return cls(ensure_export(model_dir, size, fp16), fp16, max_batch)
 
     def predict_logits(self, batch: np.ndarray) -> np.ndarray:
         return self.runner.logits(np.ascontiguousarray(batch, np.float32))

@@ -4,7 +4,8 @@ An engine is tied to the TensorRT version, the GPU and the builder flags (refere
 3.2), so each one is written with ``engine_manifest.json`` next to it and rebuilt on any mismatch. Layout
 inside an export directory::
 
-    EXPORT/engine.plan             serialized engine (built from model.onnx, FP16 flag or FP32)
+    EXPORT/engine.plan             serialized engine: FP32, or FP16 (model.onnx + the FP16 builder flag on
+                                   TensorRT 10; model_fp16.onnx, strongly typed, on TensorRT 11)
     EXPORT/engine_manifest.json    TensorRT version, GPU, compute capability, ONNX sha256, precision,
                                    optimisation profile, classes, input shape, parity vs ONNX Runtime
 
@@ -29,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from export.onnx_export import ONNX_FILE, file_sha256, read_manifest
+from export.onnx_export import ONNX_FILE, ONNX_FP16_FILE, file_sha256, read_manifest
 from export.parity import (
     ORT_MIN_AGREEMENT,
     TRT_FP16_MIN_AGREEMENT,
@@ -142,6 +143,30 @@ def timing_cache_path(cache_dir: Path, device_info: DeviceInfo) -> Path:
     return Path(cache_dir) / name
 
 
+def fp16_builder_flag_available() -> bool:
+    """Whether TensorRT still has ``BuilderFlag.FP16`` (10.x); 11.x builds strongly typed networks only."""
+    import tensorrt as trt
+
+    return hasattr(trt.BuilderFlag, "FP16")
+
+
+def engine_source(export_dir: Path, precision: str) -> Path:
+    """The ONNX file an engine of ``precision`` is built from.
+
+    TensorRT 10 builds FP16 engines from ``model.onnx`` with the FP16 builder flag. TensorRT 11 removed
+    that flag: there an FP16 engine is built from ``model_fp16.onnx`` (export with ``fp16=True``).
+
+    Raises:
+        FileNotFoundError: TensorRT 11 needs ``model_fp16.onnx`` and the export has none.
+    """
+    if precision != "fp16" or fp16_builder_flag_available():
+        return Path(export_dir) / ONNX_FILE
+    path = Path(export_dir) / ONNX_FP16_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"this TensorRT has no FP16 builder flag; re-export {export_dir} with --fp16")
+    return path
+
+
 def build_engine(
     onnx_path: Path,
     engine_path: Path,
@@ -155,7 +180,8 @@ def build_engine(
     Args:
         onnx_path: ONNX model with a dynamic batch and a fixed (3, H, W).
         engine_path: Where to write the engine.
-        precision: ``fp16`` (builder FP16 flag; TensorRT keeps FP32 where it is faster or needed) or ``fp32``.
+        precision: ``fp16`` (the builder FP16 flag where TensorRT has it: FP32 is kept where faster or
+            needed; without it the precision comes from the ONNX file, see :func:`engine_source`) or ``fp32``.
         max_batch: Largest batch of the profile.
         timing_cache: Timing cache file, read when present and rewritten after the build.
         workspace_bytes: Builder workspace limit.
@@ -179,7 +205,7 @@ def build_engine(
         raise RuntimeError(f"TensorRT could not parse {onnx_path}: {errors}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
-    if precision == "fp16":
+    if precision == "fp16" and fp16_builder_flag_available():
         config.set_flag(trt.BuilderFlag.FP16)
     tensor = network.get_input(0)
     chw = tuple(tensor.shape)[1:]
@@ -289,7 +315,7 @@ def ensure_engine(
     export_dir = Path(export_dir)
     export_manifest = read_manifest(export_dir)
     device_info = current_device_info()
-    onnx_path = export_dir / ONNX_FILE
+    onnx_path = engine_source(export_dir, precision)
     onnx_sha = file_sha256(onnx_path)
     engine_path = export_dir / ENGINE_FILE
     manifest_path = export_dir / ENGINE_MANIFEST_FILE
@@ -322,7 +348,7 @@ def ensure_engine(
         runner = EngineRunner(tmp_engine)
         report = require_parity(
             check_agreement(
-                lambda batch: run_onnx(onnx_path, [batch])[0],
+                lambda batch: run_onnx(export_dir / ONNX_FILE, [batch])[0],
                 runner.logits,
                 inputs,
                 TRT_FP16_MIN_AGREEMENT if precision == "fp16" else ORT_MIN_AGREEMENT,
@@ -332,6 +358,7 @@ def ensure_engine(
         del runner
         manifest = {
             **asdict(device_info),
+            "onnx_file": onnx_path.name,
             "onnx_sha256": onnx_sha,
             "precision": precision,
             "profile": profile,

@@ -60,16 +60,29 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backbone", default="resnet18", choices=sorted(BACKBONES), help="step 0 only")
     parser.add_argument("--context-channels", type=int, default=128, help="step 0 only (BiSeNet width)")
     parser.add_argument("--embed-channels", type=int, default=256, help="step 0 only (embedding width)")
-    parser.add_argument("--backbone-weights", type=Path, default=None,
-                        help="step 0 only: local torchvision ImageNet weights (.pth); nothing is downloaded")
+    parser.add_argument(
+        "--backbone-weights",
+        type=Path,
+        default=None,
+        help="step 0 only: local torchvision ImageNet weights (.pth); nothing is downloaded",
+    )
 
 
 def _options(args: argparse.Namespace, **extra) -> StepOptions:
     return StepOptions(
-        epochs=args.epochs, size=args.size, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-        device=args.device, amp=not args.no_amp, workers=args.workers, backbone=args.backbone,
-        context_channels=args.context_channels, embed_channels=args.embed_channels,
-        backbone_weights=args.backbone_weights, **extra,
+        epochs=args.epochs,
+        size=args.size,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        device=args.device,
+        amp=not args.no_amp,
+        workers=args.workers,
+        backbone=args.backbone,
+        context_channels=args.context_channels,
+        embed_channels=args.embed_channels,
+        backbone_weights=args.backbone_weights,
+        **extra,
     )
 
 
@@ -83,10 +96,14 @@ def cmd_step(args: argparse.Namespace) -> int:
     base = None if args.base.lower() == "none" else Path(args.base)
     started = time.monotonic()
     with progress_bar() as update:
-        bundle, scores = run_step(base, args.data, args.method, _options(args, setting=args.setting), args.out, update)
+        bundle, scores = run_step(
+            base, args.data, args.method, _options(args, setting=args.setting), args.out, update
+        )
     record = bundle.history[-1]
-    console.print(f"step {record['step']}: + {', '.join(record['classes_added'])} "
-                  f"({record['train_images']} images, {time.monotonic() - started:.0f} s) -> {args.out}")
+    console.print(
+        f"step {record['step']}: + {', '.join(record['classes_added'])} "
+        f"({record['train_images']} images, {time.monotonic() - started:.0f} s) -> {args.out}"
+    )
     if scores is not None:
         table = Table("class", "IoU")
         for name, iou in scores.per_class_iou.items():
@@ -106,8 +123,16 @@ def _scores_line(old: float | None, new: float | None, all_: float | None) -> st
 def _bench(args: argparse.Namespace, methods: list[str]) -> dict:
     started = time.monotonic()
     with progress_bar() as update:
-        results = run_benchmark(args.data, args.protocol, args.setting, methods, _options(args), args.save,
-                                log=console.print, on_progress=update)
+        results = run_benchmark(
+            args.data,
+            args.protocol,
+            args.setting,
+            methods,
+            _options(args),
+            args.save,
+            log=console.print,
+            on_progress=update,
+        )
     results["seconds_total"] = round(time.monotonic() - started, 1)
     print(format_table(results))
     return results
@@ -165,7 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default="ft,lwf,ilt,mib,joint")
     p.add_argument("--out", type=Path, default=Path("results.json"))
     p.add_argument("--plot", type=Path, default=None, help="PNG path (default: next to --out)")
-    p.add_argument("--save", type=Path, default=None, help="keep each method's model directory after every step")
+    p.add_argument(
+        "--save", type=Path, default=None, help="keep each method's model directory after every step"
+    )
     _add_training_options(p)
     p.set_defaults(func=cmd_bench)
 

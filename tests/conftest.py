@@ -22,5 +22,11 @@ def synth_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def tiny_options() -> StepOptions:
     return StepOptions(
-        epochs=1, batch_size=4, size=48, backbone="resnet10", context_channels=16, embed_channels=16, workers=0
+        epochs=1,
+        batch_size=4,
+        size=48,
+        backbone="resnet10",
+        context_channels=16,
+        embed_channels=16,
+        workers=0,
     )

@@ -21,7 +21,14 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from training.data import SegmentationDataset, SegmentationSource, eval_transform, label_sets, read_source, train_transform
+from training.data import (
+    SegmentationDataset,
+    SegmentationSource,
+    eval_transform,
+    label_sets,
+    read_source,
+    train_transform,
+)
 from training.methods import Method, StepContext, build_method
 from training.metrics import SegmentationScores
 from training.model_dir import ModelBundle
@@ -58,11 +65,15 @@ class ProtocolData:
     def joint_train_set(self) -> SegmentationDataset:
         last = self.protocol.num_steps - 1
         indices = [i for i, labels in enumerate(self.train_labels) if labels - {0}]
-        return self._dataset(self.source.train, indices, val_lut(self.protocol, last), train_transform(self.options.size))
+        return self._dataset(
+            self.source.train, indices, val_lut(self.protocol, last), train_transform(self.options.size)
+        )
 
     def val_loader(self, step: int) -> DataLoader:
         indices = val_indices(self.val_labels, self.protocol, step)
-        dataset = self._dataset(self.source.val, indices, val_lut(self.protocol, step), eval_transform(self.options.size))
+        dataset = self._dataset(
+            self.source.val, indices, val_lut(self.protocol, step), eval_transform(self.options.size)
+        )
         return DataLoader(dataset, batch_size=self.options.batch_size, num_workers=self.options.workers)
 
     def step_names(self, step: int) -> list[str]:
@@ -70,7 +81,11 @@ class ProtocolData:
 
     def image_bytes(self, step: int) -> int:
         """Bytes of the training images of steps 0..step that a raw-image replay would keep."""
-        used = {i for t in range(step + 1) for i in train_indices(self.train_labels, self.protocol, t, self.setting)}
+        used = {
+            i
+            for t in range(step + 1)
+            for i in train_indices(self.train_labels, self.protocol, t, self.setting)
+        }
         return sum(self.source.train[i].image_path.stat().st_size for i in used)
 
 
@@ -79,22 +94,40 @@ def memory_bytes(bundle: ModelBundle) -> int:
     return sum(t.numel() * t.element_size() for tensors in bundle.state.values() for t in tensors.values())
 
 
-def run_end_of_step_hooks(bundle: ModelBundle, method: Method, train_set, options: StepOptions) -> ModelBundle:
+def run_end_of_step_hooks(
+    bundle: ModelBundle, method: Method, train_set, options: StepOptions
+) -> ModelBundle:
     """Runs ``method``'s end-of-step hooks on a copy of a step-0 model trained by another method."""
     bundle = copy.deepcopy(bundle)
-    loader = DataLoader(train_set, batch_size=options.batch_size, shuffle=True, num_workers=options.workers,
-                        generator=torch.Generator().manual_seed(options.seed))
+    loader = DataLoader(
+        train_set,
+        batch_size=options.batch_size,
+        shuffle=True,
+        num_workers=options.workers,
+        generator=torch.Generator().manual_seed(options.seed),
+    )
     device = options.torch_device()
     bundle.model.to(device)
-    ctx = StepContext(bundle.version - 1, bundle.model, None, 0, bundle.classes, loader, device, bundle.state,
-                      options.epochs)
+    ctx = StepContext(
+        bundle.version - 1,
+        bundle.model,
+        None,
+        0,
+        bundle.classes,
+        loader,
+        device,
+        bundle.state,
+        options.epochs,
+    )
     method.on_step_end(ctx)
     bundle.model.cpu()
     bundle.state = ctx.state
     return bundle
 
 
-def _record(step: int, data: ProtocolData, bundle: ModelBundle, scores: SegmentationScores, image_bytes: int) -> dict:
+def _record(
+    step: int, data: ProtocolData, bundle: ModelBundle, scores: SegmentationScores, image_bytes: int
+) -> dict:
     return {
         "step": step,
         "classes": list(bundle.classes),
@@ -129,11 +162,21 @@ def run_benchmark(
     data = ProtocolData(source, protocol, Setting(setting), options)
     num_base = len(protocol.seen(0))
     last = protocol.num_steps - 1
-    results = {"protocol": protocol_spec, "setting": setting, "options": options.model_dump(mode="json"), "methods": {}}
+    results = {
+        "protocol": protocol_spec,
+        "setting": setting,
+        "options": options.model_dump(mode="json"),
+        "methods": {},
+    }
 
     def score(bundle: ModelBundle, step: int) -> SegmentationScores:
-        return evaluate(bundle.model.to(options.torch_device()), data.val_loader(step), bundle.classes, num_base,
-                        options.torch_device())
+        return evaluate(
+            bundle.model.to(options.torch_device()),
+            data.val_loader(step),
+            bundle.classes,
+            num_base,
+            options.torch_device(),
+        )
 
     shared_base: ModelBundle | None = None
     base_seconds = 0.0
@@ -142,30 +185,42 @@ def run_benchmark(
         steps = []
         if method.trains_all_classes_at_once:
             log(f"[{spec}] one step over all {len(data.names) - 1} classes")
-            bundle, _ = train_step(None, data.names[1:], data.joint_train_set(), None, method, options, on_progress)
+            bundle, _ = train_step(
+                None, data.names[1:], data.joint_train_set(), None, method, options, on_progress
+            )
             steps.append(_record(last, data, bundle, score(bundle, last), data.image_bytes(last)))
             _save(save_dir, spec, last, bundle)
         else:
             if shared_base is None:
                 log(f"[base] step 0: {len(data.step_names(0))} classes, shared by the incremental methods")
                 t0 = time.monotonic()
-                shared_base, _ = train_step(None, data.step_names(0), data.train_set(0), None, build_method("ft"),
-                                            options, on_progress)
+                shared_base, _ = train_step(
+                    None,
+                    data.step_names(0),
+                    data.train_set(0),
+                    None,
+                    build_method("ft"),
+                    options,
+                    on_progress,
+                )
                 base_seconds = time.monotonic() - t0
             bundle = run_end_of_step_hooks(shared_base, method, data.train_set(0), options)
             steps.append(_record(0, data, bundle, score(bundle, 0), data.image_bytes(0)))
             _save(save_dir, spec, 0, bundle)
             for step in range(1, protocol.num_steps):
                 log(f"[{spec}] step {step}: + {', '.join(data.step_names(step))}")
-                bundle, _ = train_step(bundle, data.step_names(step), data.train_set(step), None, method, options,
-                                       on_progress)
+                bundle, _ = train_step(
+                    bundle, data.step_names(step), data.train_set(step), None, method, options, on_progress
+                )
                 steps.append(_record(step, data, bundle, score(bundle, step), data.image_bytes(step)))
                 _save(save_dir, spec, step, bundle)
         final = steps[-1]
         results["methods"][spec] = {
             "steps": steps,
             "final": {k: final[k] for k in ("miou_old", "miou_new", "miou_all", "hiou")},
-            "seconds": round(time.monotonic() - started + (0 if method.trains_all_classes_at_once else base_seconds), 1),
+            "seconds": round(
+                time.monotonic() - started + (0 if method.trains_all_classes_at_once else base_seconds), 1
+            ),
         }
     return results
 
@@ -213,6 +268,8 @@ def format_table(results: dict) -> str:
     rows = [f"{'method':<14}{'old':>8}{'new':>8}{'all':>8}{'time (s)':>10}"]
     for name, result in results["methods"].items():
         final = result["final"]
-        cells = ["-" if final[k] is None else f"{100 * final[k]:.1f}" for k in ("miou_old", "miou_new", "miou_all")]
+        cells = [
+            "-" if final[k] is None else f"{100 * final[k]:.1f}" for k in ("miou_old", "miou_new", "miou_all")
+        ]
         rows.append(f"{name:<14}{cells[0]:>8}{cells[1]:>8}{cells[2]:>8}{result['seconds']:>10.0f}")
     return "\n".join(rows)

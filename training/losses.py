@@ -19,7 +19,9 @@ def _masked_mean(per_pixel: Tensor, mask: Tensor | None) -> Tensor:
     return per_pixel.mean()
 
 
-def unbiased_cross_entropy(logits: Tensor, labels: Tensor, num_old_classes: int, ignore_index: int = 255) -> Tensor:
+def unbiased_cross_entropy(
+    logits: Tensor, labels: Tensor, num_old_classes: int, ignore_index: int = 255
+) -> Tensor:
     """MiB's unbiased cross-entropy (fcdl94/MiB ``UnbiasedCrossEntropy``, reduction 'mean').
 
     A pixel labelled background may belong to any old class, so its log-probability is

@@ -60,14 +60,18 @@ class SegmentationScores:
     per_class_iou: dict[str, float | None]
 
     @classmethod
-    def from_confusion(cls, confusion: ConfusionMatrix, class_names: Sequence[str], num_old: int) -> SegmentationScores:
+    def from_confusion(
+        cls, confusion: ConfusionMatrix, class_names: Sequence[str], num_old: int
+    ) -> SegmentationScores:
         """Groups IoU: classes ``0..num_old-1`` are old (background included), the rest new."""
         iou = confusion.iou()
         return cls(
             miou_old=_nanmean(iou[:num_old]),
             miou_new=_nanmean(iou[num_old:]),
             miou_all=_nanmean(iou),
-            per_class_iou={name: (None if np.isnan(v) else float(v)) for name, v in zip(class_names, iou, strict=True)},
+            per_class_iou={
+                name: (None if np.isnan(v) else float(v)) for name, v in zip(class_names, iou, strict=True)
+            },
         )
 
     @property

@@ -53,7 +53,9 @@ class ModelBundle:
 
     def __post_init__(self) -> None:
         if len(self.classes) != self.model.num_classes:
-            raise ValueError(f"{len(self.classes)} class names for a model with {self.model.num_classes} outputs")
+            raise ValueError(
+                f"{len(self.classes)} class names for a model with {self.model.num_classes} outputs"
+            )
 
     @property
     def config(self) -> BiSeNetConfig:
@@ -105,10 +107,14 @@ class ModelBundle:
         """
         path = Path(path)
         if not is_model_dir(path):
-            raise FileNotFoundError(f"{path} is not a model directory (needs {MODEL_FILE} and {WEIGHTS_FILE})")
+            raise FileNotFoundError(
+                f"{path} is not a model directory (needs {MODEL_FILE} and {WEIGHTS_FILE})"
+            )
         meta = json.loads((path / MODEL_FILE).read_text())
         if meta.get("format") != FORMAT_VERSION:
-            raise ValueError(f"{path}: model format {meta.get('format')!r}, this incseg reads {FORMAT_VERSION}")
+            raise ValueError(
+                f"{path}: model format {meta.get('format')!r}, this incseg reads {FORMAT_VERSION}"
+            )
         model = BiSeNet(BiSeNetConfig(**meta["config"]), aux=aux)
         weights = torch.load(path / WEIGHTS_FILE, map_location=map_location, weights_only=True)
         if not aux:

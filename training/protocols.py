@@ -15,6 +15,7 @@ Image selection and labels per step (``../shared/DESIGN.md`` section 3, as in Mi
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import re
@@ -85,7 +86,9 @@ class Protocol:
                 groups = json.loads(text)
                 steps = tuple(tuple(int(c) for c in group) for group in groups)
             except (ValueError, TypeError) as err:
-                raise ValueError(f"protocol {spec!r}: expected a JSON list of lists of class indices") from err
+                raise ValueError(
+                    f"protocol {spec!r}: expected a JSON list of lists of class indices"
+                ) from err
         elif re.fullmatch(r"\d+(-\d+)+", text):
             sizes = [int(s) for s in text.split("-")]
             if any(s < 1 for s in sizes):
@@ -95,7 +98,7 @@ class Protocol:
             bounds = np.minimum(np.cumsum([0, *sizes]), num_classes)
             if bounds[-2] >= num_classes:
                 raise ValueError(f"protocol {spec!r} needs more than the dataset's {num_classes} classes")
-            steps = tuple(tuple(range(int(lo) + 1, int(hi) + 1)) for lo, hi in zip(bounds, bounds[1:]))
+            steps = tuple(tuple(range(int(lo) + 1, int(hi) + 1)) for lo, hi in itertools.pairwise(bounds))
         else:
             raise ValueError(f"protocol {spec!r}: use A-B (e.g. 15-1), A-B-C..., 15-5s or [[1,2],[3]]")
         protocol = cls(spec, steps)
@@ -128,7 +131,9 @@ def _lut(mapping: dict[int, int]) -> np.ndarray:
     return lut
 
 
-def train_indices(label_sets: Sequence[frozenset[int]], protocol: Protocol, step: int, setting: Setting) -> list[int]:
+def train_indices(
+    label_sets: Sequence[frozenset[int]], protocol: Protocol, step: int, setting: Setting
+) -> list[int]:
     """Indices of the training images used at ``step``."""
     current = set(protocol.steps[step])
     future = protocol.future(step)

@@ -92,7 +92,9 @@ def run_step(
         train_samples, num_source, _lut(train_map), train_transform(options.size), source.label_map
     )
     val_set = (
-        SegmentationDataset(source.val, num_source, _lut(mapping), eval_transform(options.size), source.label_map)
+        SegmentationDataset(
+            source.val, num_source, _lut(mapping), eval_transform(options.size), source.label_map
+        )
         if source.val
         else None
     )

@@ -7,18 +7,50 @@ from pathlib import Path
 from incseg.cli import main
 from training.model_dir import ModelBundle
 
-TINY = ["--epochs", "1", "--size", "32", "--batch-size", "4", "--backbone", "resnet10",
-        "--context-channels", "16", "--embed-channels", "16"]
+TINY = [
+    "--epochs",
+    "1",
+    "--size",
+    "32",
+    "--batch-size",
+    "4",
+    "--backbone",
+    "resnet10",
+    "--context-channels",
+    "16",
+    "--embed-channels",
+    "16",
+]
 
 
 def test_synth_and_steps(tmp_path: Path, capsys) -> None:
     data = tmp_path / "data"
-    assert main(["synth", "--out", str(data), "--classes", "3", "--train", "8", "--val", "6", "--size", "32"]) == 0
+    assert (
+        main(["synth", "--out", str(data), "--classes", "3", "--train", "8", "--val", "6", "--size", "32"])
+        == 0
+    )
     assert (data / "classes.txt").read_text().splitlines()[0] == "background"
-    assert main(["step", "--base", "none", "--data", str(data), "--method", "ft", "--out", str(tmp_path / "v1"),
-                 *TINY]) == 0
+    assert (
+        main(
+            [
+                "step",
+                "--base",
+                "none",
+                "--data",
+                str(data),
+                "--method",
+                "ft",
+                "--out",
+                str(tmp_path / "v1"),
+                *TINY,
+            ]
+        )
+        == 0
+    )
     assert ModelBundle.load(tmp_path / "v1").classes[0] == "background"
-    code = main(["step", "--base", str(tmp_path / "v1"), "--data", str(data), "--out", str(tmp_path / "v2"), *TINY])
+    code = main(
+        ["step", "--base", str(tmp_path / "v1"), "--data", str(data), "--out", str(tmp_path / "v2"), *TINY]
+    )
     assert code == 2 and "already known" in capsys.readouterr().err
 
 

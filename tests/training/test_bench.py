@@ -12,8 +12,15 @@ from training.model_dir import ModelBundle
 
 
 def test_small_bench_end_to_end(synth_dataset: Path, tmp_path: Path, tiny_options) -> None:
-    results = run_benchmark(synth_dataset, "4-1", "overlapped", ["ft", "mib", "joint"], tiny_options,
-                            save_dir=tmp_path / "models", log=lambda _: None)
+    results = run_benchmark(
+        synth_dataset,
+        "4-1",
+        "overlapped",
+        ["ft", "mib", "joint"],
+        tiny_options,
+        save_dir=tmp_path / "models",
+        log=lambda _: None,
+    )
     write_results(results, tmp_path / "results.json")
     loaded = json.loads((tmp_path / "results.json").read_text())
     assert loaded["protocol"] == "4-1" and loaded["setting"] == "overlapped"

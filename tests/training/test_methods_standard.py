@@ -15,7 +15,9 @@ def context_and_batch(step: int = 1) -> tuple[StepContext, Batch]:
     model.add_classes(2)
     images = torch.randn(2, 3, 32, 32)
     labels = torch.randint(0, 5, (2, 32, 32))
-    ctx = StepContext(step, model, old if step else None, 3 if step else 0, list("abcde"), None, torch.device("cpu"))
+    ctx = StepContext(
+        step, model, old if step else None, 3 if step else 0, list("abcde"), None, torch.device("cpu")
+    )
     batch = Batch(images, labels, model.forward_train(images), old.forward_train(images) if step else None)
     return ctx, batch
 
@@ -53,7 +55,9 @@ def test_weights_scale_terms() -> None:
     torch.testing.assert_close(mib["unbiased_kd"], expected)
 
 
-@pytest.mark.parametrize(("spec", "message"), [("nope", "unknown"), ("ft+mib", "exactly one"), ("ft+ft", "twice")])
+@pytest.mark.parametrize(
+    ("spec", "message"), [("nope", "unknown"), ("ft+mib", "exactly one"), ("ft+ft", "twice")]
+)
 def test_bad_combinations(spec: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         build_method(spec)

@@ -68,6 +68,8 @@ def test_backbone_weights_load_from_local_file(tmp_path) -> None:
     model = BiSeNet(BiSeNetConfig(3, "resnet18", 16, 16))
     model.load_backbone_weights(path)
     torch.testing.assert_close(model.context_path.stem[0].weight, reference.conv1.weight)
-    torch.testing.assert_close(model.context_path.layer4[1].bn2.running_var, reference.layer4[1].bn2.running_var)
+    torch.testing.assert_close(
+        model.context_path.layer4[1].bn2.running_var, reference.layer4[1].bn2.running_var
+    )
     with pytest.raises(ValueError, match="not torchvision resnet50"):
         BiSeNet(BiSeNetConfig(3, "resnet50", 16, 16)).load_backbone_weights(path)

@@ -15,6 +15,12 @@ cross-entropy at step 0). Stages 2 and 3 run in the classification term's ``on_s
 3. S mean embeddings per class learned in this step (background too at step 0) are appended to
    the memory: ``ctx.state["feature_memory"] = {"features": (N, D), "classes": (N,), "steps": (N,)}``.
    It holds no pixel data: one mean embedding per (sampled image, class).
+
+Differences from the code: cross-entropies average over the non-ignored pixels (ALIFE averages over
+all pixels, ignored ones counting 0); S = A - A^T (ALIFE halves it) with A starting at zero, i.e.
+identity rotations (ALIFE starts from a small random A); stage 3 uses cross-entropy (ALIFE's
+configs pick a focal loss); class means weight the embedding cells by the area the class covers
+instead of upsampling the embedding to the label size; the memory is float16 unless asked otherwise.
 """
 
 from __future__ import annotations
@@ -169,8 +175,10 @@ class CayleyRotation(nn.Module):
         a = self.upper.new_zeros(count, self.dim, self.dim, dtype=torch.float64)
         a[:, self.rows, self.cols] = self.upper.double()
         skew = a - a.transpose(1, 2)
-        eye = torch.eye(self.dim, dtype=torch.float64, device=a.device).expand_as(a)
-        return torch.linalg.solve(eye + skew, eye - skew).to(self.upper.dtype)
+        eye = torch.eye(self.dim, dtype=torch.float64, device=a.device)
+        # One solve per matrix: torch 2.14's batched CPU LU (MKL) fails once set_num_threads is called.
+        rotations = [torch.linalg.solve(eye + s, eye - s) for s in skew]
+        return torch.stack(rotations).to(self.upper.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         """Rotates row k of (K, D) by R_k."""

@@ -12,6 +12,10 @@ Dapogny, Cord; CVPR 2021) - https://arxiv.org/abs/2011.11390; code: arthurdouill
   into background), each scaled by sqrt(#classes / #new classes), averaged over the layers.
 
 The classifier's new rows start from the background row (MiB's init, done by ``add_classes``).
+Differences from the code: the cross-entropy averages over non-ignored pixels (PLOP: over all
+pixels); entropies are normalised by log(C_old) and the median is interpolated properly (see
+``PseudoLabelCrossEntropy``); POD windows split odd sizes without dropping rows or columns (PLOP's
+``w // s`` windows drop the remainder and assume square maps).
 """
 
 from __future__ import annotations

@@ -37,7 +37,9 @@ class UnbiasedCrossEntropy(LossTerm):
 
     def __call__(self, batch: Batch, ctx: StepContext) -> Tensor:
         if ctx.old_model is None:
-            return over_heads(batch, lambda logits: F.cross_entropy(logits, batch.labels, ignore_index=IGNORE))
+            return over_heads(
+                batch, lambda logits: F.cross_entropy(logits, batch.labels, ignore_index=IGNORE)
+            )
         return over_heads(
             batch, lambda logits: losses.unbiased_cross_entropy(logits, batch.labels, ctx.num_old_classes)
         )

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models import resnet
-from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
+from torchvision.models.resnet import BasicBlock, ResNet
 
 
 def _resnet10() -> ResNet:
@@ -286,7 +286,9 @@ class BiSeNet(nn.Module):
             ValueError: The file does not hold weights of this model's backbone.
         """
         state = torch.load(path, map_location="cpu", weights_only=True)
-        state = {k.removeprefix("module."): v for k, v in state.items() if not k.startswith(("fc.", "module.fc."))}
+        state = {
+            k.removeprefix("module."): v for k, v in state.items() if not k.startswith(("fc.", "module.fc."))
+        }
         reference = BACKBONES[self.config.backbone][0]()
         reference.fc = nn.Identity()
         try:

@@ -1,0 +1,163 @@
+"""open_runtime: backend choice, model and export directories, predictions, CLI predict and bench-runtime."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from export.benchmark import benchmark_runtimes
+from export.cli import add_subcommands, parse_size
+from export.onnx_export import MANIFEST_FILE, is_export_dir
+from export.runtime import (
+    OrtRuntime,
+    SegmentationRuntime,
+    TorchRuntime,
+    available_backends,
+    export_dir_for,
+    open_runtime,
+    resolve_backend,
+)
+from training.model_dir import ModelBundle
+from training.models.bisenet import BiSeNet, BiSeNetConfig
+
+SIZE = (64, 64)
+CLASSES = ["background", "cat", "dog"]
+NO_GPU = not torch.cuda.is_available()
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Torch eager on a shared 2-core box is fastest single-threaded; restored after each test."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    model = BiSeNet(BiSeNetConfig(num_classes=3, backbone="resnet10", context_channels=16, embed_channels=16))
+    path = tmp_path_factory.mktemp("runtime") / "model"
+    ModelBundle(model, CLASSES, history=[{"step": 0}, {"step": 1}, {"step": 2}]).save(path)
+    return path
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="incseg")
+    add_subcommands(parser.add_subparsers(required=True))
+    return parser
+
+
+@pytest.mark.skipif(not NO_GPU, reason="on a GPU machine auto prefers a GPU backend")
+def test_auto_picks_ort_cpu_without_a_gpu(model_dir: Path) -> None:
+    assert available_backends() == ["ort-cpu", "torch"]
+    assert resolve_backend("auto") == resolve_backend("ort") == "ort-cpu"
+    for name in ("trt", "ort-cuda"):
+        with pytest.raises(ValueError, match="not usable here"):
+            resolve_backend(name)
+    with open_runtime(model_dir, size=SIZE) as runtime:
+        assert isinstance(runtime, OrtRuntime) and runtime.backend == "ort-cpu"
+
+
+def test_model_dir_is_exported_once_and_export_dir_is_accepted(model_dir: Path) -> None:
+    with open_runtime(model_dir, "ort-cpu", size=SIZE) as runtime:
+        assert runtime.version == "v3" and runtime.classes == CLASSES and runtime.size == SIZE
+    export_dir = export_dir_for(model_dir, SIZE)
+    assert is_export_dir(export_dir)
+    stamp = (export_dir / MANIFEST_FILE).stat().st_mtime_ns
+    with open_runtime(model_dir, "ort-cpu", size=SIZE):
+        pass
+    assert (export_dir / MANIFEST_FILE).stat().st_mtime_ns == stamp  # reused, not re-exported
+    with open_runtime(export_dir, "ort-cpu") as runtime:
+        assert runtime.version == "v3" and runtime.size == SIZE
+    with pytest.raises(ValueError, match="exported at 64x64"):
+        open_runtime(export_dir, "ort-cpu", size=(128, 128))
+
+
+def test_torch_backend_needs_the_model_dir(model_dir: Path, tmp_path: Path) -> None:
+    with open_runtime(model_dir, "torch", size=SIZE) as runtime:
+        assert isinstance(runtime, TorchRuntime) and runtime.version == "v3"
+    export_dir = export_dir_for(model_dir, SIZE)
+    if not is_export_dir(export_dir):
+        open_runtime(model_dir, "ort-cpu", size=SIZE).close()
+    with pytest.raises(ValueError, match="model directory"):
+        open_runtime(export_dir, "torch")
+    with pytest.raises(FileNotFoundError, match="neither"):
+        open_runtime(tmp_path, "auto")
+    with pytest.raises(ValueError, match="unknown backend"):
+        open_runtime(model_dir, "tensorflow")
+
+
+@pytest.mark.parametrize("backend", ["ort-cpu", "torch"])
+def test_predict_returns_masks_at_original_sizes(model_dir: Path, backend: str) -> None:
+    rng = np.random.default_rng(0)
+    shapes = [(97, 131), (300, 20), (64, 64), (5, 7)]
+    images = [rng.integers(0, 256, (*shape, 3), dtype=np.uint8) for shape in shapes]
+    with open_runtime(model_dir, backend, size=SIZE) as runtime:
+        assert isinstance(runtime, SegmentationRuntime)
+        runtime.warmup()
+        masks = runtime.predict(images)
+        logits = runtime.predict_logits(np.zeros((2, 3, *SIZE), np.float32))
+        assert runtime.predict([]) == []
+    assert [mask.shape for mask in masks] == shapes
+    assert all(mask.dtype == np.uint8 and mask.max() < len(CLASSES) for mask in masks)
+    assert logits.shape == (2, len(CLASSES), *SIZE) and logits.dtype == np.float32
+
+
+def test_cli_predict_writes_masks_and_overlays(model_dir: Path, tmp_path: Path, capsys) -> None:
+    paths = []
+    for name, shape in [("wide.png", (40, 90)), ("tall.jpg", (90, 30))]:
+        Image.fromarray(np.full((*shape, 3), 90, np.uint8)).save(tmp_path / name)
+        paths.append(str(tmp_path / name))
+    out = tmp_path / "out"
+    args = _parser().parse_args(
+        ["predict", "--model", str(model_dir), *paths, "--out", str(out), "--size", "64x64"]
+    )
+    assert args.func(args) == 0
+    for stem, shape in [("wide", (40, 90)), ("tall", (90, 30))]:
+        mask = Image.open(out / f"{stem}_mask.png")
+        assert mask.mode == "P" and mask.size == (shape[1], shape[0])
+        assert Image.open(out / f"{stem}_overlay.png").size == (shape[1], shape[0])
+    printed = capsys.readouterr().out
+    assert "wide.png (90x40)" in printed and "%" in printed and "ort-cpu" in printed
+    missing = _parser().parse_args(["predict", "--model", str(model_dir), "nope.png", "--out", str(out)])
+    assert missing.func(missing) == 2
+
+
+def test_bench_runtime_json_shape(model_dir: Path, tmp_path: Path) -> None:
+    report = benchmark_runtimes(model_dir, SIZE, iters=2, batches=(1, 2), backends=["ort-cpu", "torch"])
+    assert set(report["backends"]) == {"ort-cpu", "torch"}
+    for result in report["backends"].values():
+        assert set(result["batch"]) == {"1", "2"}
+        for entry in result["batch"].values():
+            assert set(entry) >= {"p50_ms", "p90_ms", "images_per_s"}
+            assert 0 < entry["p50_ms"] <= entry["p90_ms"] and entry["images_per_s"] > 0
+    assert report["size"] == list(SIZE) and report["device"]["cpu"]
+    assert set(report["ratios_vs_torch"]) == {"ort-cpu"} and set(report["ratios_vs_torch"]["ort-cpu"]) == {
+        "1",
+        "2",
+    }
+
+    out = tmp_path / "bench.json"
+    args = _parser().parse_args(
+        ["bench-runtime", "--model", str(model_dir), "--size", "64x64", "--iters", "2", "--json", str(out)]
+    )
+    assert args.func(args) == 0
+    written = json.loads(out.read_text())
+    assert set(written) >= {"backends", "size", "device", "ratios_vs_torch"}
+    assert set(written["backends"]) == set(available_backends())
+
+
+def test_parse_size() -> None:
+    assert parse_size("512x256") == (512, 256)
+    assert parse_size("384") == (384, 384)
+    for bad in ("axb", "16x16", "1x2x3"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_size(bad)
