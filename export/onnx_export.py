@@ -215,6 +215,7 @@ def export_onnx(
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; serving may run as another user
     try:
         onnx_path = tmp / ONNX_FILE
         _export_graph(model, onnx_path, size, opset)

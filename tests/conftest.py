@@ -5,12 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 from training.data import write_synthetic_dataset
 from training.trainer import StepOptions
-
-torch.set_num_threads(2)
 
 
 @pytest.fixture(scope="session")

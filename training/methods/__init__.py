@@ -36,9 +36,9 @@ def build_method(spec: str) -> Method:
     term_names = [t.name for t in terms]
     if len(set(term_names)) != len(term_names):
         duplicated = sorted({n for n in term_names if term_names.count(n) > 1})
-        raise ValueError(f"method {spec!r} has the loss {duplicated} twice; combine methods that add different losses")
+        raise ValueError(f"method {spec!r} repeats the loss {duplicated}")
     if sum(t.classifies for t in terms) != 1:
-        raise ValueError(f"method {spec!r} needs exactly one classification loss (e.g. mib+sdr, not sdr alone)")
+        raise ValueError(f"method {spec!r} needs exactly one classification loss (mib+sdr, not sdr alone)")
     return Method("+".join(names), terms, any(p.trains_all_classes_at_once for p in parts))
 
 
