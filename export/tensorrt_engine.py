@@ -239,7 +239,7 @@ class EngineRunner:
 
         self.device = torch.device("cuda", device_index)
         self._logger = trt.Logger(trt.Logger.WARNING)
-        self._runtime = trt.Runtime(self._logger)
+        self._runtime = trt.Runtime(self._logger)  # must outlive the engine it deserializes
         with torch.cuda.device(self.device):
             self.engine = self._runtime.deserialize_cuda_engine(Path(engine_path).read_bytes())
             if self.engine is None:

@@ -16,6 +16,7 @@ from rich.table import Table
 from export.cli import add_subcommands as add_export_subcommands
 from training.bench import format_table, plot_results, run_benchmark, write_results
 from training.data import DataError, write_synthetic_dataset
+from training.methods import split_top_level
 from training.models.bisenet import BACKBONES
 from training.step import run_step
 from training.trainer import StepOptions, StepProgress
@@ -139,7 +140,7 @@ def _bench(args: argparse.Namespace, methods: list[str]) -> dict:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    methods = split_top_level(args.methods, ",")
     results = _bench(args, methods)
     write_results(results, args.out)
     plot = plot_results(results, args.plot or Path(args.out).with_suffix(".png"))

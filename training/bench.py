@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -227,7 +228,8 @@ def run_benchmark(
 
 def _save(save_dir: Path | None, spec: str, step: int, bundle: ModelBundle) -> None:
     if save_dir is not None:
-        bundle.save(Path(save_dir) / spec.replace("+", "_") / f"step{step}")
+        folder = re.sub(r"[^A-Za-z0-9_.=-]+", "_", spec).strip("_")
+        bundle.save(Path(save_dir) / folder / f"step{step}")
 
 
 def write_results(results: dict, out: Path) -> None:

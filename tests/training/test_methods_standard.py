@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from training.methods import build_method
+from training.methods import build_method, split_top_level
 from training.methods.base import Batch, StepContext
 from training.models.bisenet import BiSeNet, BiSeNetConfig
 
@@ -56,8 +56,34 @@ def test_weights_scale_terms() -> None:
 
 
 @pytest.mark.parametrize(
-    ("spec", "message"), [("nope", "unknown"), ("ft+mib", "exactly one"), ("ft+ft", "twice")]
+    ("spec", "message"), [("nope", "unknown"), ("ft+mib", "exactly one"), ("ft+ft", "repeats")]
 )
 def test_bad_combinations(spec: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         build_method(spec)
+
+
+def test_arguments_override_default_weights() -> None:
+    method = build_method("mib(kd=100) + sdr(sparsity=1e-4)")
+    weights = {term.name: term.weight for term in method.terms}
+    assert (
+        weights["unbiased_kd"] == 100 and weights["sdr_sparsity"] == 1e-4 and weights["sdr_matching"] == 1e-2
+    )
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("mib(kd=x)", "keyword=literal"),
+        ("mib(3)", "keyword=literal"),
+        ("mib(foo=1)", "its arguments are: kd"),
+        ("mib(kd=1", "bad method"),
+    ],
+)
+def test_bad_arguments(spec: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        build_method(spec)
+
+
+def test_split_top_level() -> None:
+    assert split_top_level("ft, mib(kd=1, x=2),alife", ",") == ["ft", "mib(kd=1, x=2)", "alife"]

@@ -435,11 +435,24 @@ class ForegroundDistillation(LossTerm):
         return masked_average(per_pixel, batch.labels >= ctx.num_old_classes)
 
 
-DEFAULT_REPLAY = ReplayOptions()
+MEMORY_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 
-def alife(ali: float = 1.0, kd: float = 1.0, replay: ReplayOptions | None = DEFAULT_REPLAY) -> Method:
-    """ALIFE-M (VOC 19-1 weights: ALI 1, KD 1, memory 1); ``replay=None`` gives ALIFE (stage 1 only)."""
+def alife(ali: float = 1.0, kd: float = 1.0, replay: bool = True, **replay_options) -> Method:
+    """ALIFE-M (VOC 19-1 weights: ALI 1, KD 1, memory 1); ``replay=False`` gives ALIFE (stage 1 only).
+
+    Args:
+        ali: Weight of the adaptive logit regularizer.
+        kd: Weight of the distillation on labelled foreground pixels.
+        replay: Run stages 2 and 3 (feature memory, rotations, classifier fine-tuning).
+        **replay_options: ``ReplayOptions`` fields, e.g. ``memory_size=200``, ``memory_dtype="float32"``.
+    """
+    if "memory_dtype" in replay_options:
+        dtype = replay_options["memory_dtype"]
+        if dtype not in MEMORY_DTYPES:
+            raise ValueError(f"memory_dtype must be one of {sorted(MEMORY_DTYPES)}, got {dtype!r}")
+        replay_options["memory_dtype"] = MEMORY_DTYPES[dtype]
+    replay = ReplayOptions(**replay_options) if replay else None
     feature_replay = FeatureReplay(replay) if replay is not None else None
     return Method(
         "alife",

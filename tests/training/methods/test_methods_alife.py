@@ -33,7 +33,7 @@ from training.trainer import StepOptions, train_step
 OPTIONS = StepOptions(
     epochs=1, batch_size=2, size=32, backbone="resnet10", context_channels=16, embed_channels=16, workers=0
 )
-REPLAY = ReplayOptions(memory_size=8, rotation_epochs=2)
+REPLAY = {"memory_size": 8, "rotation_epochs": 2}
 
 
 class TinySet(Dataset):
@@ -186,7 +186,7 @@ def test_finetuning_changes_only_the_classifier() -> None:
     memory = FeatureMemory(torch.randn(6, 16).half(), torch.tensor([0, 0, 1, 1, 2, 2]), torch.zeros(6).long())
     ctx.model.train()
     before = copy.deepcopy(ctx.model.state_dict())
-    finetune_classifier(ctx, memory, REPLAY)
+    finetune_classifier(ctx, memory, ReplayOptions(**REPLAY))
     after = ctx.model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed == {"head.classifier.weight", "head.classifier.bias"}
@@ -194,11 +194,11 @@ def test_finetuning_changes_only_the_classifier() -> None:
 
 
 def test_two_step_alife_run_builds_rotates_and_saves_the_memory(tmp_path) -> None:
-    step0, _ = train_step(None, ["a", "b"], TinySet([1, 2]), None, alife(replay=REPLAY), OPTIONS)
+    step0, _ = train_step(None, ["a", "b"], TinySet([1, 2]), None, alife(**REPLAY), OPTIONS)
     memory0 = step0.state[FEATURE_MEMORY]
     assert memory0["classes"].tolist() == [0] * 8 + [1] * 8 + [2] * 8
     step1, scores = train_step(
-        step0, ["c"], TinySet([3]), TinySet([1, 2, 3], seed=1), alife(replay=REPLAY), OPTIONS
+        step0, ["c"], TinySet([3]), TinySet([1, 2, 3], seed=1), alife(**REPLAY), OPTIONS
     )
     assert step1.model.num_classes == 4 and scores is not None
     memory = step1.state[FEATURE_MEMORY]
