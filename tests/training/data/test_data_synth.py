@@ -1,7 +1,6 @@
 """Synthetic dataset: determinism, class coverage, ignore bands, distinct class appearance."""
 
 import colorsys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -116,9 +115,3 @@ def test_arguments_are_validated(tmp_path: Path) -> None:
     (tmp_path / "h" / "old.txt").write_text("x")
     with pytest.raises(FileExistsError):
         write_synthetic_dataset(tmp_path / "h", 3, 2, 1, 32, 0)
-
-
-def test_generation_is_fast(tmp_path: Path) -> None:
-    start = time.perf_counter()
-    write_synthetic_dataset(tmp_path / "i", 10, 100, 0, 128, seed=4)
-    assert time.perf_counter() - start < 6.0  # about 1 s; 1000 images must stay well under a minute
