@@ -131,7 +131,7 @@ def _bench(args: argparse.Namespace, methods: list[str]) -> dict:
             methods,
             _options(args),
             args.save,
-            log=console.print,
+            log=lambda line: console.print(line, markup=False),
             on_progress=update,
         )
     results["seconds_total"] = round(time.monotonic() - started, 1)

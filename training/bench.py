@@ -267,11 +267,10 @@ def plot_results(results: dict, out: Path) -> Path:
 
 def format_table(results: dict) -> str:
     """The papers' table: old / new / all mIoU (%) after the last step, per method."""
-    rows = [f"{'method':<14}{'old':>8}{'new':>8}{'all':>8}{'time (s)':>10}"]
+    width = max([len("method"), *map(len, results["methods"])]) + 2
+    rows = [f"{'method':<{width}}{'old':>8}{'new':>8}{'all':>8}{'time (s)':>10}"]
     for name, result in results["methods"].items():
         final = result["final"]
-        cells = [
-            "-" if final[k] is None else f"{100 * final[k]:.1f}" for k in ("miou_old", "miou_new", "miou_all")
-        ]
-        rows.append(f"{name:<14}{cells[0]:>8}{cells[1]:>8}{cells[2]:>8}{result['seconds']:>10.0f}")
+        cells = ["-" if final[k] is None else f"{100 * final[k]:.1f}" for k in ("miou_old", "miou_new", "miou_all")]
+        rows.append(f"{name:<{width}}{cells[0]:>8}{cells[1]:>8}{cells[2]:>8}{result['seconds']:>10.0f}")
     return "\n".join(rows)
