@@ -17,7 +17,6 @@ import copy
 import hashlib
 import importlib.metadata
 import json
-import os
 import shutil
 import tempfile
 import warnings
@@ -45,7 +44,7 @@ from export.parity import (
     run_onnx,
 )
 from training.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from training.model_dir import WEIGHTS_FILE, ModelBundle
+from training.model_dir import WEIGHTS_FILE, ModelBundle, replace_dir
 from training.models.bisenet import BiSeNet
 
 MANIFEST_FILE = "manifest.json"
@@ -166,18 +165,6 @@ def _write_fp16(onnx_path: Path, out_path: Path) -> None:
     onnx.save(proto, str(out_path))
 
 
-def _replace_dir(tmp: Path, out_dir: Path) -> None:
-    """Moves ``tmp`` to ``out_dir``, replacing an existing directory."""
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.replaced")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out_dir)
-
-
 def export_onnx(
     bundle_or_model_dir: ModelBundle | Path,
     out_dir: Path,
@@ -267,7 +254,7 @@ def export_onnx(
             "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         }
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
-        _replace_dir(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

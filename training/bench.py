@@ -271,6 +271,10 @@ def format_table(results: dict) -> str:
     rows = [f"{'method':<{width}}{'old':>8}{'new':>8}{'all':>8}{'time (s)':>10}"]
     for name, result in results["methods"].items():
         final = result["final"]
-        cells = ["-" if final[k] is None else f"{100 * final[k]:.1f}" for k in ("miou_old", "miou_new", "miou_all")]
+        cells = [_percent(final[k]) for k in ("miou_old", "miou_new", "miou_all")]
         rows.append(f"{name:<{width}}{cells[0]:>8}{cells[1]:>8}{cells[2]:>8}{result['seconds']:>10.0f}")
     return "\n".join(rows)
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"

@@ -31,6 +31,22 @@ WEIGHTS_FILE = "weights.pt"
 STATE_DIR = "state"
 
 
+def replace_dir(tmp: Path, target: Path) -> None:
+    """Moves the finished directory ``tmp`` to ``target``, replacing an existing one.
+
+    Readers see the old or the new directory, never a half-written one (a crash between the two
+    renames leaves the previous version at ``.NAME.replaced``).
+    """
+    if target.exists():
+        old = target.with_name(f".{target.name}.replaced")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, target)
+
+
 def is_model_dir(path: Path) -> bool:
     return (Path(path) / MODEL_FILE).is_file() and (Path(path) / WEIGHTS_FILE).is_file()
 
@@ -84,14 +100,7 @@ class ModelBundle:
                 "state": sorted(self.state),
             }
             (tmp / MODEL_FILE).write_text(json.dumps(meta, indent=2))
-            if path.exists():
-                old = path.with_name(f".{path.name}.replaced")
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(path, old)
-                os.replace(tmp, path)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, path)
+            replace_dir(tmp, path)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -122,7 +122,7 @@ class Protocol:
         return {c for group in self.steps[step + 1 :] for c in group}
 
 
-def _lut(mapping: dict[int, int]) -> np.ndarray:
+def label_lut(mapping: dict[int, int]) -> np.ndarray:
     """256-entry uint8 look-up table: dataset label -> model label; unmapped -> 0, 255 -> 255."""
     lut = np.zeros(256, dtype=np.uint8)
     for src, dst in mapping.items():
@@ -148,7 +148,7 @@ def train_lut(protocol: Protocol, step: int, setting: Setting) -> np.ndarray:
     """Training label map at ``step``: dataset label -> model label."""
     order = protocol.order()
     kept = protocol.seen(step) if setting.keeps_old_labels else [0, *protocol.steps[step]]
-    return _lut({c: order.index(c) for c in kept})
+    return label_lut({c: order.index(c) for c in kept})
 
 
 def val_indices(label_sets: Sequence[frozenset[int]], protocol: Protocol, step: int) -> list[int]:
@@ -160,4 +160,4 @@ def val_indices(label_sets: Sequence[frozenset[int]], protocol: Protocol, step: 
 def val_lut(protocol: Protocol, step: int) -> np.ndarray:
     """Validation label map at ``step``: seen classes keep their model index, others -> 0."""
     order = protocol.order()
-    return _lut({c: order.index(c) for c in protocol.seen(step)})
+    return label_lut({c: order.index(c) for c in protocol.seen(step)})

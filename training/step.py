@@ -9,10 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-
 from training.data import (
-    IGNORE,
     SegmentationDataset,
     SegmentationSource,
     eval_transform,
@@ -23,15 +20,8 @@ from training.data import (
 from training.methods import build_method
 from training.metrics import SegmentationScores
 from training.model_dir import ModelBundle
+from training.protocols import label_lut
 from training.trainer import ProgressCallback, StepOptions, train_step
-
-
-def _lut(source_to_model: dict[int, int]) -> np.ndarray:
-    lut = np.zeros(256, dtype=np.uint8)
-    for src, dst in source_to_model.items():
-        lut[src] = dst
-    lut[IGNORE] = IGNORE
-    return lut
 
 
 def plan_step(source: SegmentationSource, known: list[str]) -> tuple[list[str], dict[int, int]]:
@@ -89,11 +79,11 @@ def run_step(
     new_sources = {i for i, name in enumerate(source.classes) if name in new}
     train_samples = [s for s, labels in zip(source.train, sets, strict=True) if labels & new_sources]
     train_set = SegmentationDataset(
-        train_samples, num_source, _lut(train_map), train_transform(options.size), source.label_map
+        train_samples, num_source, label_lut(train_map), train_transform(options.size), source.label_map
     )
     val_set = (
         SegmentationDataset(
-            source.val, num_source, _lut(mapping), eval_transform(options.size), source.label_map
+            source.val, num_source, label_lut(mapping), eval_transform(options.size), source.label_map
         )
         if source.val
         else None

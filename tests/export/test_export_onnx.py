@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from export.onnx_export import ONNX_FP16_FILE, export_onnx, file_sha256, is_export_dir
+from tests.helpers import save_tiny_model
 from training.model_dir import ModelBundle
 from training.models.bisenet import BiSeNet, BiSeNetConfig
 
@@ -19,28 +20,14 @@ SIZE = (97, 131)
 CLASSES = ["background", "cat", "dog", "bird", "fish"]
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Torch eager on a shared 2-core box is fastest single-threaded; restored after each test."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    model = BiSeNet(BiSeNetConfig(num_classes=3, backbone="resnet10", context_channels=16, embed_channels=16))
-    model.add_classes(2)
     path = tmp_path_factory.mktemp("export-onnx") / "model"
-    ModelBundle(model, CLASSES, history=[{"step": 0}, {"step": 1}]).save(path)
-    return path
+    return save_tiny_model(path, CLASSES, grow=2, history=[{"step": 0}, {"step": 1}])
 
 
 @pytest.fixture(scope="module")
 def exported(model_dir: Path):
-    torch.set_num_threads(1)
     return export_onnx(model_dir, model_dir.parent / "export", SIZE, fp16=True)
 
 

@@ -14,34 +14,20 @@ from onnx import numpy_helper
 from export import cli
 from export.onnx_export import export_onnx
 from export.parity import ParityError, check_parity, compare_logits, parity_inputs, require_parity
+from tests.helpers import save_tiny_model
 from training.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from training.model_dir import ModelBundle
-from training.models.bisenet import BiSeNet, BiSeNetConfig
 
 SIZE = (64, 80)
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Torch eager on a shared 2-core box is fastest single-threaded; restored after each test."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    model = BiSeNet(BiSeNetConfig(num_classes=3, backbone="resnet10", context_channels=16, embed_channels=16))
-    path = tmp_path_factory.mktemp("export-parity") / "model"
-    ModelBundle(model, ["background", "a", "b"]).save(path)
-    return path
+    return save_tiny_model(tmp_path_factory.mktemp("export-parity") / "model", ["background", "a", "b"])
 
 
 @pytest.fixture(scope="module")
 def exported(model_dir: Path):
-    torch.set_num_threads(1)
     return export_onnx(model_dir, model_dir.parent / "export", SIZE)
 
 

@@ -113,30 +113,23 @@ def test_palette_mask_overlay_and_areas() -> None:
 
 
 def test_torch_and_ort_cpu_give_identical_masks(tmp_path: Path) -> None:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        torch.manual_seed(0)
-        model = BiSeNet(
-            BiSeNetConfig(num_classes=4, backbone="resnet10", context_channels=16, embed_channels=16)
-        )
-        with torch.no_grad():
-            model.head.classifier.weight.mul_(50)  # spread a random model's predictions over several classes
-        ModelBundle(model, ["background", "a", "b", "c"]).save(tmp_path / "model")
-        rng = np.random.default_rng(0)
-        images = [
-            np.kron(
-                rng.integers(0, 255, (h // 8 + 1, w // 8 + 1, 3), dtype=np.uint8),
-                np.ones((8, 8, 1), np.uint8),
-            )[:h, :w]
-            for h, w in [(97, 131), (300, 20), (64, 64)]
-        ]
-        results = {}
-        for backend in ("torch", "ort-cpu"):
-            with open_runtime(tmp_path / "model", backend, size=(97, 131)) as runtime:
-                results[backend] = runtime.predict(images)
-    finally:
-        torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = BiSeNet(BiSeNetConfig(num_classes=4, backbone="resnet10", context_channels=16, embed_channels=16))
+    with torch.no_grad():
+        model.head.classifier.weight.mul_(50)  # spread a random model's predictions over several classes
+    ModelBundle(model, ["background", "a", "b", "c"]).save(tmp_path / "model")
+    rng = np.random.default_rng(0)
+    images = [
+        np.kron(
+            rng.integers(0, 255, (h // 8 + 1, w // 8 + 1, 3), dtype=np.uint8),
+            np.ones((8, 8, 1), np.uint8),
+        )[:h, :w]
+        for h, w in [(97, 131), (300, 20), (64, 64)]
+    ]
+    results = {}
+    for backend in ("torch", "ort-cpu"):
+        with open_runtime(tmp_path / "model", backend, size=(97, 131)) as runtime:
+            results[backend] = runtime.predict(images)
     assert [mask.shape for mask in results["torch"]] == [(97, 131), (300, 20), (64, 64)]
     assert len(np.unique(np.concatenate([mask.ravel() for mask in results["torch"]]))) > 1
     for ours, theirs in zip(results["torch"], results["ort-cpu"], strict=True):

@@ -23,30 +23,17 @@ from export.runtime import (
     open_runtime,
     resolve_backend,
 )
-from training.model_dir import ModelBundle
-from training.models.bisenet import BiSeNet, BiSeNetConfig
+from tests.helpers import save_tiny_model
 
 SIZE = (64, 64)
 CLASSES = ["background", "cat", "dog"]
 NO_GPU = not torch.cuda.is_available()
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Torch eager on a shared 2-core box is fastest single-threaded; restored after each test."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    model = BiSeNet(BiSeNetConfig(num_classes=3, backbone="resnet10", context_channels=16, embed_channels=16))
     path = tmp_path_factory.mktemp("runtime") / "model"
-    ModelBundle(model, CLASSES, history=[{"step": 0}, {"step": 1}, {"step": 2}]).save(path)
-    return path
+    return save_tiny_model(path, CLASSES, history=[{"step": 0}, {"step": 1}, {"step": 2}])
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -32,14 +32,11 @@ DEVICE = DeviceInfo("NVIDIA H100 80GB HBM3", "9.0", "10.9.0.34")
 
 @pytest.fixture(scope="module")
 def export_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     torch.manual_seed(0)
     model = BiSeNet(BiSeNetConfig(num_classes=3, backbone="resnet10", context_channels=16, embed_channels=16))
     root = tmp_path_factory.mktemp("export-trt")
     ModelBundle(model, ["background", "a", "b"]).save(root / "model")
     out = export_onnx(root / "model", root / "export", SIZE, parity_batches=(1,)).out_dir
-    torch.set_num_threads(threads)
     return out
 
 

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from tests.helpers import TINY_OPTIONS, TinySet
 from training.methods.alife import (
     FEATURE_MEMORY,
     AdaptiveLogitRegularizer,
@@ -28,33 +29,9 @@ from training.methods.alife import (
 from training.methods.base import Batch, StepContext
 from training.model_dir import ModelBundle
 from training.models.bisenet import BiSeNet, BiSeNetConfig, SegmentationOutput
-from training.trainer import StepOptions, train_step
+from training.trainer import train_step
 
-OPTIONS = StepOptions(
-    epochs=1, batch_size=2, size=32, backbone="resnet10", context_channels=16, embed_channels=16, workers=0
-)
 REPLAY = {"memory_size": 8, "rotation_epochs": 2}
-
-
-class TinySet(Dataset):
-    """Images with 16x16 squares of the given classes on background, top row ignored."""
-
-    def __init__(self, classes: list[int], n: int = 4, seed: int = 0) -> None:
-        gen = torch.Generator().manual_seed(seed)
-        self.images = torch.randn(n, 3, 32, 32, generator=gen)
-        self.masks = torch.zeros(n, 32, 32, dtype=torch.long)
-        for i in range(n):
-            for j, c in enumerate(classes):
-                r, col = (i + j) % 2 * 16, j % 2 * 16
-                self.masks[i, r : r + 16, col : col + 16] = c
-                self.images[i, :, r : r + 16, col : col + 16] += c
-        self.masks[:, 0] = 255
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.images[i], self.masks[i]
 
 
 def logits_batch(logits: torch.Tensor, old_logits: torch.Tensor, labels: torch.Tensor) -> Batch:
@@ -194,11 +171,11 @@ def test_finetuning_changes_only_the_classifier() -> None:
 
 
 def test_two_step_alife_run_builds_rotates_and_saves_the_memory(tmp_path) -> None:
-    step0, _ = train_step(None, ["a", "b"], TinySet([1, 2]), None, alife(**REPLAY), OPTIONS)
+    step0, _ = train_step(None, ["a", "b"], TinySet([1, 2]), None, alife(**REPLAY), TINY_OPTIONS)
     memory0 = step0.state[FEATURE_MEMORY]
     assert memory0["classes"].tolist() == [0] * 8 + [1] * 8 + [2] * 8
     step1, scores = train_step(
-        step0, ["c"], TinySet([3]), TinySet([1, 2, 3], seed=1), alife(**REPLAY), OPTIONS
+        step0, ["c"], TinySet([3]), TinySet([1, 2, 3], seed=1), alife(**REPLAY), TINY_OPTIONS
     )
     assert step1.model.num_classes == 4 and scores is not None
     memory = step1.state[FEATURE_MEMORY]

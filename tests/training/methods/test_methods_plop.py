@@ -7,8 +7,9 @@ import math
 
 import pytest
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
+from tests.helpers import TINY_OPTIONS, TinySet
 from training.methods import build_method
 from training.methods.base import Batch, StepContext
 from training.methods.plop import (
@@ -22,32 +23,7 @@ from training.methods.plop import (
     window_bounds,
 )
 from training.models.bisenet import BiSeNet, BiSeNetConfig
-from training.trainer import StepOptions, train_step
-
-OPTIONS = StepOptions(
-    epochs=1, batch_size=2, size=32, backbone="resnet10", context_channels=16, embed_channels=16, workers=0
-)
-
-
-class TinySet(Dataset):
-    """Images with 16x16 squares of the given classes on background, top row ignored."""
-
-    def __init__(self, classes: list[int], n: int = 4, seed: int = 0) -> None:
-        gen = torch.Generator().manual_seed(seed)
-        self.images = torch.randn(n, 3, 32, 32, generator=gen)
-        self.masks = torch.zeros(n, 32, 32, dtype=torch.long)
-        for i in range(n):
-            for j, c in enumerate(classes):
-                r, col = (i + j) % 2 * 16, j % 2 * 16
-                self.masks[i, r : r + 16, col : col + 16] = c
-                self.images[i, :, r : r + 16, col : col + 16] += c
-        self.masks[:, 0] = 255
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.images[i], self.masks[i]
+from training.trainer import train_step
 
 
 def test_window_bounds_cover_odd_and_tiny_sizes() -> None:
@@ -143,9 +119,9 @@ def test_local_pod_term_on_an_unchanged_model_only_sees_the_folded_logits() -> N
 
 
 def test_two_step_plop_run() -> None:
-    step0, _ = train_step(None, ["a", "b"], TinySet([1, 2]), None, build_method("plop"), OPTIONS)
+    step0, _ = train_step(None, ["a", "b"], TinySet([1, 2]), None, build_method("plop"), TINY_OPTIONS)
     step1, scores = train_step(
-        step0, ["c"], TinySet([3]), TinySet([1, 2, 3], seed=1), build_method("plop"), OPTIONS
+        step0, ["c"], TinySet([3]), TinySet([1, 2, 3], seed=1), build_method("plop"), TINY_OPTIONS
     )
     assert step1.model.num_classes == 4 and scores is not None
     assert [h["method"] for h in step1.history] == ["plop", "plop"]

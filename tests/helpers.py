@@ -1,0 +1,47 @@
+"""Small builders shared by the tests: a tiny in-memory dataset, tiny options and model directories."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from training.model_dir import ModelBundle
+from training.models.bisenet import BiSeNet, BiSeNetConfig
+from training.trainer import StepOptions
+
+TINY_OPTIONS = StepOptions(
+    epochs=1, batch_size=2, size=32, backbone="resnet10", context_channels=16, embed_channels=16, workers=0
+)
+
+
+class TinySet(Dataset):
+    """32x32 images with 16x16 squares of the given classes on background, top row ignored."""
+
+    def __init__(self, classes: list[int], n: int = 4, seed: int = 0) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        self.images = torch.randn(n, 3, 32, 32, generator=gen)
+        self.masks = torch.zeros(n, 32, 32, dtype=torch.long)
+        for i in range(n):
+            for j, c in enumerate(classes):
+                r, col = (i + j) % 2 * 16, j % 2 * 16
+                self.masks[i, r : r + 16, col : col + 16] = c
+                self.images[i, :, r : r + 16, col : col + 16] += c
+        self.masks[:, 0] = 255
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.images[i], self.masks[i]
+
+
+def save_tiny_model(path: Path, classes: list[str], grow: int = 0, history: list[dict] | None = None) -> Path:
+    """Saves a randomly initialised tiny BiSeNet model directory; ``grow`` classes are added after init."""
+    torch.manual_seed(0)
+    model = BiSeNet(BiSeNetConfig(len(classes) - grow, "resnet10", context_channels=16, embed_channels=16))
+    if grow:
+        model.add_classes(grow)
+    ModelBundle(model, list(classes), history or []).save(path)
+    return path
