@@ -160,6 +160,7 @@ def run_benchmark(
     source = read_source(Path(data_dir))
     protocol = Protocol.parse(protocol_spec, len(source.classes) - 1)
     built = {spec: build_method(spec) for spec in methods}
+    options = options.model_copy(update={"setting": Setting(setting).value})
     data = ProtocolData(source, protocol, Setting(setting), options)
     num_base = len(protocol.seen(0))
     last = protocol.num_steps - 1
