@@ -31,6 +31,8 @@ from training.data import (
     train_transform,
 )
 from training.methods import Method, StepContext, build_method
+from training.methods.alife import FEATURE_MEMORY
+from training.methods.sdr import PROTOTYPES
 from training.metrics import SegmentationScores
 from training.model_dir import ModelBundle
 from training.protocols import Protocol, Setting, train_indices, train_lut, val_indices, val_lut
@@ -91,8 +93,12 @@ class ProtocolData:
 
 
 def memory_bytes(bundle: ModelBundle) -> int:
-    """Bytes of the replay state kept in the model directory (prototypes, feature memory, ...)."""
-    return sum(t.numel() * t.element_size() for tensors in bundle.state.values() for t in tensors.values())
+    """Bytes of the replay state kept in the model directory: SDR's prototypes and ALIFE's feature memory.
+
+    (ALIFE's last rotations are kept too, as a record of the step, but nothing replays them.)
+    """
+    kept = [bundle.state.get(name, {}) for name in (PROTOTYPES, FEATURE_MEMORY)]
+    return sum(t.numel() * t.element_size() for tensors in kept for t in tensors.values())
 
 
 def run_end_of_step_hooks(

@@ -14,7 +14,8 @@ cross-entropy at step 0). Stages 2 and 3 run in the classification term's ``on_s
    model) plus the whole rotated memory;
 3. S mean embeddings per class learned in this step (background too at step 0) are appended to
    the memory: ``ctx.state["feature_memory"] = {"features": (N, D), "classes": (N,), "steps": (N,)}``.
-   It holds no pixel data: one mean embedding per (sampled image, class).
+   It holds no pixel data: one mean embedding per (sampled image, class). The step's rotations
+   are kept beside it (``ctx.state["alife_rotations"]``) as a record of how the memory moved.
 
 Differences from the code: cross-entropies average over the non-ignored pixels (ALIFE averages over
 all pixels, ignored ones counting 0); S = A - A^T (ALIFE halves it) with A starting at zero, i.e.
@@ -37,6 +38,7 @@ from training.methods.base import Batch, LossTerm, Method, StepContext, over_hea
 
 IGNORE = 255
 FEATURE_MEMORY = "feature_memory"
+ROTATIONS = "alife_rotations"
 EPS = 1e-12
 
 
@@ -378,7 +380,13 @@ class FeatureReplay:
         memory = FeatureMemory.from_state(ctx, self.options.memory_dtype)
         if ctx.old_model is not None:
             if len(memory):
-                memory = rotate_memory(memory, *train_rotations(ctx, memory, self.options))
+                rotations, classes = train_rotations(ctx, memory, self.options)
+                memory = rotate_memory(memory, rotations, classes)
+                ctx.state[ROTATIONS] = {
+                    "rotations": rotations.float(),
+                    "classes": classes,
+                    "step": torch.tensor(ctx.step),
+                }
             finetune_classifier(ctx, memory, self.options)
         stored = set(memory.classes.tolist())
         missing = [c for c in ctx.new_class_indices if c not in stored]

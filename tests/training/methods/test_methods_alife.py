@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 from tests.helpers import TINY_OPTIONS, TinySet
 from training.methods.alife import (
     FEATURE_MEMORY,
+    ROTATIONS,
     AdaptiveLogitRegularizer,
     CayleyRotation,
     FeatureMemory,
@@ -189,3 +190,9 @@ def test_two_step_alife_run_builds_rotates_and_saves_the_memory(tmp_path) -> Non
     loaded = ModelBundle.load(step1.save(tmp_path / "model"))
     for key, value in memory.items():
         assert torch.equal(loaded.state[FEATURE_MEMORY][key], value.cpu())
+    rotations = loaded.state[ROTATIONS]
+    assert rotations["classes"].tolist() == [0, 1, 2] and rotations["rotations"].shape == (3, 16, 16)
+    eye = torch.eye(16).expand(3, 16, 16)
+    torch.testing.assert_close(
+        rotations["rotations"] @ rotations["rotations"].transpose(1, 2), eye, atol=1e-5, rtol=0
+    )
