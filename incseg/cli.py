@@ -16,7 +16,7 @@ from rich.table import Table
 from export.cli import add_subcommands as add_export_subcommands
 from training.bench import format_table, plot_results, run_benchmark, write_results
 from training.data import DataError, write_synthetic_dataset
-from training.methods import split_top_level
+from training.methods import METHODS, split_top_level
 from training.models.bisenet import BACKBONES
 from training.step import run_step
 from training.trainer import StepOptions, StepProgress
@@ -163,7 +163,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="incseg", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="incseg", description="Class-incremental semantic segmentation: train, benchmark, export, serve."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("synth", help="write a synthetic dataset in the project format")
@@ -178,7 +180,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("step", help="train one incremental step on a dataset folder")
     p.add_argument("--base", required=True, help="model directory of the previous step, or 'none' for step 0")
     p.add_argument("--data", type=Path, required=True, help="dataset folder (project format, VOC or ADE20K)")
-    p.add_argument("--method", default="mib", help="ft, lwf, ilt, mib, ... or a combination like mib+sdr")
+    p.add_argument(
+        "--method",
+        default="mib",
+        help=f"one of {', '.join(METHODS)}, a combination like mib+sdr, or mib(kd=100)",
+    )
     p.add_argument("--setting", default="overlapped", choices=["disjoint", "overlapped", "sequential"])
     p.add_argument("--out", type=Path, required=True, help="model directory to write")
     _add_training_options(p)
@@ -188,7 +194,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--protocol", default="15-1", help="e.g. 15-1, 10-2, 100-50, 15-2-3 or [[1,2],[3]]")
     p.add_argument("--setting", default="overlapped", choices=["disjoint", "overlapped", "sequential"])
-    p.add_argument("--methods", default="ft,lwf,ilt,mib,joint")
+    p.add_argument(
+        "--methods",
+        default="ft,lwf,ilt,mib,joint",
+        help=f"comma-separated: {', '.join(METHODS)}, combinations like mib+sdr, weights like mib(kd=100)",
+    )
     p.add_argument("--out", type=Path, default=Path("results.json"))
     p.add_argument("--plot", type=Path, default=None, help="PNG path (default: next to --out)")
     p.add_argument(
