@@ -87,3 +87,8 @@ def test_bad_arguments(spec: str, message: str) -> None:
 
 def test_split_top_level() -> None:
     assert split_top_level("ft, mib(kd=1, x=2),alife", ",") == ["ft", "mib(kd=1, x=2)", "alife"]
+
+
+def test_boolean_and_string_arguments_keep_their_case() -> None:
+    assert build_method("MiB(kd=1)").terms[1].weight == 1
+    assert build_method("alife(replay=False)").terms[0].replay is None

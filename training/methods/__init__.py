@@ -40,10 +40,10 @@ def split_top_level(text: str, separator: str) -> list[str]:
 
 def _parse_part(part: str) -> tuple[str, dict]:
     """``"mib(kd=100)"`` -> ``("mib", {"kd": 100})``; arguments must be Python literals."""
-    match = re.fullmatch(r"([a-z_]+)\s*(?:\((.*)\))?", part.strip(), flags=re.DOTALL)
+    match = re.fullmatch(r"([A-Za-z_]+)\s*(?:\((.*)\))?", part.strip(), flags=re.DOTALL)
     if match is None:
         raise ValueError(f"bad method {part!r}: write a name, optionally with arguments, e.g. mib(kd=100)")
-    name, arguments = match.group(1), match.group(2)
+    name, arguments = match.group(1).lower(), match.group(2)
     if not arguments or not arguments.strip():
         return name, {}
     try:
@@ -64,7 +64,7 @@ def build_method(spec: str) -> Method:
     Raises:
         ValueError: Unknown name or argument, or a combination with no or two classification losses.
     """
-    parsed = [_parse_part(part) for part in split_top_level(spec.lower(), "+")]
+    parsed = [_parse_part(part) for part in split_top_level(spec, "+")]
     unknown = [name for name, _ in parsed if name not in METHODS]
     if not parsed or unknown:
         raise ValueError(f"unknown method {spec!r}; choose from {', '.join(METHODS)} or combine with '+'")
