@@ -90,6 +90,10 @@ def evaluate(model: BiSeNet, loader: DataLoader, class_names: list[str], num_old
     return SegmentationScores.from_confusion(confusion, class_names, num_old)
 
 
+def batchnorm_layers(model: torch.nn.Module) -> list[torch.nn.modules.batchnorm._BatchNorm]:
+    return [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+
+
 def _frozen_teacher(model: BiSeNet) -> BiSeNet:
     teacher = copy.deepcopy(model)
     teacher.aux_heads = torch.nn.ModuleList()
@@ -154,6 +158,9 @@ def train_step(
     method.on_step_start(ctx)
 
     lr = options.learning_rate(ctx.step)
+    frozen_norms = batchnorm_layers(model) if method.freeze_batchnorm and old_model is not None else []
+    for norm in frozen_norms:
+        norm.requires_grad_(False)
     optimizer = torch.optim.SGD(
         [p for p in model.parameters() if p.requires_grad],
         lr=lr,
@@ -169,6 +176,8 @@ def train_step(
     iteration = 0
     for epoch in range(options.epochs):
         model.train()
+        for norm in frozen_norms:
+            norm.eval()
         for images, labels in loader:
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             with torch.autocast(device.type, enabled=use_amp):

@@ -82,7 +82,12 @@ def build_method(spec: str) -> Method:
         raise ValueError(f"method {spec!r} repeats the loss {duplicated}")
     if sum(t.classifies for t in terms) != 1:
         raise ValueError(f"method {spec!r} needs exactly one classification loss (mib+sdr, not sdr alone)")
-    return Method(spec.replace(" ", ""), terms, any(p.trains_all_classes_at_once for p in parts))
+    return Method(
+        spec.replace(" ", ""),
+        terms,
+        trains_all_classes_at_once=any(p.trains_all_classes_at_once for p in parts),
+        freeze_batchnorm=any(p.freeze_batchnorm for p in parts),
+    )
 
 
 __all__ = ["METHODS", "Batch", "LossTerm", "Method", "StepContext", "build_method", "split_top_level"]

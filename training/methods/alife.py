@@ -397,7 +397,7 @@ class FeatureReplay:
 class NewClassCrossEntropy(LossTerm):
     """Cross-entropy on new-class pixels only (background and old labels ignored); all pixels at step 0.
 
-    Mean over the non-ignored pixels, on the main and auxiliary logits. With ``replay`` its
+    Mean over the non-ignored pixels; on the auxiliary heads too at step 0 only. With ``replay`` its
     ``on_step_end`` runs ALIFE's stages 2 and 3 (the classifier's final fine-tuning).
     """
 
@@ -409,10 +409,13 @@ class NewClassCrossEntropy(LossTerm):
         self.replay = replay
 
     def __call__(self, batch: Batch, ctx: StepContext) -> Tensor:
-        labels = batch.labels
-        if ctx.old_model is not None:
-            labels = torch.where(labels < ctx.num_old_classes, IGNORE, labels)
-        return over_heads(batch, lambda logits: cross_entropy(logits, labels))
+        if ctx.old_model is None:
+            return over_heads(batch, lambda logits: cross_entropy(logits, batch.labels))
+        # Main head only: the auxiliary heads have no ALI/KD counterpart (the teacher has none), and a
+        # cross-entropy that sees only new-class pixels would pull the shared features to the new class.
+        return cross_entropy(
+            batch.out.logits, torch.where(batch.labels < ctx.num_old_classes, IGNORE, batch.labels)
+        )
 
     def on_step_end(self, ctx: StepContext) -> None:
         if self.replay is not None:
@@ -462,11 +465,9 @@ def alife(ali: float = 1.0, kd: float = 1.0, replay: bool = True, **replay_optio
         replay_options["memory_dtype"] = MEMORY_DTYPES[dtype]
     replay = ReplayOptions(**replay_options) if replay else None
     feature_replay = FeatureReplay(replay) if replay is not None else None
-    return Method(
-        "alife",
-        [
-            NewClassCrossEntropy(replay=feature_replay),
-            AdaptiveLogitRegularizer(ali),
-            ForegroundDistillation(kd),
-        ],
-    )
+    terms = [
+        NewClassCrossEntropy(replay=feature_replay),
+        AdaptiveLogitRegularizer(ali),
+        ForegroundDistillation(kd),
+    ]
+    return Method("alife", terms, freeze_batchnorm=True)

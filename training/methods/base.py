@@ -122,11 +122,15 @@ class Method:
         terms: Loss terms, summed by the trainer.
         trains_all_classes_at_once: True for joint training (the upper bound), which the
             benchmark runs as a single step over every class.
+        freeze_batchnorm: Keep BatchNorm statistics and affine parameters fixed in incremental
+            steps (ALIFE's ``FREEZE_TYPE: step1``), so the old classes' features do not drift with
+            batches made of the new classes' images.
     """
 
     name: str
     terms: list[LossTerm]
     trains_all_classes_at_once: bool = False
+    freeze_batchnorm: bool = False
 
     def active_terms(self, ctx: StepContext) -> Iterable[LossTerm]:
         return [t for t in self.terms if ctx.old_model is not None or not t.needs_old_model]
