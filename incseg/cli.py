@@ -210,7 +210,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="generate data, train a base and one incremental step, print the table")
     p.add_argument("--out", type=Path, default=Path("runs/demo"))
     _add_training_options(p)
-    p.set_defaults(func=cmd_demo, epochs=12, size=96, backbone="resnet18", batch_size=8)
+    p.set_defaults(
+        func=cmd_demo,
+        epochs=10,
+        size=96,
+        batch_size=8,
+        backbone="resnet10",
+        context_channels=64,
+        embed_channels=128,
+    )
 
     add_export_subcommands(sub)
     return parser
