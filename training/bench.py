@@ -15,14 +15,16 @@ import copy
 import json
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
 from training.data import (
+    Sample,
     SegmentationDataset,
     SegmentationSource,
     eval_transform,
@@ -30,6 +32,7 @@ from training.data import (
     read_source,
     train_transform,
 )
+from training.data.transforms import PairTransform
 from training.methods import Method, StepContext, build_method
 from training.methods.alife import FEATURE_MEMORY
 from training.methods.sdr import PROTOTYPES
@@ -56,7 +59,9 @@ class ProtocolData:
         self.val_labels = label_sets(self.source.val, n, self.source.label_map)
         self.names = [self.source.classes[i] for i in self.protocol.order()]
 
-    def _dataset(self, samples, indices, lut, transform) -> SegmentationDataset:
+    def _dataset(
+        self, samples: Sequence[Sample], indices: list[int], lut: np.ndarray, transform: PairTransform
+    ) -> SegmentationDataset:
         chosen = [samples[i] for i in indices]
         return SegmentationDataset(chosen, len(self.source.classes), lut, transform, self.source.label_map)
 

@@ -80,7 +80,9 @@ def seed_everything(seed: int) -> None:
 
 
 @torch.no_grad()
-def evaluate(model: BiSeNet, loader: DataLoader, class_names: list[str], num_old: int, device: torch.device):
+def evaluate(
+    model: BiSeNet, loader: DataLoader, class_names: list[str], num_old: int, device: torch.device
+) -> SegmentationScores:
     """Scores ``model`` on ``loader`` (labels in model indices); old = classes ``< num_old``."""
     model.eval()
     confusion = ConfusionMatrix(model.num_classes)
