@@ -1,0 +1,183 @@
+"""Settings of the service: environment variables with the ``INCSEG_`` prefix, or a ``.env`` file.
+
+Every field is listed in the README. This module imports neither torch nor ``training``: the API process
+reads it without the training stack.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from typing import Any, Self
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def physical_cores() -> int:
+    """Physical cores among the CPUs this process may run on (hyper-threads counted once)."""
+    cpus = os.sched_getaffinity(0)
+    cores = set()
+    for cpu in cpus:
+        try:
+            siblings = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list")
+            cores.add(siblings.read_text().strip())
+        except OSError:
+            return len(cpus)
+    return max(1, len(cores))
+
+
+def default_ort_threads() -> int:
+    """Half the physical cores: two sessions (old and new version during a swap) share the CPU."""
+    return max(1, physical_cores() // 2)
+
+
+class Settings(BaseSettings):
+    """Configuration of the API and the workers (one set for both, read from the environment)."""
+
+    model_config = SettingsConfigDict(env_prefix="INCSEG_", env_file=".env", extra="ignore")
+
+    data_dir: Path = Field(
+        Path("incseg-data"),
+        description="Directory of all state: task table (SQLite), model registry, staged uploads, "
+        "embedded broker. Must be shared by the API and the workers.",
+    )
+    database_url: str | None = Field(
+        None,
+        description="SQLAlchemy URL of the task table, e.g. postgresql+psycopg://user@host:5432/incseg; "
+        "default: SQLite at DATA_DIR/tasks.db.",
+    )
+    redis_url: str | None = Field(
+        None,
+        description="Redis URL (broker, result backend and model announcements), e.g. "
+        "redis://redis:6379/0; unset: embedded mode with a filesystem broker under DATA_DIR, no Redis.",
+    )
+    instance: str = Field(
+        "incseg",
+        pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+        description="Name prefix of the train queue (INSTANCE.train), Redis keys and the announcement "
+        "channel (INSTANCE:active); services sharing one Redis need different names.",
+    )
+    api_key: SecretStr | None = Field(
+        None, description="When set, every mutating endpoint requires this value in the X-API-Key header."
+    )
+    serve_size: int = Field(512, ge=32, le=4096, description="Square input size of the exported model (px).")
+    ort_threads: int = Field(
+        default_factory=default_ort_threads,
+        ge=1,
+        description="Intra-op threads of each ONNX Runtime session (default: half the physical cores).",
+    )
+    poll_interval_s: float = Field(
+        0.5, gt=0, description="How often an API process reads the active-version pointer (pub/sub fallback)."
+    )
+    default_method: str = Field(
+        "mib", description="Method of a task posted without one (see BENCHMARKS.md; e.g. mib, mib+sdr, plop)."
+    )
+    default_epochs: int = Field(10, ge=1, le=1000, description="Epochs of a task posted without `epochs`.")
+    default_size: int = Field(
+        256, ge=32, le=4096, description="Training crop size of a task posted without `size` (px)."
+    )
+    default_batch_size: int = Field(
+        8, ge=1, le=512, description="Batch size of a task posted without `batch_size`."
+    )
+    step_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Further training options every task uses (JSON object of `incseg step` options, "
+        'e.g. {"backbone": "resnet10", "context_channels": 64}); a task\'s own options win.',
+    )
+    max_upload_bytes: int = Field(2 << 30, ge=1, description="Largest accepted dataset archive (bytes).")
+    max_archive_entries: int = Field(100_000, ge=1, description="Most members in a dataset archive.")
+    max_uncompressed_bytes: int = Field(
+        20 << 30, ge=1, description="Largest total size of an archive's extracted members (bytes)."
+    )
+    max_compression_ratio: float = Field(
+        200.0, gt=1, description="Largest uncompressed/compressed size ratio of an archive (bomb guard)."
+    )
+    max_image_pixels: int = Field(
+        64_000_000, ge=1, description="Largest image (width x height) accepted in a dataset or by /segment."
+    )
+    task_soft_time_limit_s: int = Field(
+        6 * 3600,
+        ge=1,
+        description="A step running longer is cancelled (SoftTimeLimitExceeded; staged data removed).",
+    )
+    task_time_limit_s: int = Field(
+        6 * 3600 + 600, ge=1, description="Hard limit: the worker process of a longer step is killed."
+    )
+    visibility_timeout_s: int = Field(
+        7 * 3600,
+        ge=1,
+        description="Redis visibility timeout: an unacknowledged step is redelivered after this; "
+        "must exceed task_time_limit_s.",
+    )
+    max_deliveries: int = Field(
+        3, ge=1, description="A task delivered this many times without finishing (worker died) is failed."
+    )
+    progress_interval_s: float = Field(
+        1.0, ge=0, description="Least time between two progress writes of a task to the task table."
+    )
+    heartbeat_interval_s: float = Field(
+        5.0, gt=0, description="How often a running task refreshes its heartbeat and checks for cancellation."
+    )
+    orphan_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="A running task whose heartbeat is older than this is orphaned (its worker died): "
+        "requeued, or failed after max_deliveries.",
+    )
+
+    @model_validator(mode="after")
+    def _check_limits(self) -> Self:
+        if not self.task_soft_time_limit_s < self.task_time_limit_s < self.visibility_timeout_s:
+            raise ValueError(
+                "need task_soft_time_limit_s < task_time_limit_s < visibility_timeout_s, got "
+                f"{self.task_soft_time_limit_s}, {self.task_time_limit_s}, {self.visibility_timeout_s}"
+            )
+        if self.orphan_timeout_s <= 2 * self.heartbeat_interval_s:
+            raise ValueError(
+                f"orphan_timeout_s ({self.orphan_timeout_s}) must exceed twice heartbeat_interval_s "
+                f"({self.heartbeat_interval_s}), or live tasks would look orphaned"
+            )
+        return self
+
+    @property
+    def registry_dir(self) -> Path:
+        """The model registry (one directory per version and the ACTIVE pointer)."""
+        return self.data_dir / "registry"
+
+    @property
+    def staging_dir(self) -> Path:
+        """Uploaded archives and extracted datasets waiting for (or used by) a step."""
+        return self.data_dir / "staging"
+
+    @property
+    def broker_dir(self) -> Path:
+        """Message folder of the embedded (filesystem) broker."""
+        return self.data_dir / "broker"
+
+    @property
+    def task_database_url(self) -> str:
+        """``database_url``, or SQLite in the data directory."""
+        return self.database_url or f"sqlite:///{self.data_dir.resolve() / 'tasks.db'}"
+
+    @property
+    def train_queue(self) -> str:
+        """Celery queue of the training steps."""
+        return f"{self.instance}.train"
+
+    @property
+    def active_channel(self) -> str:
+        """Redis pub/sub channel on which a new active version is announced."""
+        return f"{self.instance}:active"
+
+    @property
+    def embedded(self) -> bool:
+        """No Redis: filesystem broker, pointer polling."""
+        return self.redis_url is None
+
+
+@functools.lru_cache
+def get_settings() -> Settings:
+    """The process's settings, read once from the environment (tests call ``get_settings.cache_clear()``)."""
+    return Settings()
