@@ -55,12 +55,18 @@ class BiSeNetConfig:
         backbone: Key of ``BACKBONES``.
         context_channels: Width of the context path (ARM outputs); 128 in the paper.
         embed_channels: Width of the fused features and of the embedding fed to the classifier.
+        sigmoid_outputs: One sigmoid per class instead of a softmax with a background class (DKD,
+            STAR): the classifier's row 0 is then an auxiliary classifier that no pixel is labelled
+            with, and every output puts a constant 0 in channel 0. As sigmoid(z) > 0.5 iff z > 0,
+            the argmax is background exactly where no class passes 0.5, else the class of the
+            largest logit: the rule of the papers' evaluation, kept by every exported graph.
     """
 
     num_classes: int
     backbone: str = "resnet18"
     context_channels: int = 128
     embed_channels: int = 256
+    sigmoid_outputs: bool = False
 
     def __post_init__(self) -> None:
         if self.backbone not in BACKBONES:
@@ -252,9 +258,16 @@ class BiSeNet(nn.Module):
         """Embedding fed to the classifier: (B, 3, H, W) -> (B, D, ~H/8, ~W/8)."""
         return self.head.embed(self._fused(x)[0])
 
+    def _outputs(self, logits: Tensor) -> Tensor:
+        """With ``sigmoid_outputs``, channel 0 becomes the constant 0 threshold: (B, C, h, w) -> same."""
+        if not self.config.sigmoid_outputs:
+            return logits
+        return torch.cat([torch.zeros_like(logits[:, :1]), logits[:, 1:]], dim=1)
+
     def forward_head(self, features: Tensor, size: tuple[int, int]) -> Tensor:
         """Classifies an embedding and upsamples: (B, D, h, w) -> (B, C, *size)."""
-        return F.interpolate(self.head.classifier(features), size=size, mode="bilinear", align_corners=False)
+        logits = self._outputs(self.head.classifier(features))
+        return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
 
     def forward(self, x: Tensor) -> Tensor:
         """Logits at the input size: (B, 3, H, W) -> (B, C, H, W)."""
@@ -266,7 +279,7 @@ class BiSeNet(nn.Module):
         fused, context8, context16, stages = self._fused(x)
         features = self.head.embed(fused)
         aux = [
-            F.interpolate(head(feat), size=size, mode="bilinear", align_corners=False)
+            F.interpolate(self._outputs(head(feat)), size=size, mode="bilinear", align_corners=False)
             for head, feat in zip(self.aux_heads, (context8, context16), strict=False)
         ]
         return SegmentationOutput(self.forward_head(features, size), features, stages, aux)
