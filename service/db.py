@@ -1,0 +1,588 @@
+"""The task table: the service's source of truth (SQLAlchemy 2 Core; SQLite or PostgreSQL).
+
+Celery's messages only wake a worker up; what a task is, where it stands and who runs it lives here. A
+worker *claims* a task in one serialised transaction (SQLite ``BEGIN IMMEDIATE``; PostgreSQL ``SELECT ...
+FOR UPDATE`` on the single row of ``incseg_locks``), which is where the model line's ordering is enforced:
+a queued task starts only when it is the oldest unfinished task and no other task holds the line (see
+:meth:`TaskStore.claim`). A running task refreshes ``heartbeat_at``; one whose heartbeat is older than the
+orphan timeout, or whose worker process is gone, is orphaned and taken over or failed.
+
+This module imports neither torch nor ``training`` (the API process uses it).
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import socket
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    Column,
+    DateTime,
+    Engine,
+    Float,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    create_engine,
+    event,
+    func,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.engine import Connection, RowMapping
+from sqlalchemy.exc import IntegrityError
+
+
+class TaskState(enum.StrEnum):
+    """Life cycle of a task: queued -> running -> exporting -> done, or failed / cancelled."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    EXPORTING = "exporting"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+ACTIVE_STATES = (TaskState.RUNNING, TaskState.EXPORTING)
+FINISHED_STATES = (TaskState.DONE, TaskState.FAILED, TaskState.CANCELLED)
+LINE_LOCK = "model_line"
+
+metadata = MetaData()
+tasks_table = Table(
+    "incseg_tasks",
+    metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=True),  # order posted
+    Column("id", String(32), nullable=False, unique=True),
+    Column("state", String(16), nullable=False, index=True),
+    Column("method", String(200), nullable=False),
+    Column("options", JSON, nullable=False),
+    Column("classes", JSON, nullable=False),
+    Column("dataset_dir", Text, nullable=True),
+    Column("base_version", String(32), nullable=True),
+    Column("phase", String(64), nullable=True),
+    Column("epoch", Integer, nullable=True),
+    Column("fraction", Float, nullable=False, default=0.0),
+    Column("loss", Float, nullable=True),
+    Column("metrics", JSON, nullable=True),
+    Column("model_version", String(32), nullable=True),
+    Column("error", Text, nullable=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("started_at", DateTime(timezone=True), nullable=True),
+    Column("finished_at", DateTime(timezone=True), nullable=True),
+    Column("heartbeat_at", DateTime(timezone=True), nullable=True),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("cancel_requested", Boolean, nullable=False, default=False),
+    Column("worker", String(200), nullable=True),
+)
+locks_table = Table("incseg_locks", metadata, Column("name", String(64), primary_key=True))
+
+
+class TaskView(BaseModel):
+    """A task as the API shows it."""
+
+    id: str
+    state: TaskState
+    method: str
+    options: dict = Field(description="training options of the step (StepOptions fields)")
+    classes: list[str] = Field(description="class names the task adds")
+    base_version: str | None = Field(None, description="model version the step started from")
+    phase: str | None = None
+    epoch: int | None = None
+    fraction: float = Field(0.0, description="progress of the current step in [0, 1]")
+    loss: float | None = None
+    metrics: dict | None = Field(None, description="validation metrics: old/new/all mIoU, per-class IoU")
+    model_version: str | None = None
+    error: str | None = None
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    attempts: int = Field(0, description="times a worker started the task")
+
+
+class TaskNotFound(KeyError):
+    """No task with this id."""
+
+
+class TaskConflict(ValueError):
+    """The task is in a state that does not allow the request (e.g. cancelling a finished task)."""
+
+
+class ClaimOutcome(enum.StrEnum):
+    """What a worker does with a delivered task message (see :meth:`TaskStore.claim`)."""
+
+    RUN = "run"  # the worker now holds the task: run it
+    WAIT = "wait"  # the line is busy or an older task goes first: deliver again later
+    DROP = "drop"  # finished, cancelled or failed meanwhile (a duplicate message): acknowledge and forget
+    GAVE_UP = "gave_up"  # delivered more than max_deliveries times: marked failed
+
+
+@dataclass(frozen=True)
+class Claim:
+    """Result of a claim: the outcome, the task as it now stands, and why (for logs)."""
+
+    outcome: ClaimOutcome
+    task: TaskView
+    reason: str
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """Answer to a heartbeat: whether the worker still holds the task and whether cancel was asked."""
+
+    held: bool
+    cancel_requested: bool
+
+
+def worker_id() -> str:
+    """Identity of this process as a task holder: ``host:pid``."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def holder_alive(holder: str | None) -> bool | None:
+    """Whether the process named ``host:pid`` is alive: known only on the same host (None elsewhere)."""
+    if not holder or ":" not in holder:
+        return None
+    host, _, pid = holder.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return None
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    """SQLite returns naive datetimes; every stored time is UTC."""
+    if value is None or value.tzinfo is not None:
+        return value
+    return value.replace(tzinfo=UTC)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _view(row: RowMapping) -> TaskView:
+    return TaskView(
+        id=row["id"],
+        state=TaskState(row["state"]),
+        method=row["method"],
+        options=row["options"],
+        classes=row["classes"],
+        base_version=row["base_version"],
+        phase=row["phase"],
+        epoch=row["epoch"],
+        fraction=row["fraction"],
+        loss=row["loss"],
+        metrics=row["metrics"],
+        model_version=row["model_version"],
+        error=row["error"],
+        created_at=_utc(row["created_at"]),
+        started_at=_utc(row["started_at"]),
+        finished_at=_utc(row["finished_at"]),
+        attempts=row["attempts"],
+    )
+
+
+def _make_engine(database_url: str) -> Engine:
+    """An engine; SQLite gets WAL, a busy timeout and ``BEGIN IMMEDIATE`` transactions.
+
+    SQLite's deferred transactions let two claimers read "line free" and then both write; ``BEGIN
+    IMMEDIATE`` takes the write lock at the start, which makes every transaction here serialisable.
+    """
+    if not database_url.startswith("sqlite"):
+        return create_engine(database_url, pool_pre_ping=True)
+    path = database_url.split("///", 1)[-1]
+    if path and path != ":memory:":
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(database_url, connect_args={"timeout": 30, "check_same_thread": False})
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None  # the driver issues no BEGIN; the event below does
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection: Connection) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
+
+
+class TaskStore:
+    """The task table behind a SQLAlchemy URL (tables created on first use).
+
+    Args:
+        database_url: e.g. ``sqlite:////data/tasks.db`` or ``postgresql+psycopg://user@host/db``.
+    """
+
+    def __init__(self, database_url: str) -> None:
+        self.database_url = database_url
+        self.engine = _make_engine(database_url)
+        metadata.create_all(self.engine)
+        try:
+            with self.engine.begin() as conn:
+                if conn.execute(select(locks_table).where(locks_table.c.name == LINE_LOCK)).first() is None:
+                    conn.execute(insert(locks_table).values(name=LINE_LOCK))
+        except IntegrityError:
+            pass  # another process inserted the lock row at the same time
+
+    def dispose(self) -> None:
+        """Closes the pooled connections."""
+        self.engine.dispose()
+
+    # ---- API side -------------------------------------------------------------------------------------
+
+    def create(self, method: str, options: dict, classes: list[str], dataset_dir: Path | None) -> TaskView:
+        """Adds a queued task and returns it."""
+        task_id = uuid.uuid4().hex
+        with self.engine.begin() as conn:
+            conn.execute(
+                insert(tasks_table).values(
+                    id=task_id,
+                    state=TaskState.QUEUED.value,
+                    method=method,
+                    options=dict(options),
+                    classes=list(classes),
+                    dataset_dir=str(dataset_dir) if dataset_dir is not None else None,
+                    phase="queued",
+                    fraction=0.0,
+                    created_at=_now(),
+                    attempts=0,
+                    cancel_requested=False,
+                )
+            )
+            return _view(self._row(conn, task_id))
+
+    def get(self, task_id: str) -> TaskView:
+        """The task ``task_id``.
+
+        Raises:
+            TaskNotFound: No such task.
+        """
+        with self.engine.connect() as conn:
+            return _view(self._row(conn, task_id))
+
+    def list(self, offset: int = 0, limit: int = 20) -> tuple[list[TaskView], int]:
+        """A page of tasks, newest first, and the total count."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(tasks_table).order_by(tasks_table.c.seq.desc()).offset(offset).limit(limit)
+            ).mappings()
+            views = [_view(row) for row in rows]
+            total = conn.execute(select(func.count()).select_from(tasks_table)).scalar_one()
+        return views, int(total)
+
+    def counts(self) -> dict[TaskState, int]:
+        """Number of tasks in each state (every state present, zeros included)."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(tasks_table.c.state, func.count()).group_by(tasks_table.c.state)).all()
+        found = {TaskState(state): int(count) for state, count in rows}
+        return {state: found.get(state, 0) for state in TaskState}
+
+    def dataset_dir(self, task_id: str) -> Path | None:
+        """The staged dataset of a task (None once removed or when there was none)."""
+        with self.engine.connect() as conn:
+            value = self._row(conn, task_id)["dataset_dir"]
+        return Path(value) if value else None
+
+    def request_cancel(self, task_id: str) -> TaskView:
+        """Cancels a queued task at once; asks a running one to stop (its worker marks it cancelled).
+
+        Raises:
+            TaskNotFound: No such task.
+            TaskConflict: The task already finished.
+        """
+        with self.engine.begin() as conn:
+            row = self._row(conn, task_id)
+            state = TaskState(row["state"])
+            if state in FINISHED_STATES:
+                raise TaskConflict(
+                    f"task {task_id} is already {state.value}; only queued or running tasks can be cancelled"
+                )
+            values: dict[str, Any] = {"cancel_requested": True}
+            if state == TaskState.QUEUED:
+                values |= {
+                    "state": TaskState.CANCELLED.value,
+                    "phase": "cancelled",
+                    "finished_at": _now(),
+                    "error": "cancelled before it started",
+                }
+            conn.execute(update(tasks_table).where(tasks_table.c.id == task_id).values(**values))
+            return _view(self._row(conn, task_id))
+
+    # ---- worker side ----------------------------------------------------------------------------------
+
+    def claim(
+        self,
+        task_id: str,
+        worker: str,
+        orphan_timeout_s: float,
+        max_deliveries: int,
+        base_version: str | None,
+    ) -> Claim:
+        """Decides, in one serialised transaction, whether ``worker`` runs a delivered task now.
+
+        The model line is a lock held by the running task: a queued task starts only when no task
+        older than it (in the order posted) is unfinished and no other task is running or exporting. A
+        running task whose holder died (heartbeat older than ``orphan_timeout_s``, or its process gone
+        on this host) is taken over. Each start counts one attempt; past ``max_deliveries`` the task is
+        failed instead.
+
+        Args:
+            task_id: The delivered task.
+            worker: Identity of the claiming process (:func:`worker_id`).
+            orphan_timeout_s: Heartbeat age after which a holder counts as dead.
+            max_deliveries: Most starts of one task.
+            base_version: The active model version now (recorded as the step's base).
+
+        Raises:
+            TaskNotFound: No such task.
+        """
+        now = _now()
+        with self.engine.begin() as conn:
+            conn.execute(select(locks_table).where(locks_table.c.name == LINE_LOCK).with_for_update()).first()
+            row = self._row(conn, task_id)
+            state = TaskState(row["state"])
+            if state in FINISHED_STATES:
+                return Claim(ClaimOutcome.DROP, _view(row), f"already {state.value}")
+            if state in ACTIVE_STATES and not self._orphaned(row, now, orphan_timeout_s):
+                return Claim(ClaimOutcome.WAIT, _view(row), f"held by {row['worker']}")
+            if state == TaskState.QUEUED:
+                blocker = (
+                    conn.execute(
+                        select(
+                            tasks_table.c.id,
+                            tasks_table.c.state,
+                            tasks_table.c.heartbeat_at,
+                            tasks_table.c.worker,
+                        )
+                        .where(
+                            tasks_table.c.id != task_id,
+                            (tasks_table.c.seq < row["seq"])
+                            | tasks_table.c.state.in_([s.value for s in ACTIVE_STATES]),
+                            tasks_table.c.state.not_in([s.value for s in FINISHED_STATES]),
+                        )
+                        .order_by(tasks_table.c.seq)
+                        .limit(1)
+                    )
+                    .mappings()
+                    .first()
+                )
+                if blocker is not None:
+                    return Claim(
+                        ClaimOutcome.WAIT, _view(row), f"after task {blocker['id']} ({blocker['state']})"
+                    )
+            attempts = row["attempts"] + 1
+            if attempts > max_deliveries:
+                conn.execute(
+                    update(tasks_table)
+                    .where(tasks_table.c.id == task_id)
+                    .values(
+                        state=TaskState.FAILED.value,
+                        phase="failed",
+                        finished_at=now,
+                        error=f"gave up after {row['attempts']} deliveries: the worker running the task died "
+                        f"each time (killed, out of memory or time limit); last holder {row['worker']}",
+                    )
+                )
+                return Claim(ClaimOutcome.GAVE_UP, _view(self._row(conn, task_id)), "too many deliveries")
+            conn.execute(
+                update(tasks_table)
+                .where(tasks_table.c.id == task_id)
+                .values(
+                    state=TaskState.RUNNING.value,
+                    phase="preparing",
+                    epoch=None,
+                    fraction=0.0,
+                    loss=None,
+                    base_version=base_version,
+                    started_at=now,
+                    heartbeat_at=now,
+                    attempts=attempts,
+                    worker=worker,
+                )
+            )
+            reason = (
+                "first delivery" if attempts == 1 else f"attempt {attempts} (previous holder {row['worker']})"
+            )
+            return Claim(ClaimOutcome.RUN, _view(self._row(conn, task_id)), reason)
+
+    def heartbeat(self, task_id: str, worker: str) -> Heartbeat:
+        """Refreshes the heartbeat of a task ``worker`` holds; tells whether it still holds it."""
+        with self.engine.begin() as conn:
+            held = self._held(task_id, worker)
+            result = conn.execute(update(tasks_table).where(*held).values(heartbeat_at=_now()))
+            if result.rowcount == 0:
+                return Heartbeat(False, False)
+            return Heartbeat(True, bool(self._row(conn, task_id)["cancel_requested"]))
+
+    def progress(
+        self,
+        task_id: str,
+        worker: str,
+        phase: str,
+        epoch: int | None = None,
+        fraction: float | None = None,
+        loss: float | None = None,
+        state: TaskState | None = None,
+    ) -> bool:
+        """Records progress (and refreshes the heartbeat) of a held task; False when no longer held."""
+        values: dict[str, Any] = {"phase": phase, "heartbeat_at": _now()}
+        if epoch is not None:
+            values["epoch"] = epoch
+        if fraction is not None:
+            values["fraction"] = float(fraction)
+        if loss is not None:
+            values["loss"] = float(loss)
+        if state is not None:
+            values["state"] = state.value
+        with self.engine.begin() as conn:
+            return (
+                conn.execute(
+                    update(tasks_table).where(*self._held(task_id, worker)).values(**values)
+                ).rowcount
+                > 0
+            )
+
+    def finish(self, task_id: str, worker: str, model_version: str, metrics: dict | None) -> TaskView:
+        """Marks a held task done with its new model version and metrics."""
+        return self._end(
+            task_id,
+            worker,
+            TaskState.DONE,
+            model_version=model_version,
+            metrics=metrics,
+            fraction=1.0,
+            error=None,
+        )
+
+    def fail(self, task_id: str, worker: str | None, error: str, **values: Any) -> TaskView:
+        """Marks a task failed with ``error`` (``worker=None``: whoever holds it)."""
+        return self._end(task_id, worker, TaskState.FAILED, error=error, **values)
+
+    def cancelled(self, task_id: str, worker: str | None, reason: str) -> TaskView:
+        """Marks a task cancelled (its worker stopped it on request)."""
+        return self._end(task_id, worker, TaskState.CANCELLED, error=reason)
+
+    def clear_dataset(self, task_id: str) -> None:
+        """Forgets the staged dataset's path once it was deleted."""
+        with self.engine.begin() as conn:
+            conn.execute(update(tasks_table).where(tasks_table.c.id == task_id).values(dataset_dir=None))
+
+    def requeue_orphans(self, orphan_timeout_s: float, max_deliveries: int) -> tuple[list[str], list[str]]:
+        """Requeues running tasks whose worker died, or fails those already delivered too often.
+
+        Returns:
+            Ids requeued (the caller sends them a new message) and ids failed.
+        """
+        now = _now()
+        requeued, failed = [], []
+        with self.engine.begin() as conn:
+            conn.execute(select(locks_table).where(locks_table.c.name == LINE_LOCK).with_for_update()).first()
+            rows = (
+                conn.execute(
+                    select(tasks_table).where(tasks_table.c.state.in_([s.value for s in ACTIVE_STATES]))
+                )
+                .mappings()
+                .all()
+            )
+            for row in rows:
+                if not self._orphaned(row, now, orphan_timeout_s):
+                    continue
+                where = tasks_table.c.id == row["id"]
+                if row["attempts"] >= max_deliveries:
+                    conn.execute(
+                        update(tasks_table)
+                        .where(where)
+                        .values(
+                            state=TaskState.FAILED.value,
+                            phase="failed",
+                            finished_at=now,
+                            error=f"the worker running the task ({row['worker']}) died during attempt "
+                            f"{row['attempts']} of {max_deliveries}; not retried",
+                        )
+                    )
+                    failed.append(row["id"])
+                else:
+                    conn.execute(
+                        update(tasks_table)
+                        .where(where)
+                        .values(
+                            state=TaskState.QUEUED.value,
+                            phase=f"requeued: worker {row['worker']} died during attempt {row['attempts']}",
+                        )
+                    )
+                    requeued.append(row["id"])
+        return requeued, failed
+
+    def unfinished(self) -> list[str]:
+        """Ids of queued, running and exporting tasks in the order posted."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(tasks_table.c.id)
+                .where(tasks_table.c.state.not_in([s.value for s in FINISHED_STATES]))
+                .order_by(tasks_table.c.seq)
+            ).all()
+        return [row[0] for row in rows]
+
+    # ---- helpers --------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _row(conn: Connection, task_id: str) -> RowMapping:
+        row = conn.execute(select(tasks_table).where(tasks_table.c.id == task_id)).mappings().first()
+        if row is None:
+            raise TaskNotFound(task_id)
+        return row
+
+    @staticmethod
+    def _held(task_id: str, worker: str) -> tuple:
+        return (
+            tasks_table.c.id == task_id,
+            tasks_table.c.worker == worker,
+            tasks_table.c.state.in_([s.value for s in ACTIVE_STATES]),
+        )
+
+    @staticmethod
+    def _orphaned(row: RowMapping, now: datetime, orphan_timeout_s: float) -> bool:
+        """A running task whose holder is gone: process dead on this host, or heartbeat too old."""
+        if holder_alive(row["worker"]) is False:
+            return True
+        beat = _utc(row["heartbeat_at"])
+        return beat is None or now - beat > timedelta(seconds=orphan_timeout_s)
+
+    def _end(self, task_id: str, worker: str | None, state: TaskState, **values: Any) -> TaskView:
+        with self.engine.begin() as conn:
+            condition = (
+                self._held(task_id, worker)
+                if worker is not None
+                else (
+                    tasks_table.c.id == task_id,
+                    tasks_table.c.state.not_in([s.value for s in FINISHED_STATES]),
+                )
+            )
+            conn.execute(
+                update(tasks_table)
+                .where(*condition)
+                .values(state=state.value, phase=state.value, finished_at=_now(), **values)
+            )
+            return _view(self._row(conn, task_id))

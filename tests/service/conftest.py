@@ -1,0 +1,93 @@
+"""Service fixtures shared by every tests/service module.
+
+Each test session gets a unique instance name (queue, Redis keys, pub/sub channel) and, for the task
+table on PostgreSQL, its own database that is dropped afterwards, so concurrent sessions on the shared
+Redis and PostgreSQL never see each other.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from service.db import TaskStore
+from service.settings import Settings
+
+REDIS_URL = "redis://127.0.0.1:6379"
+POSTGRES_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/test"
+TINY_STEP_OPTIONS = {"backbone": "resnet10", "context_channels": 16, "embed_channels": 16, "workers": 0}
+
+
+@pytest.fixture(scope="session")
+def redis_db() -> int:
+    """A Redis database number for this session (1..15; isolation also comes from the instance name)."""
+    return 1 + uuid.uuid4().int % 15
+
+
+@pytest.fixture
+def instance() -> str:
+    """A unique instance name: queue ``INSTANCE.train`` and channel ``INSTANCE:active``."""
+    return f"test-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def settings(tmp_path: Path, instance: str) -> Settings:
+    """Embedded-mode settings (no Redis) under a temporary data directory, tiny training options."""
+    return Settings(
+        _env_file=None,
+        data_dir=tmp_path / "data",
+        instance=instance,
+        serve_size=32,
+        ort_threads=1,
+        default_epochs=1,
+        default_size=32,
+        default_batch_size=2,
+        step_options=TINY_STEP_OPTIONS,
+        progress_interval_s=0.2,
+        heartbeat_interval_s=0.5,
+        orphan_timeout_s=5.0,
+    )
+
+
+@pytest.fixture
+def redis_settings(settings: Settings, redis_db: int) -> Settings:
+    """The same settings with the real Redis as broker, result backend and announcement channel."""
+    return settings.model_copy(update={"redis_url": f"{REDIS_URL}/{redis_db}"})
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A PostgreSQL database created for this session and dropped after it."""
+    name = f"incseg_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    finally:
+        with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The task table on SQLite (in tmp_path) and on the real PostgreSQL (tables emptied per test)."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'tasks.db'}"
+    url = request.getfixturevalue("postgres_url")
+    store = TaskStore(url)
+    with store.engine.begin() as conn:
+        conn.exec_driver_sql("DELETE FROM incseg_tasks")
+    store.dispose()
+    return url
+
+
+@pytest.fixture
+def store(database_url: str) -> Iterator[TaskStore]:
+    """A task store on each database backend."""
+    task_store = TaskStore(database_url)
+    yield task_store
+    task_store.dispose()

@@ -1,0 +1,175 @@
+"""The task table on SQLite and on the real PostgreSQL: life cycle, ordering lock, orphans, cancel."""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import update
+
+from service.db import (
+    ClaimOutcome,
+    TaskConflict,
+    TaskNotFound,
+    TaskState,
+    TaskStore,
+    tasks_table,
+    worker_id,
+)
+
+ORPHAN_S = 30.0
+
+
+def _create(store: TaskStore, name: str = "a") -> str:
+    return store.create("mib", {"epochs": 1}, [name], Path("/nonexistent") / name).id
+
+
+def test_create_get_list_newest_first(store: TaskStore) -> None:
+    ids = [_create(store, str(i)) for i in range(5)]
+    view = store.get(ids[0])
+    assert view.state == TaskState.QUEUED and view.classes == ["0"] and view.attempts == 0
+    assert view.created_at.tzinfo is not None
+    page, total = store.list(offset=1, limit=2)
+    assert total == 5
+    assert [task.id for task in page] == [ids[3], ids[2]]
+    assert store.counts()[TaskState.QUEUED] == 5 and store.counts()[TaskState.DONE] == 0
+    with pytest.raises(TaskNotFound):
+        store.get("missing")
+
+
+def test_life_cycle_and_fencing(store: TaskStore) -> None:
+    task_id = _create(store)
+    claim = store.claim(task_id, "host:1", ORPHAN_S, 3, "v1")
+    assert claim.outcome == ClaimOutcome.RUN
+    assert (
+        claim.task.state == TaskState.RUNNING and claim.task.attempts == 1 and claim.task.base_version == "v1"
+    )
+    assert store.progress(task_id, "host:1", "training", epoch=0, fraction=0.5, loss=1.25)
+    assert not store.progress(task_id, "host:2", "training", fraction=0.9), "another worker does not hold it"
+    view = store.get(task_id)
+    assert (view.phase, view.epoch, view.fraction, view.loss) == ("training", 0, 0.5, 1.25)
+    assert store.progress(task_id, "host:1", "exporting", state=TaskState.EXPORTING)
+    done = store.finish(task_id, "host:1", "v2", {"miou_all": 0.5})
+    assert done.state == TaskState.DONE and done.model_version == "v2" and done.finished_at is not None
+    assert store.claim(task_id, "host:3", ORPHAN_S, 3, "v2").outcome == ClaimOutcome.DROP
+
+
+def test_fifo_order_and_one_at_a_time(store: TaskStore) -> None:
+    first, second = _create(store, "a"), _create(store, "b")
+    wait = store.claim(second, "host:2", ORPHAN_S, 3, None)
+    assert wait.outcome == ClaimOutcome.WAIT and first in wait.reason
+    assert store.claim(first, "host:1", ORPHAN_S, 3, None).outcome == ClaimOutcome.RUN
+    assert store.claim(second, "host:2", ORPHAN_S, 3, None).outcome == ClaimOutcome.WAIT
+    store.fail(first, "host:1", "boom")
+    assert store.claim(second, "host:2", ORPHAN_S, 3, None).outcome == ClaimOutcome.RUN
+
+
+def test_concurrent_claims_one_winner(store: TaskStore) -> None:
+    """Threads racing to claim different tasks: exactly the oldest one runs (serialised transaction)."""
+    ids = [_create(store, str(i)) for i in range(4)]
+    outcomes: dict[str, ClaimOutcome] = {}
+    barrier = threading.Barrier(len(ids))
+
+    def claim(task_id: str) -> None:
+        barrier.wait()
+        outcomes[task_id] = store.claim(task_id, f"host:{task_id}", ORPHAN_S, 3, None).outcome
+
+    threads = [threading.Thread(target=claim, args=(task_id,)) for task_id in reversed(ids)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert [outcomes[task_id] for task_id in ids] == [ClaimOutcome.RUN] + [ClaimOutcome.WAIT] * 3
+
+
+def test_cancel(store: TaskStore) -> None:
+    queued, running = _create(store, "a"), _create(store, "b")
+    view = store.request_cancel(queued)
+    assert view.state == TaskState.CANCELLED and view.finished_at is not None
+    assert store.claim(running, "host:1", ORPHAN_S, 3, None).outcome == ClaimOutcome.RUN
+    assert store.heartbeat(running, "host:1").cancel_requested is False
+    assert store.request_cancel(running).state == TaskState.RUNNING
+    beat = store.heartbeat(running, "host:1")
+    assert beat.held and beat.cancel_requested
+    assert store.cancelled(running, "host:1", "cancelled on request").state == TaskState.CANCELLED
+    with pytest.raises(TaskConflict, match="already cancelled"):
+        store.request_cancel(running)
+
+
+def _age_heartbeat(store: TaskStore, task_id: str, seconds: float) -> None:
+    with store.engine.begin() as conn:
+        conn.execute(
+            update(tasks_table)
+            .where(tasks_table.c.id == task_id)
+            .values(heartbeat_at=datetime.now(UTC) - timedelta(seconds=seconds))
+        )
+
+
+def test_orphan_taken_over_then_given_up(store: TaskStore) -> None:
+    task_id = _create(store)
+    assert store.claim(task_id, "otherhost:1", ORPHAN_S, 2, None).outcome == ClaimOutcome.RUN
+    assert store.claim(task_id, "otherhost:2", ORPHAN_S, 2, None).outcome == ClaimOutcome.WAIT, "live holder"
+    _age_heartbeat(store, task_id, ORPHAN_S + 1)
+    claim = store.claim(task_id, "otherhost:2", ORPHAN_S, 2, None)
+    assert claim.outcome == ClaimOutcome.RUN and claim.task.attempts == 2
+    assert not store.heartbeat(task_id, "otherhost:1").held, "the old holder lost it"
+    _age_heartbeat(store, task_id, ORPHAN_S + 1)
+    claim = store.claim(task_id, "otherhost:3", ORPHAN_S, 2, None)
+    assert claim.outcome == ClaimOutcome.GAVE_UP
+    assert claim.task.state == TaskState.FAILED and "gave up after 2 deliveries" in claim.task.error
+
+
+def test_dead_local_process_is_orphaned_at_once(store: TaskStore) -> None:
+    """A holder on this host whose process is gone does not wait for the heartbeat timeout."""
+    import socket
+    import subprocess
+
+    child = subprocess.Popen(["true"])
+    child.wait()
+    task_id = _create(store)
+    dead = f"{socket.gethostname()}:{child.pid}"
+    assert store.claim(task_id, dead, ORPHAN_S, 3, None).outcome == ClaimOutcome.RUN
+    assert store.claim(task_id, worker_id(), ORPHAN_S, 3, None).outcome == ClaimOutcome.RUN
+
+
+def test_requeue_orphans(store: TaskStore) -> None:
+    retried, exhausted, alive = _create(store, "a"), _create(store, "b"), _create(store, "c")
+    # the line allows one running task; put rows into the states directly as a crashed fleet leaves them
+    with store.engine.begin() as conn:
+        for task_id, attempts in ((retried, 1), (exhausted, 3), (alive, 1)):
+            conn.execute(
+                update(tasks_table)
+                .where(tasks_table.c.id == task_id)
+                .values(
+                    state="running",
+                    attempts=attempts,
+                    worker=f"otherhost:{attempts}",
+                    heartbeat_at=datetime.now(UTC),
+                )
+            )
+    _age_heartbeat(store, retried, ORPHAN_S + 1)
+    _age_heartbeat(store, exhausted, ORPHAN_S + 1)
+    requeued, failed = store.requeue_orphans(ORPHAN_S, 3)
+    assert (requeued, failed) == ([retried], [exhausted])
+    assert store.get(retried).state == TaskState.QUEUED and "died" in store.get(retried).phase
+    assert "not retried" in store.get(exhausted).error
+    assert store.get(alive).state == TaskState.RUNNING
+    assert store.unfinished() == [retried, alive]
+
+
+def test_two_stores_share_the_table(database_url: str) -> None:
+    """API and worker processes open their own stores on the same URL."""
+    api, worker = TaskStore(database_url), TaskStore(database_url)
+    try:
+        task_id = api.create("ft", {}, ["x"], None).id
+        assert worker.claim(task_id, "host:1", ORPHAN_S, 3, None).outcome == ClaimOutcome.RUN
+        started = time.monotonic()
+        while api.get(task_id).state != TaskState.RUNNING:
+            assert time.monotonic() - started < 5
+        assert api.get(task_id).started_at is not None
+    finally:
+        api.dispose()
+        worker.dispose()
