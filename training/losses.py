@@ -22,11 +22,18 @@ def _masked_mean(per_pixel: Tensor, mask: Tensor | None) -> Tensor:
 def unbiased_cross_entropy(
     logits: Tensor, labels: Tensor, num_old_classes: int, ignore_index: int = 255
 ) -> Tensor:
-    """MiB's unbiased cross-entropy (fcdl94/MiB ``UnbiasedCrossEntropy``, reduction 'mean').
+    """MiB's unbiased cross-entropy (fcdl94/MiB ``utils/loss.py::UnbiasedCrossEntropy``).
 
     A pixel labelled background may belong to any old class, so its log-probability is
     ``logsumexp(z[0:C_old]) - logsumexp(z)``; new-class pixels use ``z_c - logsumexp(z)``.
-    Labels below ``num_old_classes`` count as background. Mean over the non-ignored pixels.
+    Labels below ``num_old_classes`` count as background.
+
+    Reduction: mean over **all** B*H*W pixels, ignored ones counting 0. MiB's trainer builds the
+    criterion with ``reduction='none'`` and calls ``loss.mean()`` (fcdl94/MiB ``train.py`` lines 27,
+    33, 103-107). MiB's VOC loader maps 255 to background in training (``dataset/voc.py`` 143-148),
+    so there the two means coincide; this project keeps 255 ignored (PLOP's convention), and with it
+    the reference's reduction is what PLOP's re-implementation of MiB runs (arthurdouillard/
+    CVPR2021_PLOP ``train.py`` 47-55 and 352): ignored pixels weigh 0 in a mean over every pixel.
 
     Args:
         logits: (B, C, H, W) of the current model.
@@ -41,7 +48,22 @@ def unbiased_cross_entropy(
     targets = labels - num_old_classes + 1  # new class c -> channel c - C_old + 1
     targets = torch.where(labels < num_old_classes, torch.zeros_like(labels), targets)
     targets = torch.where(labels == ignore_index, torch.full_like(labels, ignore_index), targets)
-    return F.nll_loss(log_probs, targets, ignore_index=ignore_index)
+    return F.nll_loss(log_probs, targets, ignore_index=ignore_index, reduction="none").mean()
+
+
+def cross_entropy_over_all_pixels(logits: Tensor, labels: Tensor, ignore_index: int = 255) -> Tensor:
+    """Cross-entropy averaged over all B*H*W pixels, ignored ones counting 0.
+
+    The reduction of the reference trainers (``reduction='none'`` then ``.mean()``: fcdl94/MiB
+    ``train.py`` 103-107, cvlab-yonsei/ALIFE ``run_step1.py`` 143, arthurdouillard/CVPR2021_PLOP
+    ``train.py`` 352). 0, never NaN, when every pixel is ignored.
+
+    Args:
+        logits: (B, C, H, W).
+        labels: (B, H, W) class indices, ``ignore_index`` ignored.
+        ignore_index: Label value that contributes 0.
+    """
+    return F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="none").mean()
 
 
 def unbiased_distillation(new_logits: Tensor, old_logits: Tensor, mask: Tensor | None = None) -> Tensor:

@@ -160,7 +160,7 @@ def train_step(
     method.on_step_start(ctx)
 
     lr = options.learning_rate(ctx.step)
-    frozen_norms = batchnorm_layers(model) if method.freeze_batchnorm and old_model is not None else []
+    frozen_norms = method.frozen_batchnorm_layers(model) if old_model is not None else []
     for norm in frozen_norms:
         norm.requires_grad_(False)
     optimizer = torch.optim.SGD(

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from training.losses import (
+    cross_entropy_over_all_pixels,
     feature_distillation,
     knowledge_distillation,
     unbiased_cross_entropy,
@@ -34,7 +35,26 @@ def test_unbiased_cross_entropy_hand_computed() -> None:
         -(z[1][3] - lse(z[1])),
     ]
     loss = unbiased_cross_entropy(pixels(*z), labels, num_old_classes=3)
-    assert loss.item() == pytest.approx(sum(expected) / 2, abs=1e-9)  # mean over non-ignored pixels
+    # MiB's trainer: reduction 'none' then .mean(), so the ignored pixel counts 0 in a mean over all 3
+    assert loss.item() == pytest.approx(sum(expected) / 3, abs=1e-9)
+
+
+@pytest.mark.parametrize("ignored", [0, 1, 5])
+def test_unbiased_cross_entropy_averages_over_all_pixels(ignored: int) -> None:
+    """Adding ignored pixels scales the loss by valid / all (fcdl94/MiB train.py 103-107)."""
+    z = torch.randn(1, 4, 1, 3 + ignored, dtype=torch.float64)
+    labels = torch.tensor([[[0, 2, 3] + [255] * ignored]])
+    valid_only = unbiased_cross_entropy(z[..., :3], labels[..., :3], num_old_classes=3)
+    loss = unbiased_cross_entropy(z, labels, num_old_classes=3)
+    assert loss.item() == pytest.approx(valid_only.item() * 3 / (3 + ignored), rel=1e-12)
+
+
+def test_cross_entropy_over_all_pixels() -> None:
+    z = torch.randn(2, 3, 2, 2, dtype=torch.float64)
+    labels = torch.tensor([[[0, 1], [255, 2]], [[255, 255], [1, 1]]])
+    per_pixel = F.cross_entropy(z, labels, ignore_index=255, reduction="none")
+    assert cross_entropy_over_all_pixels(z, labels).item() == pytest.approx(per_pixel.sum().item() / 8)
+    assert cross_entropy_over_all_pixels(z, torch.full_like(labels, 255)).item() == 0.0
 
 
 def test_unbiased_cross_entropy_old_labels_count_as_background() -> None:
@@ -47,7 +67,7 @@ def test_unbiased_cross_entropy_old_labels_count_as_background() -> None:
 def test_unbiased_cross_entropy_equals_ce_when_no_old_classes_to_fold() -> None:
     z = torch.randn(2, 4, 3, 5, dtype=torch.float64)
     labels = torch.randint(1, 4, (2, 3, 5))
-    # with C_old = 1 only background folds, which is plain CE
+    # with C_old = 1 only background folds, which is plain CE (no ignored pixel: both means agree)
     torch.testing.assert_close(unbiased_cross_entropy(z, labels, 1), F.cross_entropy(z, labels))
 
 

@@ -82,11 +82,13 @@ def build_method(spec: str) -> Method:
         raise ValueError(f"method {spec!r} repeats the loss {duplicated}")
     if sum(t.classifies for t in terms) != 1:
         raise ValueError(f"method {spec!r} needs exactly one classification loss (mib+sdr, not sdr alone)")
+    frozen_scopes = [name for p in parts if p.freeze_batchnorm for name in p.batchnorm_modules]
     return Method(
         spec.replace(" ", ""),
         terms,
         trains_all_classes_at_once=any(p.trains_all_classes_at_once for p in parts),
         freeze_batchnorm=any(p.freeze_batchnorm for p in parts),
+        batchnorm_modules=tuple(dict.fromkeys(frozen_scopes)) or ("",),
     )
 
 

@@ -125,12 +125,27 @@ class Method:
         freeze_batchnorm: Keep BatchNorm statistics and affine parameters fixed in incremental
             steps (ALIFE's ``FREEZE_TYPE: step1``), so the old classes' features do not drift with
             batches made of the new classes' images.
+        batchnorm_modules: Names of the submodules (``model.get_submodule``) whose BatchNorm layers
+            ``freeze_batchnorm`` freezes; ``""`` is the whole model.
     """
 
     name: str
     terms: list[LossTerm]
     trains_all_classes_at_once: bool = False
     freeze_batchnorm: bool = False
+    batchnorm_modules: tuple[str, ...] = ("",)
+
+    def frozen_batchnorm_layers(self, model: torch.nn.Module) -> list[torch.nn.modules.batchnorm._BatchNorm]:
+        """The BatchNorm layers to hold fixed in an incremental step (none unless ``freeze_batchnorm``)."""
+        if not self.freeze_batchnorm:
+            return []
+        layers = {
+            id(m): m
+            for name in self.batchnorm_modules
+            for m in model.get_submodule(name).modules()
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+        }
+        return list(layers.values())
 
     def active_terms(self, ctx: StepContext) -> Iterable[LossTerm]:
         return [t for t in self.terms if ctx.old_model is not None or not t.needs_old_model]
