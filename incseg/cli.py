@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -149,8 +150,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Synthetic data -> base step -> one incremental step (FT vs MiB) -> metric table."""
+    """Synthetic data -> base step -> one incremental step (FT vs MiB) -> metric table.
+
+    With ``--url`` the same story runs against a running service instead, through HTTP only.
+    """
     out = Path(args.out)
+    if args.url:
+        return _demo_service(args, out)
     data = out / "data"
     if not (data / "classes.txt").exists():
         write_synthetic_dataset(data, 8, 240, 60, args.size, args.seed)
@@ -159,6 +165,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
     write_results(results, out / "results.json")
     plot_results(results, out / "results.png")
     console.print(f"models in {out / 'models'}; results in {out / 'results.json'}")
+    return 0
+
+
+def _demo_service(args: argparse.Namespace, out: Path) -> int:
+    """``incseg demo --url``: base task, second task and segmentations before / after through the API."""
+    from service.client import DemoOptions, ServiceError, run_demo
+
+    options = DemoOptions(
+        epochs=args.epochs, size=args.size, image_size=args.size, batch_size=args.batch_size, seed=args.seed
+    )
+    try:
+        run_demo(args.url, out, options, args.api_key)
+    except ServiceError as err:
+        console.print(f"[red]error:[/red] {err}")
+        return 1
     return 0
 
 
@@ -209,6 +230,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="generate data, train a base and one incremental step, print the table")
     p.add_argument("--out", type=Path, default=Path("runs/demo"))
+    p.add_argument(
+        "--url", default=None, help="run the demo against the service at this URL (e.g. http://127.0.0.1:8000)"
+    )
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("INCSEG_API_KEY"),
+        help="the service's API key (default: $INCSEG_API_KEY)",
+    )
     _add_training_options(p)
     p.set_defaults(
         func=cmd_demo,

@@ -1,0 +1,97 @@
+"""The FastAPI application: ``uvicorn service.api.main:create_app --factory``.
+
+``create_app`` builds the task store, the registry and the model server from the settings, mounts the
+routes by resource, and maps the library's exceptions to JSON error bodies whose ``detail`` says what to
+fix. The lifespan starts the model server (background load of the active version, watcher for new ones)
+and stops it on shutdown.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request, status
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service.api.routes import models, segment, system, tasks
+from service.archive import UploadError
+from service.db import TaskConflict, TaskNotFound, TaskStore
+from service.metrics import RequestMetricsMiddleware, task_registry
+from service.model_server import ModelServer, NoModelLoaded
+from service.registry import Registry
+from service.settings import Settings, get_settings
+
+
+def _error(status_code: int, detail: str, **extra: object) -> JSONResponse:
+    return JSONResponse({"detail": detail, **extra}, status_code=status_code)
+
+
+async def _upload_error(request: Request, err: UploadError) -> JSONResponse:
+    return _error(err.status_code, str(err), entry=err.entry)
+
+
+async def _task_not_found(request: Request, err: TaskNotFound) -> JSONResponse:
+    task_id = err.args[0] if err.args else "?"
+    return _error(status.HTTP_404_NOT_FOUND, f"no task {task_id!r}; GET /tasks lists the task ids")
+
+
+async def _task_conflict(request: Request, err: TaskConflict) -> JSONResponse:
+    return _error(status.HTTP_409_CONFLICT, str(err))
+
+
+async def _no_model(request: Request, err: NoModelLoaded) -> JSONResponse:
+    return _error(status.HTTP_409_CONFLICT, str(err) or "no model is serving yet: post a base task to /tasks")
+
+
+async def _validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
+    errors = [
+        {"location": ".".join(map(str, e["loc"])), "message": e["msg"], "type": e["type"]}
+        for e in err.errors()
+    ]
+    summary = "; ".join(f"{e['location']}: {e['message']}" for e in errors)
+    return _error(status.HTTP_422_UNPROCESSABLE_CONTENT, f"invalid request: {summary}", errors=errors)
+
+
+async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
+    return JSONResponse({"detail": str(err.detail)}, status_code=err.status_code, headers=err.headers)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Builds the API for ``settings`` (default: the environment's, see :func:`get_settings`)."""
+    settings = settings or get_settings()
+    store = TaskStore(settings.task_database_url)
+    registry = Registry(settings.registry_dir)
+    model_server = ModelServer(settings, registry)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        model_server.start()
+        try:
+            yield
+        finally:
+            model_server.stop()
+
+    app = FastAPI(
+        title="incseg",
+        summary="Class-incremental semantic segmentation: POST /tasks adds classes, POST /segment segments.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.store = store
+    app.state.registry = registry
+    app.state.model_server = model_server
+    app.state.task_registry = task_registry(store)
+    app.add_middleware(RequestMetricsMiddleware)
+    app.add_exception_handler(UploadError, _upload_error)
+    app.add_exception_handler(TaskNotFound, _task_not_found)
+    app.add_exception_handler(TaskConflict, _task_conflict)
+    app.add_exception_handler(NoModelLoaded, _no_model)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    for module in (tasks, segment, models, system):
+        app.include_router(module.router)
+    return app

@@ -1,0 +1,1 @@
+"""Routes by resource: tasks, segment, models, system (classes, health, readiness, metrics)."""

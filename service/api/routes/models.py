@@ -1,0 +1,78 @@
+"""``/models``: the registry's versions, their serving state, and activation (rollback / roll forward)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, HTTPException, status
+
+from service.announce import announce_active
+from service.api.deps import ApiKeyDep, ModelServerDep, RegistryDep, SettingsDep
+from service.api.schemas import Activation, ErrorBody, ModelList, ModelSummary
+from service.model_server import ModelServerStatus
+from service.registry import Registry, VersionInfo
+
+router = APIRouter(prefix="/models", tags=["models"])
+
+VERSION_NOT_FOUND = {404: {"model": ErrorBody, "description": "No version of this name in the registry."}}
+
+
+def _summary(info: VersionInfo, active: str | None, serving: ModelServerStatus) -> ModelSummary:
+    return ModelSummary(
+        **info.model_dump(),
+        active=info.name == active,
+        serving=info.name == serving.serving_version,
+        load_failure=serving.failures.get(info.name),
+    )
+
+
+def _version(registry: Registry, version: str) -> VersionInfo:
+    try:
+        return registry.get(version)
+    except KeyError as err:
+        known = ", ".join(info.name for info in registry.list()) or "none yet"
+        raise HTTPException(
+            status.HTTP_404_NOT_FOUND, detail=f"no model version {version!r}; versions: {known}"
+        ) from err
+
+
+@router.get("", summary="List model versions")
+def list_models(registry: RegistryDep, server: ModelServerDep) -> ModelList:
+    """Every version, oldest first, with which one is active, which one serves, and load failures."""
+    serving = server.status()
+    active = registry.active()
+    return ModelList(
+        active=active,
+        serving=serving.serving_version,
+        loading=serving.loading,
+        versions=[_summary(info, active, serving) for info in registry.list()],
+    )
+
+
+@router.get("/{version}", summary="One model version", responses=VERSION_NOT_FOUND)
+def get_model(version: str, registry: RegistryDep, server: ModelServerDep) -> ModelSummary:
+    """Classes, step history, metrics, files, parity figures, and this process's load failure if any."""
+    return _summary(_version(registry, version), registry.active(), server.status())
+
+
+@router.post(
+    "/{version}/activate",
+    summary="Activate a version (rollback or roll forward)",
+    dependencies=[ApiKeyDep],
+    responses={
+        **VERSION_NOT_FOUND,
+        401: {"model": ErrorBody, "description": "Missing or wrong X-API-Key."},
+        409: {"model": ErrorBody, "description": "The version did not pass the parity gate."},
+    },
+)
+def activate_model(
+    version: str, settings: SettingsDep, registry: RegistryDep, server: ModelServerDep
+) -> Activation:
+    """Points the registry at ``version``; each API process then loads, warms up and swaps to it."""
+    _version(registry, version)
+    previous = registry.active()
+    try:
+        registry.activate(version)
+    except ValueError as err:  # the parity gate did not pass
+        raise HTTPException(status.HTTP_409_CONFLICT, detail=f"{err}; activate another version") from err
+    announce_active(settings, version)
+    server.request_version(version)
+    return Activation(active=version, previous=previous, serving=server.status().serving_version)

@@ -1,0 +1,66 @@
+"""Service-level routes: the serving classes, liveness, readiness and Prometheus metrics."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response, status
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from service.api.deps import ModelServerDep, RegistryDep
+from service.api.schemas import ClassList, Health, Readiness
+from service.metrics import render_metrics
+from service.model_server import NoModelLoaded
+
+router = APIRouter(tags=["system"])
+
+
+@router.get("/classes", summary="Classes the serving model segments")
+def get_classes(registry: RegistryDep, server: ModelServerDep) -> ClassList:
+    """The serving version's classes (label value = index); the active version's while none serves yet."""
+    try:
+        with server.lease() as runtime:
+            return ClassList(version=runtime.version, classes=runtime.classes)
+    except NoModelLoaded:
+        active = registry.active()
+        classes = registry.get(active).classes if active is not None else ["background"]
+        return ClassList(version=active, classes=classes)
+
+
+@router.get("/health", summary="Liveness")
+def health() -> Health:
+    """Answers 200 while the process serves HTTP."""
+    return Health()
+
+
+@router.get(
+    "/ready",
+    summary="Readiness: a model is loaded and warmed up",
+    response_model=Readiness,
+    responses={503: {"model": Readiness, "description": "No model loaded and warmed up yet, and why."}},
+)
+def ready(server: ModelServerDep) -> Readiness | JSONResponse:
+    """200 once a model version is loaded and warmed up, else 503 with the reason."""
+    state = server.status()
+    if state.ready:
+        return Readiness(ready=True, version=state.serving_version, detail=f"serving {state.serving_version}")
+    if state.loading is not None:
+        why = f"loading and warming up {state.loading}"
+    elif state.failures:
+        why = "; ".join(f"{name} failed to load: {error}" for name, error in state.failures.items())
+    elif state.active_version is None:
+        why = "no model version exists yet: post a base task to /tasks"
+    else:
+        why = f"version {state.active_version} is not loaded yet"
+    body = Readiness(ready=False, version=state.serving_version, detail=why)
+    return JSONResponse(body.model_dump(), status_code=status.HTTP_503_SERVICE_UNAVAILABLE)
+
+
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics",
+    response_class=Response,
+    responses={200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}}},
+)
+def metrics(request: Request) -> Response:
+    """Request latency and counts per route, model swaps and failures, active version, tasks by state."""
+    return Response(render_metrics(request.app.state.task_registry), media_type=CONTENT_TYPE_LATEST)

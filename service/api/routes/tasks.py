@@ -1,0 +1,183 @@
+"""``/tasks``: post a dataset archive to add classes, follow the task, list and cancel tasks."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, HTTPException, Query, Request, Response, status
+from fastapi.concurrency import run_in_threadpool
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from service.api.deps import ApiKeyDep, RegistryDep, SettingsDep, StoreDep
+from service.api.schemas import ErrorBody, TaskCreated, TaskPage
+from service.api.upload import stream_upload
+from service.archive import StagedDataset, receive_dataset, remove_staged
+from service.db import TaskView
+from service.jobs import cancel_task, submit_task
+from service.registry import Registry
+from service.settings import Settings
+
+router = APIRouter(prefix="/tasks", tags=["tasks"])
+
+DATASET_FIELD = "dataset"
+MAX_PAGE = 100
+DATASET_DESCRIPTION = (
+    "zip or tar.gz of a dataset folder (project format, Pascal VOC or ADE20K layout) at the archive root "
+    "or in one top folder"
+)
+
+
+class TaskForm(BaseModel):
+    """The optional form fields of ``POST /tasks`` (the service's defaults fill what is left out)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: str | None = Field(
+        None,
+        min_length=1,
+        max_length=200,
+        description="Method spec: ft, lwf, ilt, mib, alife, plop, mib+sdr...",
+    )
+    epochs: int | None = Field(None, ge=1, le=1000)
+    size: int | None = Field(None, ge=32, le=2048, description="Training crop and evaluation size in pixels.")
+    batch_size: int | None = Field(None, ge=1, le=256)
+
+
+UPLOAD_BODY = {
+    "required": True,
+    "content": {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "required": [DATASET_FIELD],
+                "properties": {
+                    DATASET_FIELD: {
+                        "type": "string",
+                        "format": "binary",
+                        "description": DATASET_DESCRIPTION,
+                    },
+                    **{
+                        name: {**schema, "description": schema.get("description", "")}
+                        for name, schema in TaskForm.model_json_schema()["properties"].items()
+                    },
+                },
+            },
+        }
+    },
+}
+
+
+def _form_options(fields: dict[str, str], settings: Settings) -> tuple[str, dict]:
+    """Validates the form fields; returns the method and the step options with the defaults filled in."""
+    try:
+        form = TaskForm.model_validate({name: value for name, value in fields.items() if value != ""})
+    except ValidationError as err:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT, detail=f"invalid form field: {problems}"
+        ) from err
+    method = form.method or settings.default_method
+    _check_method(method)
+    options = {
+        "epochs": form.epochs or settings.default_epochs,
+        "size": form.size or settings.default_size,
+        "batch_size": form.batch_size or settings.default_batch_size,
+    }
+    return method, options
+
+
+def _check_method(method: str) -> None:
+    """Refuses an unknown method spec now rather than in the worker (imports the methods on first use)."""
+    from training.methods import build_method
+
+    try:
+        build_method(method)
+    except ValueError as err:
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT, detail=f"form field method: {err}"
+        ) from err
+
+
+def _known_classes(registry: Registry) -> list[str]:
+    """Classes of the active model, or ``["background"]`` while there is none."""
+    active = registry.active()
+    return registry.get(active).classes if active is not None else ["background"]
+
+
+def _submit(
+    upload_path, filename: str, fields: dict[str, str], settings: Settings, store, registry: Registry
+) -> TaskView:
+    """Validates options and archive, stages the dataset and queues the task (blocking: run in a thread)."""
+    method, options = _form_options(fields, settings)
+    staged: StagedDataset = receive_dataset(
+        upload_path, filename, settings.staging_dir, settings, _known_classes(registry)
+    )
+    try:
+        return submit_task(store, settings, staged, method, options)
+    except BaseException:
+        remove_staged(staged.path)
+        raise
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_202_ACCEPTED,
+    summary="Add classes: upload a dataset archive",
+    dependencies=[ApiKeyDep],
+    openapi_extra={"requestBody": UPLOAD_BODY},
+    responses={
+        400: {"model": ErrorBody, "description": "Malformed multipart body, archive or dataset."},
+        401: {"model": ErrorBody, "description": "Missing or wrong X-API-Key."},
+        413: {"model": ErrorBody, "description": "Upload, entry count or uncompressed size over the limits."},
+        415: {"model": ErrorBody, "description": "Not multipart/form-data, or not a zip / tar.gz archive."},
+        422: {"model": ErrorBody, "description": "Invalid options or dataset content (named entry)."},
+    },
+)
+async def create_task(
+    request: Request, response: Response, settings: SettingsDep, store: StoreDep, registry: RegistryDep
+) -> TaskCreated:
+    """Validates the archive and its dataset, then queues a training step; 202 with the task id."""
+    upload = await stream_upload(request, DATASET_FIELD, settings.staging_dir, settings.max_upload_bytes)
+    try:
+        task = await run_in_threadpool(
+            _submit, upload.path, upload.filename, upload.fields, settings, store, registry
+        )
+    finally:
+        upload.path.unlink(missing_ok=True)
+    response.headers["Location"] = f"/tasks/{task.id}"
+    return TaskCreated(task_id=task.id, classes=task.classes)
+
+
+@router.get("", summary="List tasks, newest first")
+def list_tasks(
+    store: StoreDep,
+    offset: Annotated[int, Query(ge=0, le=2**31 - 1, description="Tasks to skip.")] = 0,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE, description="Tasks per page.")] = 20,
+) -> TaskPage:
+    """One page of the task table, newest first, with the total count."""
+    items, total = store.list(offset, limit)
+    return TaskPage(items=items, total=total, offset=offset, limit=limit)
+
+
+TASK_NOT_FOUND = {404: {"model": ErrorBody, "description": "No task with this id."}}
+
+
+@router.get("/{task_id}", summary="A task's state, progress and metrics", responses=TASK_NOT_FOUND)
+def get_task(task_id: str, store: StoreDep) -> TaskView:
+    """State, progress (phase, epoch, fraction, loss), options, metrics and, once done, the model version."""
+    return store.get(task_id)
+
+
+@router.delete(
+    "/{task_id}",
+    summary="Cancel a queued or running task",
+    dependencies=[ApiKeyDep],
+    responses={
+        **TASK_NOT_FOUND,
+        401: {"model": ErrorBody, "description": "Missing or wrong X-API-Key."},
+        409: {"model": ErrorBody, "description": "The task already finished."},
+    },
+)
+def delete_task(task_id: str, settings: SettingsDep, store: StoreDep) -> TaskView:
+    """Cancels the task: a queued one never starts, a running one stops at its next progress report."""
+    return cancel_task(store, settings, task_id)

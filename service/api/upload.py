@@ -1,0 +1,186 @@
+"""Streams a multipart upload straight to a file, enforcing the size limit while the bytes arrive.
+
+Starlette's own form parsing spools a whole upload (to memory, then to the system temp folder) before the
+endpoint runs, so a 3 GiB upload would be stored in full before a limit could refuse it. Here each chunk of
+the request body goes through python-multipart's push parser: the file part is written under the staging
+folder as it arrives and the request is refused with 413 the moment it passes ``max_bytes``.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fastapi import HTTPException, Request, status
+from python_multipart.multipart import MultipartParser, parse_options_header
+
+MAX_FIELD_BYTES = 1024
+MAX_PARTS = 16
+
+
+@dataclass
+class StreamedUpload:
+    """A multipart body received: the small form fields, and the one file written to ``path``.
+
+    Attributes:
+        fields: Form field name -> text value.
+        filename: The file part's client-side name ("" when the client gave none).
+        path: Where the file's bytes were written (the caller deletes it).
+        size: Bytes of the file.
+    """
+
+    fields: dict[str, str] = field(default_factory=dict)
+    filename: str = ""
+    path: Path | None = None
+    size: int = 0
+
+
+class _PartCollector:
+    """python-multipart callbacks that route each part to a form field or to the upload file."""
+
+    def __init__(self, file_field: str, directory: Path, max_bytes: int, upload: StreamedUpload) -> None:
+        self.file_field = file_field
+        self.directory = directory
+        self.max_bytes = max_bytes
+        self.upload = upload
+        self.parts = 0
+        self.header_field = b""
+        self.header_value = b""
+        self.headers: dict[bytes, bytes] = {}
+        self.field_name: str | None = None
+        self.field_value = bytearray()
+        self.file = None
+
+    def callbacks(self) -> dict:
+        return {
+            "on_part_begin": self.on_part_begin,
+            "on_header_field": lambda data, start, end: self._append_header("header_field", data[start:end]),
+            "on_header_value": lambda data, start, end: self._append_header("header_value", data[start:end]),
+            "on_header_end": self.on_header_end,
+            "on_headers_finished": self.on_headers_finished,
+            "on_part_data": self.on_part_data,
+            "on_part_end": self.on_part_end,
+        }
+
+    def _append_header(self, attribute: str, data: bytes) -> None:
+        setattr(self, attribute, getattr(self, attribute) + data)
+        if len(self.header_field) + len(self.header_value) > MAX_FIELD_BYTES:
+            raise _bad_request("a multipart header is longer than 1 KiB")
+
+    def on_part_begin(self) -> None:
+        self.parts += 1
+        if self.parts > MAX_PARTS:
+            raise _bad_request(f"more than {MAX_PARTS} form parts; send the archive and the options only")
+        self.headers = {}
+        self.field_name = None
+        self.field_value = bytearray()
+
+    def on_header_end(self) -> None:
+        self.headers[self.header_field.lower()] = self.header_value
+        self.header_field, self.header_value = b"", b""
+
+    def on_headers_finished(self) -> None:
+        disposition, options = parse_options_header(self.headers.get(b"content-disposition", b""))
+        name = options.get(b"name")
+        if disposition != b"form-data" or name is None:
+            raise _bad_request("a form part has no Content-Disposition: form-data; name=... header")
+        self.field_name = name.decode("utf-8", "replace")
+        if self.field_name == self.file_field:
+            if self.file is not None:
+                raise _bad_request(f"send one file in the {self.file_field!r} field, not several")
+            filename = options.get(b"filename", b"").decode("utf-8", "replace")
+            self.upload.filename = Path(filename.replace("\\", "/")).name
+            self.file = tempfile.NamedTemporaryFile(  # noqa: SIM115 (closed in on_part_end or close())
+                dir=self.directory, prefix="upload-", suffix=".part", delete=False
+            )
+            self.upload.path = Path(self.file.name)
+
+    def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        if self.field_name == self.file_field:
+            self.upload.size += end - start
+            if self.upload.size > self.max_bytes:
+                raise HTTPException(
+                    status.HTTP_413_CONTENT_TOO_LARGE,
+                    detail=f"the upload is larger than the limit of {self.max_bytes} bytes "
+                    "(INCSEG_MAX_UPLOAD_BYTES); send a smaller archive",
+                )
+            self.file.write(data[start:end])
+        else:
+            self.field_value += data[start:end]
+            if len(self.field_value) > MAX_FIELD_BYTES:
+                raise _bad_request(f"form field {self.field_name!r} is longer than {MAX_FIELD_BYTES} bytes")
+
+    def on_part_end(self) -> None:
+        if self.field_name == self.file_field:
+            self.file.close()
+        elif self.field_name is not None:
+            self.upload.fields[self.field_name] = self.field_value.decode("utf-8", "replace")
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+def _bad_request(message: str) -> HTTPException:
+    return HTTPException(status.HTTP_400_BAD_REQUEST, detail=f"malformed multipart body: {message}")
+
+
+async def stream_upload(request: Request, file_field: str, directory: Path, max_bytes: int) -> StreamedUpload:
+    """Receives a ``multipart/form-data`` body whose file part ``file_field`` goes to a file in ``directory``.
+
+    Args:
+        request: The request whose body is read.
+        file_field: Name of the one file part.
+        directory: Folder for the file (created when missing).
+        max_bytes: Largest file accepted.
+
+    Returns:
+        The fields and the file's location; the caller deletes ``path``.
+
+    Raises:
+        HTTPException: 415 for another content type, 413 past ``max_bytes`` (from the Content-Length header
+            before reading, else while streaming), 400 for a malformed body or a missing file part; on any
+            error the partial file is deleted.
+    """
+    content_type, options = parse_options_header(request.headers.get("content-type", ""))
+    if content_type != b"multipart/form-data":
+        raise HTTPException(
+            status.HTTP_415_UNSUPPORTED_MEDIA_TYPE,
+            detail=f"send multipart/form-data with the archive in the {file_field!r} file field "
+            f"(got content type {content_type.decode('latin-1') or 'none'!r})",
+        )
+    boundary = options.get(b"boundary")
+    if not boundary:
+        raise _bad_request("the Content-Type header has no boundary")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_bytes + 64 * MAX_FIELD_BYTES:
+        raise HTTPException(
+            status.HTTP_413_CONTENT_TOO_LARGE,
+            detail=f"the request is {declared} bytes, over the upload limit of {max_bytes} bytes "
+            "(INCSEG_MAX_UPLOAD_BYTES); send a smaller archive",
+        )
+    directory.mkdir(parents=True, exist_ok=True)
+    upload = StreamedUpload()
+    collector = _PartCollector(file_field, directory, max_bytes, upload)
+    parser = MultipartParser(boundary, collector.callbacks())
+    try:
+        async for chunk in request.stream():
+            parser.write(chunk)
+        parser.finalize()
+        if upload.path is None:
+            raise _bad_request(f"no file in the {file_field!r} field; attach the dataset archive there")
+    except HTTPException:
+        collector.close()
+        _delete(upload.path)
+        raise
+    except Exception as err:  # python-multipart's parse errors, a client that went away
+        collector.close()
+        _delete(upload.path)
+        raise _bad_request(str(err) or type(err).__name__) from err
+    return upload
+
+
+def _delete(path: Path | None) -> None:
+    if path is not None:
+        path.unlink(missing_ok=True)

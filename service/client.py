@@ -1,0 +1,308 @@
+"""``incseg demo --url``: drives a running service the way a new user would.
+
+The demo writes a small synthetic dataset, splits its classes into a base task and a second task that adds
+classes, and then, through HTTP only: posts the base task and follows it with a progress bar, segments a
+demo image, posts the second task, segments the same image again, and prints which classes appeared and
+how the version changed. Overlays of the image before and after are saved next to the data.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+from PIL import Image
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from training.data.synth import write_synthetic_dataset
+
+FINISHED = ("done", "failed", "cancelled")
+VERSION_HEADER = "X-Model-Version"
+
+
+class ServiceError(RuntimeError):
+    """The service answered an error or a task failed; the message carries the service's own detail."""
+
+
+@dataclass(frozen=True)
+class DemoOptions:
+    """Sizes of the demo; the defaults finish both steps in a few minutes on 2 CPU cores.
+
+    Attributes:
+        classes: Foreground classes in all; the base task learns the first ``classes - new_classes``.
+        new_classes: Classes the second task adds.
+        train_images: Training images per task.
+        val_images: Validation images per task.
+        image_size: Side of the synthetic images in pixels.
+        epochs: Training epochs per task.
+        size: Training crop and evaluation size.
+        batch_size: Training batch size.
+        method: Method of the second task (None: the service's default).
+        seed: Seed of the synthetic data.
+    """
+
+    classes: int = 6
+    new_classes: int = 2
+    train_images: int = 120
+    val_images: int = 30
+    image_size: int = 64
+    epochs: int = 8
+    size: int = 64
+    batch_size: int = 8
+    method: str | None = None
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Segmentation:
+    """A ``format=json`` answer: the version that answered and the pixel fraction of each class."""
+
+    version: str
+    fractions: dict[str, float]
+
+
+class ServiceClient:
+    """Thin typed wrapper over the service's HTTP API (httpx; every error becomes a :class:`ServiceError`)."""
+
+    def __init__(self, url: str, api_key: str | None = None, timeout_s: float = 60.0) -> None:
+        headers = {"X-API-Key": api_key} if api_key else {}
+        self.http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout_s)
+
+    def close(self) -> None:
+        self.http.close()
+
+    def _request(self, method: str, path: str, **kwargs) -> httpx.Response:
+        try:
+            response = self.http.request(method, path, **kwargs)
+        except httpx.HTTPError as err:
+            raise ServiceError(
+                f"{method} {self.http.base_url}{path}: {err}; is the service running?"
+            ) from err
+        if response.is_error:
+            try:
+                detail = response.json().get("detail", response.text)
+            except ValueError:
+                detail = response.text
+            raise ServiceError(f"{method} {path} answered {response.status_code}: {detail}")
+        return response
+
+    def health(self) -> None:
+        self._request("GET", "/health")
+
+    def models(self) -> dict:
+        return self._request("GET", "/models").json()
+
+    def post_task(self, archive: Path, fields: dict[str, str]) -> str:
+        with archive.open("rb") as file:
+            files = {"dataset": (archive.name, file, "application/zip")}
+            return self._request("POST", "/tasks", files=files, data=fields).json()["task_id"]
+
+    def task(self, task_id: str) -> dict:
+        return self._request("GET", f"/tasks/{task_id}").json()
+
+    def segment(self, image: Path) -> Segmentation:
+        response = self._request(
+            "POST",
+            "/segment",
+            params={"format": "json"},
+            content=image.read_bytes(),
+            headers={"Content-Type": "image/png"},
+        )
+        return Segmentation(response.headers[VERSION_HEADER], response.json()["fractions"])
+
+    def overlay(self, image: Path) -> bytes:
+        files = {"image": (image.name, image.read_bytes(), "image/png")}
+        return self._request("POST", "/segment", params={"format": "overlay"}, files=files).content
+
+    def wait_task(self, task_id: str, on_update: Callable[[dict], None], poll_s: float = 0.5) -> dict:
+        """Polls the task until it finishes; raises :class:`ServiceError` unless it is done."""
+        while True:
+            task = self.task(task_id)
+            on_update(task)
+            if task["state"] in FINISHED:
+                if task["state"] != "done":
+                    raise ServiceError(f"task {task_id} {task['state']}: {task.get('error') or 'no message'}")
+                return task
+            time.sleep(poll_s)
+
+    def wait_serving(self, version: str, timeout_s: float = 120.0, poll_s: float = 0.25) -> None:
+        """Waits until this API process answers with ``version`` (it loads and warms it up first)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            models = self.models()
+            if models["serving"] == version:
+                return
+            failure = next((m["load_failure"] for m in models["versions"] if m["name"] == version), None)
+            if failure:
+                raise ServiceError(f"the service could not load {version}: {failure}")
+            time.sleep(poll_s)
+        raise ServiceError(f"the service did not start serving {version} within {timeout_s:.0f} s")
+
+
+def write_demo_datasets(out: Path, options: DemoOptions) -> tuple[Path, Path, Path]:
+    """Writes the base and second-task datasets as zip archives, and the demo image.
+
+    The base dataset keeps the first ``classes - new_classes`` classes (the others' pixels become
+    background, as in the overlapped protocol); the second dataset, drawn with another seed, lists every
+    class, so the service keeps the known ones, adds the rest and scores old and new classes.
+
+    Returns:
+        The base archive, the second task's archive, and a validation image of the second dataset that
+        shows a new class.
+    """
+    base_classes = options.classes - options.new_classes
+    if base_classes < 1 or options.new_classes < 1:
+        raise ValueError(
+            f"need at least one base and one new class, got {options.classes} - {options.new_classes}"
+        )
+    full = {}
+    for name, seed in (("base-full", options.seed), ("step", options.seed + 1)):
+        folder = out / name
+        if folder.exists():
+            shutil.rmtree(folder)
+        full[name] = write_synthetic_dataset(
+            folder, options.classes, options.train_images, options.val_images, options.image_size, seed
+        )
+    base = out / "base"
+    if base.exists():
+        shutil.rmtree(base)
+    shutil.copytree(full["base-full"], base)
+    shutil.rmtree(full["base-full"])
+    names = (base / "classes.txt").read_text().split()
+    (base / "classes.txt").write_text("\n".join(names[: base_classes + 1]) + "\n")
+    for mask_path in (base / "masks").glob("*.png"):
+        labels = np.asarray(Image.open(mask_path))  # (S, S) uint8
+        labels = np.where((labels > base_classes) & (labels != 255), 0, labels).astype(np.uint8)
+        Image.fromarray(labels).save(mask_path)
+    demo_image = _image_with_new_class(full["step"], base_classes)
+    return _zip(base, out / "base.zip"), _zip(full["step"], out / "step.zip"), demo_image
+
+
+def _image_with_new_class(dataset: Path, base_classes: int) -> Path:
+    """The validation image whose mask has the most pixels of the classes after ``base_classes``."""
+    stems = (dataset / "splits" / "val.txt").read_text().split()
+
+    def new_pixels(stem: str) -> int:
+        labels = np.asarray(Image.open(dataset / "masks" / f"{stem}.png"))
+        return int(((labels > base_classes) & (labels != 255)).sum())
+
+    return dataset / "images" / f"{max(stems, key=new_pixels)}.png"
+
+
+def _zip(folder: Path, archive: Path) -> Path:
+    """Zips a dataset folder with its files at the archive root."""
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zipped:
+        for path in sorted(folder.rglob("*")):
+            if path.is_file():
+                zipped.write(path, path.relative_to(folder).as_posix())
+    return archive
+
+
+def _run_task(client: ServiceClient, console: Console, label: str, archive: Path, fields: dict) -> dict:
+    """Posts one task and follows it with a progress bar until it is done; returns the final task."""
+    task_id = client.post_task(archive, fields)
+    console.print(f"{label}: task {task_id} queued ({archive.stat().st_size // 1024} KiB archive)")
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.percentage:>3.0f}%"),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    ) as progress:
+        bar = progress.add_task(label, total=1.0, status="queued")
+
+        def update(task: dict) -> None:
+            parts = [task["state"], task.get("phase") or ""]
+            if task.get("epoch") is not None:
+                parts.append(f"epoch {task['epoch'] + 1}")
+            if task.get("loss") is not None:
+                parts.append(f"loss {task['loss']:.3f}")
+            progress.update(
+                bar, completed=task.get("fraction") or 0.0, status=" ".join(p for p in parts if p)
+            )
+
+        task = client.wait_task(task_id, update)
+    console.print(f"{label}: done -> model {task['model_version']}{_scores(task.get('metrics'))}")
+    return task
+
+
+def _scores(metrics: dict | None) -> str:
+    if not metrics:
+        return ""
+    figures = [
+        f"{key} {100 * metrics[f'miou_{key}']:.1f}"
+        for key in ("old", "new", "all")
+        if metrics.get(f"miou_{key}") is not None
+    ]
+    return f" (mIoU {', '.join(figures)})" if figures else ""
+
+
+def run_demo(url: str, out: Path, options: DemoOptions, api_key: str | None = None) -> dict:
+    """Runs the whole demo against the service at ``url``; returns what it measured.
+
+    Raises:
+        ServiceError: The service is unreachable, refused a request, or a task failed.
+    """
+    console = Console(stderr=True)
+    out.mkdir(parents=True, exist_ok=True)
+    client = ServiceClient(url, api_key)
+    started = time.monotonic()
+    try:
+        client.health()
+        existing = client.models()["versions"]
+        if existing:
+            console.print(f"note: the service already has {len(existing)} version(s); the demo adds its own")
+        base_zip, step_zip, image = write_demo_datasets(out, options)
+        fields = {
+            "epochs": str(options.epochs),
+            "size": str(options.size),
+            "batch_size": str(options.batch_size),
+        }
+        base_task = _run_task(client, console, "base task", base_zip, {**fields, "method": "ft"})
+        client.wait_serving(base_task["model_version"])
+        before = client.segment(image)
+        (out / "before.jpg").write_bytes(client.overlay(image))
+        step_fields = fields if options.method is None else {**fields, "method": options.method}
+        step_task = _run_task(client, console, "second task", step_zip, step_fields)
+        client.wait_serving(step_task["model_version"])
+        after = client.segment(image)
+        (out / "after.jpg").write_bytes(client.overlay(image))
+    finally:
+        client.close()
+    elapsed = time.monotonic() - started
+    appeared = [name for name in after.fractions if name not in before.fractions]
+    table = Table(
+        "class", f"before ({before.version})", f"after ({after.version})", title=f"segment {image.name}"
+    )
+    for name in sorted(
+        set(before.fractions) | set(after.fractions), key=lambda n: -after.fractions.get(n, 0)
+    ):
+        table.add_row(name, _pct(before.fractions.get(name)), _pct(after.fractions.get(name)))
+    console.print(table)
+    console.print(
+        f"version {before.version} -> {after.version}; classes added by the second task: "
+        f"{', '.join(step_task['classes'])}; appeared in the segmentation: {', '.join(appeared) or 'none'}"
+    )
+    console.print(f"overlays: {out / 'before.jpg'}, {out / 'after.jpg'}; {elapsed:.0f} s in all")
+    return {
+        "before": before,
+        "after": after,
+        "appeared": appeared,
+        "added": step_task["classes"],
+        "seconds": elapsed,
+        "tasks": [base_task, step_task],
+    }
+
+
+def _pct(fraction: float | None) -> str:
+    return "-" if fraction is None else f"{100 * fraction:.1f} %"
