@@ -3,49 +3,91 @@
 This is the library function the CLI and the service's worker both call. The dataset's class
 names decide what the step learns: names the base model already knows keep their index, the
 others are appended (the model grows). ``base=None`` trains step 0.
+
+The whole dataset, train and val, is checked (``training.data.validate_dataset``) before the model
+is built, so a bad file fails in seconds with a message naming it, the same from the CLI and the API.
+
+Settings for one step (``training.protocols`` defines them for a protocol of many steps):
+- *overlapped* and *disjoint*: classes the model already knows are labelled background in the
+  training masks. They differ only in whether training images may show classes of *later* steps,
+  and one step on a user's dataset has none: every class the dataset lists is either known, new, or
+  (fixed VOC/ADE20K lists only) absent from every training image. So the two are identical here.
+- *sequential*: known classes keep their labels in the training masks (same images).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from training.data import (
+    IGNORE,
+    DatasetReport,
+    Sample,
     SegmentationDataset,
-    SegmentationSource,
     eval_transform,
-    label_sets,
     read_source,
     train_transform,
+    validate_dataset,
 )
 from training.methods import build_method
 from training.metrics import SegmentationScores
 from training.model_dir import ModelBundle
-from training.protocols import label_lut
+from training.protocols import Setting, label_lut
 from training.trainer import ProgressCallback, StepOptions, train_step
 
 
-def plan_step(source: SegmentationSource, known: list[str]) -> tuple[list[str], dict[int, int]]:
-    """Matches a dataset's classes to a model's by name.
+@dataclass(frozen=True)
+class StepPlan:
+    """What one step trains on, in the new model's class indices.
+
+    Attributes:
+        new_classes: Names of the classes the step adds, in dataset order (= their new model indices).
+        train_samples: Training images that show at least one new class.
+        train_lut: uint8 (256,) dataset label -> training label (known classes -> 0 unless sequential).
+        val_lut: uint8 (256,) dataset label -> model label for validation (every class the model will know).
+    """
+
+    new_classes: list[str]
+    train_samples: list[Sample]
+    train_lut: np.ndarray
+    val_lut: np.ndarray
+
+
+def plan_step(report: DatasetReport, known: list[str], setting: Setting) -> StepPlan:
+    """Matches a validated dataset's classes to a model's by name and selects the training images.
 
     Args:
-        source: The dataset (its class 0 is background whatever its name).
+        report: The dataset as :func:`training.data.validate_dataset` checked it against ``known``.
         known: The base model's classes (``["background"]`` for step 0).
+        setting: How known classes are labelled in training (see the module docstring).
 
     Returns:
-        The new class names (in dataset order) and the map dataset index -> new model index.
-
-    Raises:
-        ValueError: If the dataset adds no class the model does not already know.
+        The step's new classes, training images and label tables.
     """
-    new = [name for name in source.classes[1:] if name not in known]
-    if not new:
-        raise ValueError(
-            f"{source.root}: every class of the dataset ({', '.join(source.classes[1:])}) is already known "
-            "to the model; a step must add at least one new class"
-        )
-    index = {name: i for i, name in enumerate([*known, *new])}
-    mapping = {0: 0} | {i: index[name] for i, name in enumerate(source.classes) if i > 0}
-    return new, mapping
+    classes = report.source.classes
+    model_index = {name: i for i, name in enumerate([*known, *report.new_classes])}
+    # Dataset class 0 is background whatever its name; classes left out of the step are ignored.
+    mapping = {0: 0} | {i: model_index.get(name, IGNORE) for i, name in enumerate(classes) if i > 0}
+    new_indices = report.new_indices
+    keep = {
+        0,
+        *new_indices,
+        *(i for i, name in enumerate(classes) if setting.keeps_old_labels and name in known),
+    }
+    train_map = {src: dst if src in keep or dst == IGNORE else 0 for src, dst in mapping.items()}
+    return StepPlan(
+        new_classes=list(report.new_classes),
+        train_samples=[
+            sample
+            for sample, labels in zip(report.source.train, report.train_labels, strict=True)
+            if labels & new_indices
+        ],
+        train_lut=label_lut(train_map),
+        val_lut=label_lut(mapping),
+    )
 
 
 def run_step(
@@ -56,7 +98,7 @@ def run_step(
     out_dir: Path,
     on_progress: ProgressCallback | None = None,
 ) -> tuple[ModelBundle, SegmentationScores | None]:
-    """Trains one step on a dataset folder and writes the new model directory.
+    """Checks the dataset, trains one step on it and writes the new model directory.
 
     Training uses the images that contain a new class; classes the model already knows are
     labelled background unless ``options.setting`` is ``sequential``. Validation (the dataset's
@@ -64,30 +106,27 @@ def run_step(
 
     Returns:
         The saved bundle and its validation scores (None without a val split).
+
+    Raises:
+        DataError: When the dataset fails :func:`training.data.validate_dataset` (before any training).
+        ValueError: On an unknown method.
     """
     method_obj = build_method(method)  # fail on a bad name before reading anything
     source = read_source(Path(data_dir))
     base = ModelBundle.load(base_dir, aux=True) if base_dir is not None else None
     known = base.classes if base is not None else ["background"]
-    new, mapping = plan_step(source, known)
-    new_indices = {mapping[i] for i in range(1, len(source.classes)) if source.classes[i] in new}
+    plan = plan_step(validate_dataset(source, known), known, Setting(options.setting))
     num_source = len(source.classes)
-    keep_old = options.setting == "sequential"
-    train_map = {src: dst for src, dst in mapping.items() if dst in new_indices or keep_old or dst == 0}
-
-    sets = label_sets(source.train, num_source, source.label_map)
-    new_sources = {i for i, name in enumerate(source.classes) if name in new}
-    train_samples = [s for s, labels in zip(source.train, sets, strict=True) if labels & new_sources]
     train_set = SegmentationDataset(
-        train_samples, num_source, label_lut(train_map), train_transform(options.size), source.label_map
+        plan.train_samples, num_source, plan.train_lut, train_transform(options.size), source.label_map
     )
     val_set = (
         SegmentationDataset(
-            source.val, num_source, label_lut(mapping), eval_transform(options.size), source.label_map
+            source.val, num_source, plan.val_lut, eval_transform(options.size), source.label_map
         )
         if source.val
         else None
     )
-    bundle, scores = train_step(base, new, train_set, val_set, method_obj, options, on_progress)
+    bundle, scores = train_step(base, plan.new_classes, train_set, val_set, method_obj, options, on_progress)
     bundle.save(out_dir)
     return bundle, scores

@@ -9,7 +9,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from training.data.sources import IGNORE, DataError, Sample, load_image, load_mask
+from training.data.sources import IGNORE, Sample, check_mask_size, load_image, load_mask
 
 PairCallable = Callable[[Image.Image, np.ndarray], tuple[Tensor, Tensor]]
 
@@ -62,11 +62,7 @@ class SegmentationDataset(Dataset[tuple[Tensor, Tensor]]):
         sample = self.samples[index]
         image = load_image(sample.image_path)
         mask = load_mask(sample, self.num_classes, self.label_map)  # (H, W) uint8 source class indices
-        if image.size != (mask.shape[1], mask.shape[0]):
-            raise DataError(
-                f"{sample.mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} but image "
-                f"{sample.image_path} is {image.width}x{image.height}; they must have the same size"
-            )
+        check_mask_size(sample, image.size, mask)
         if self.label_lut is not None:
             mask = self.label_lut[mask]  # (H, W) uint8 training labels
         return self.transform(image, mask)

@@ -46,7 +46,20 @@ ADE_LABEL_MAP = (IGNORE,) + tuple(range(1, 256))
 
 
 class DataError(ValueError):
-    """Bad dataset content; the message names the offending file and says what to fix."""
+    """Bad dataset content; the message names the offending file and says what to fix.
+
+    Args:
+        path: The file or folder concerned.
+        problem: What is wrong and how to fix it; ``str(error)`` is ``"<path>: <problem>"``.
+    """
+
+    def __init__(self, path: Path | str, problem: str) -> None:
+        super().__init__(f"{path}: {problem}")
+        self.path = Path(path)
+        self.problem = problem
+
+    def __reduce__(self) -> tuple[type[DataError], tuple[Path, str]]:
+        return type(self), (self.path, self.problem)  # picklable across DataLoader workers
 
 
 @dataclass(frozen=True)
@@ -69,6 +82,8 @@ class SegmentationSource:
         val: Validation samples.
         label_map: 256-entry lookup table from raw mask value to class index (255 = ignore);
             None when the raw values already are class indices.
+        class_file: The file the class names were read from (``classes.txt``); None when the layout
+            fixes them (VOC, ADE20K).
     """
 
     root: Path
@@ -76,6 +91,7 @@ class SegmentationSource:
     train: tuple[Sample, ...]
     val: tuple[Sample, ...]
     label_map: tuple[int, ...] | None = None
+    class_file: Path | None = None
 
 
 def read_folder_dataset(root: Path) -> SegmentationSource:
@@ -105,8 +121,9 @@ def read_folder_dataset(root: Path) -> SegmentationSource:
         overlap = sorted(set(train_stems) & set(val_stems))
         if overlap:
             raise DataError(
-                f"{val_file}: {len(overlap)} stem(s) are also in {train_file} (first: {overlap[0]!r}); "
-                "a stem may be in one split only"
+                val_file,
+                f"{len(overlap)} stem(s) are also in {train_file} (first: {overlap[0]!r}); "
+                "a stem may be in one split only",
             )
     else:
         train_stems = sorted(set(images) - set(val_stems))
@@ -115,12 +132,10 @@ def read_folder_dataset(root: Path) -> SegmentationSource:
         found = []
         for stem in stems:
             if stem not in images:
-                raise DataError(f"{listed_in}: stem {stem!r} has no image {root / 'images' / stem}.(jpg|png)")
+                raise DataError(listed_in, f"stem {stem!r} has no image {root / 'images' / stem}.(jpg|png)")
             mask_path = root / "masks" / f"{stem}.png"
             if not mask_path.is_file():
-                raise DataError(
-                    f"{images[stem]}: the mask {mask_path} is missing; add it or remove the image"
-                )
+                raise DataError(images[stem], f"the mask {mask_path} is missing; add it or remove the image")
             found.append(Sample(stem, images[stem], mask_path))
         return tuple(found)
 
@@ -129,6 +144,7 @@ def read_folder_dataset(root: Path) -> SegmentationSource:
         classes=classes,
         train=samples(train_stems, train_file if train_file.is_file() else root / "images"),
         val=samples(val_stems, val_file),
+        class_file=root / "classes.txt",
     )
 
 
@@ -149,14 +165,12 @@ def read_voc(root: Path, aug: bool | None = None) -> SegmentationSource:
     """
     voc = _find_voc_root(Path(root))
     if voc is None:
-        raise DataError(
-            f"{root}: no VOC2012 layout found (JPEGImages/ + SegmentationClass[Aug]/ + ImageSets/)"
-        )
+        raise DataError(root, "no VOC2012 layout found (JPEGImages/ + SegmentationClass[Aug]/ + ImageSets/)")
     if aug is None:
         aug = (voc / "SegmentationClassAug").is_dir()
     mask_dir = voc / ("SegmentationClassAug" if aug else "SegmentationClass")
     if not mask_dir.is_dir():
-        raise DataError(f"{mask_dir}: folder missing; add the masks or choose aug={not aug}")
+        raise DataError(mask_dir, f"folder missing; add the masks or choose aug={not aug}")
     train_list = voc / "ImageSets" / "SegmentationAug" / "train_aug.txt"
     if not (aug and train_list.is_file()):
         train_list = voc / "ImageSets" / "Segmentation" / "train.txt"
@@ -197,7 +211,7 @@ def read_ade20k(root: Path) -> SegmentationSource:
     ade = _find_ade_root(Path(root))
     if ade is None:
         raise DataError(
-            f"{root}: no ADEChallengeData2016 layout found (images/training/, annotations/training/)"
+            root, "no ADEChallengeData2016 layout found (images/training/, annotations/training/)"
         )
 
     def samples(split: str) -> tuple[Sample, ...]:
@@ -236,49 +250,75 @@ def read_source(root: Path) -> SegmentationSource:
     if _find_ade_root(root) is not None:
         return read_ade20k(root)
     raise DataError(
-        f"{root}: unknown dataset layout; expected classes.txt + images/ + masks/ (project format), "
+        root,
+        "unknown dataset layout; expected classes.txt + images/ + masks/ (project format), "
         "a Pascal VOC 2012 folder (JPEGImages/, SegmentationClass/) "
-        "or ADEChallengeData2016 (images/, annotations/)"
+        "or ADEChallengeData2016 (images/, annotations/)",
     )
 
 
-def load_image(path: Path) -> Image.Image:
+def load_image(path: Path, max_pixels: int | None = None) -> Image.Image:
     """Loads an image as RGB.
 
     Args:
         path: Image file.
+        max_pixels: Largest width x height accepted, checked from the header before decoding
+            (decompression bomb guard); None uses ``PIL.Image.MAX_IMAGE_PIXELS``.
 
     Returns:
         The decoded RGB image.
 
     Raises:
-        DataError: When the file is unreadable, corrupt, truncated or larger than
-            ``PIL.Image.MAX_IMAGE_PIXELS`` (decompression bomb guard).
+        DataError: When the file is unreadable, corrupt, truncated or larger than ``max_pixels``.
     """
-    with _open(path) as image:
+    with _open(path, max_pixels) as image:
         return image.convert("RGB")
 
 
-def load_mask(sample: Sample, num_classes: int, label_map: Sequence[int] | None = None) -> np.ndarray:
+def image_size(path: Path, max_pixels: int | None = None) -> tuple[int, int]:
+    """Decodes an image completely (so truncation shows) and returns its size, without keeping the pixels.
+
+    Args:
+        path: Image file.
+        max_pixels: As for :func:`load_image`.
+
+    Returns:
+        (width, height).
+
+    Raises:
+        DataError: As for :func:`load_image`.
+    """
+    with _open(path, max_pixels) as image:
+        return image.size
+
+
+def load_mask(
+    sample: Sample,
+    num_classes: int,
+    label_map: Sequence[int] | None = None,
+    max_pixels: int | None = None,
+) -> np.ndarray:
     """Loads a mask as class indices.
 
     Args:
         sample: The sample whose ``mask_path`` is read.
         num_classes: Number of classes including background; valid labels are 0..num_classes-1 and 255.
         label_map: Optional 256-entry lookup table raw value -> class index (255 = ignore).
+        max_pixels: As for :func:`load_image`.
 
     Returns:
         uint8 array (H, W) of class indices and 255.
 
     Raises:
-        DataError: When the mask is not single channel or palette, unreadable, or holds a label that is
-            neither a class index nor 255.
+        DataError: When the mask is not single channel or palette, unreadable, larger than ``max_pixels``,
+            or holds a label that is neither a class index nor 255.
     """
-    with _open(sample.mask_path) as mask_image:
+    with _open(sample.mask_path, max_pixels) as mask_image:
         if mask_image.mode not in ("L", "P"):
             raise DataError(
-                f"{sample.mask_path}: mask has mode {mask_image.mode}; masks must be single channel (L) or "
-                "palette (P) PNGs whose values are class indices (255 = ignore), not colour images"
+                sample.mask_path,
+                f"mask has mode {mask_image.mode}; masks must be single channel (L) or "
+                "palette (P) PNGs whose values are class indices (255 = ignore), not colour images",
             )
         mask = np.array(mask_image, dtype=np.uint8)  # (H, W) raw values; palette images give palette indices
     if label_map is not None:
@@ -286,10 +326,37 @@ def load_mask(sample: Sample, num_classes: int, label_map: Sequence[int] | None 
     invalid = (mask >= num_classes) & (mask != IGNORE)
     if invalid.any():
         raise DataError(
-            f"{sample.mask_path}: label {int(mask[invalid][0])} is not a class index (0..{num_classes - 1}) "
-            f"nor {IGNORE} (ignore)"
+            sample.mask_path,
+            f"label {int(mask[invalid][0])} is not a class index (0..{num_classes - 1}) nor {IGNORE} "
+            "(ignore); every mask value must be a line number of the class list (0 = first line) or 255",
         )
     return mask
+
+
+def check_mask_size(sample: Sample, image_size: tuple[int, int], mask: np.ndarray) -> None:
+    """Checks that a mask (H, W) has the size of its image.
+
+    Args:
+        sample: The sample (for the message).
+        image_size: The image's (width, height).
+        mask: The loaded mask (H, W).
+
+    Raises:
+        DataError: Naming the mask when the sizes differ.
+    """
+    if image_size != (mask.shape[1], mask.shape[0]):
+        raise DataError(
+            sample.mask_path,
+            f"mask is {mask.shape[1]}x{mask.shape[0]} but image {sample.image_path} is "
+            f"{image_size[0]}x{image_size[1]}; they must have the same size",
+        )
+
+
+def present_labels(mask: np.ndarray) -> frozenset[int]:
+    """The labels present in a mask (H, W) of class indices, 255 excluded."""
+    counts = np.bincount(mask.ravel(), minlength=256)  # (256,)
+    counts[IGNORE] = 0
+    return frozenset(np.flatnonzero(counts).tolist())
 
 
 def label_sets(
@@ -305,88 +372,91 @@ def label_sets(
     Returns:
         One set of class indices per sample, in order.
     """
-    sets = []
-    for sample in source_samples:
-        counts = np.bincount(load_mask(sample, num_classes, label_map).ravel(), minlength=256)  # (256,)
-        counts[IGNORE] = 0
-        sets.append(frozenset(np.flatnonzero(counts).tolist()))
-    return sets
+    return [present_labels(load_mask(sample, num_classes, label_map)) for sample in source_samples]
 
 
-def _open(path: Path) -> Image.Image:
-    """Opens and decodes an image file, turning every failure into a DataError naming it."""
+def _open(path: Path, max_pixels: int | None = None) -> Image.Image:
+    """Opens and decodes an image file, turning every failure into a DataError naming it.
+
+    The pixel count is checked from the header, before the pixels are decoded.
+    """
     try:
         image = Image.open(path)
     except Image.DecompressionBombError as error:
-        raise DataError(f"{path}: image too large ({error}); downscale it") from error
+        raise DataError(path, f"image too large ({error}); downscale it") from error
     except (OSError, SyntaxError, ValueError) as error:
         raise DataError(
-            f"{path}: cannot read image ({error}); replace the file with a valid JPEG or PNG"
+            path, f"cannot read image ({error}); replace the file with a valid JPEG or PNG"
         ) from error
-    limit = Image.MAX_IMAGE_PIXELS
+    limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
     if limit is not None and image.width * image.height > limit:
         image.close()
         raise DataError(
-            f"{path}: image has {image.width}x{image.height} pixels, more than the {limit} allowed; "
-            "downscale it"
+            path,
+            f"image has {image.width}x{image.height} pixels, more than the {limit} allowed; downscale it",
         )
     try:
         image.load()
     except (OSError, SyntaxError, ValueError) as error:
         image.close()
-        raise DataError(f"{path}: corrupt or truncated image ({error}); replace the file") from error
+        raise DataError(path, f"corrupt or truncated image ({error}); replace the file") from error
     return image
 
 
 def _read_classes(path: Path) -> tuple[str, ...]:
     if not path.is_file():
-        raise DataError(f"{path}: missing; write one class name a line, line 0 = background")
-    lines = [line.strip() for line in path.read_text(encoding="utf-8").rstrip().splitlines()]
+        raise DataError(path, "missing; write one class name a line, line 0 = background")
+    lines = [line.strip() for line in _read_text(path).rstrip().splitlines()]
     seen: dict[str, int] = {}
     for number, name in enumerate(lines, start=1):
         if not name:
-            raise DataError(f"{path}: line {number} is blank; line i must name the class of mask value i")
+            raise DataError(path, f"line {number} is blank; line i must name the class of mask value i")
         if name in seen:
             raise DataError(
-                f"{path}: line {number} repeats class {name!r} of line {seen[name]}; names must be unique"
+                path, f"line {number} repeats class {name!r} of line {seen[name]}; names must be unique"
             )
         seen[name] = number
     if not 2 <= len(lines) <= IGNORE:
-        raise DataError(f"{path}: {len(lines)} classes; need background plus 1..{IGNORE - 1} classes")
+        raise DataError(path, f"{len(lines)} classes; need background plus 1..{IGNORE - 1} classes")
     return tuple(lines)
 
 
 def _index_images(image_dir: Path) -> dict[str, Path]:
     if not image_dir.is_dir():
-        raise DataError(f"{image_dir}: folder missing; put the images there as <stem>.jpg or <stem>.png")
+        raise DataError(image_dir, "folder missing; put the images there as <stem>.jpg or <stem>.png")
     images: dict[str, Path] = {}
     for path in sorted(image_dir.iterdir()):
         if path.suffix.lower() not in IMAGE_SUFFIXES:
             continue
         if path.stem in images:
             raise DataError(
-                f"{path}: stem {path.stem!r} also used by {images[path.stem]}; stems must be unique"
+                path, f"stem {path.stem!r} also used by {images[path.stem]}; stems must be unique"
             )
         images[path.stem] = path
     if not images:
-        raise DataError(f"{image_dir}: no .jpg/.jpeg/.png images")
+        raise DataError(image_dir, "no .jpg/.jpeg/.png images")
     return images
 
 
 def _read_stem_list(path: Path) -> list[str]:
     """Reads a list file: one stem a line, or a path whose stem is taken (``/JPEGImages/x.jpg ...``)."""
     if not path.is_file():
-        raise DataError(f"{path}: split list missing")
-    return [
-        Path(line.split()[0]).stem for line in path.read_text(encoding="utf-8").splitlines() if line.strip()
-    ]
+        raise DataError(path, "split list missing")
+    return [Path(line.split()[0]).stem for line in _read_text(path).splitlines() if line.strip()]
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise DataError(path, f"not UTF-8 text ({error}); save it as UTF-8") from error
 
 
 def _existing_sample(stem: str, image_path: Path, mask_path: Path, listed_in: Path) -> Sample:
     for path in (image_path, mask_path):
         if not path.is_file():
             raise DataError(
-                f"{path}: missing (listed in {listed_in}); restore it or remove {stem!r} from the list"
+                path, f"missing (listed in {listed_in}); restore it or remove {stem!r} from the list"
             )
     return Sample(stem, image_path, mask_path)
 
