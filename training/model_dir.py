@@ -3,24 +3,33 @@
 Layout::
 
     MODEL_DIR/model.json    {"format": 1, "config": BiSeNetConfig, "classes": [...],
-                             "history": [StepRecord, ...], "state": [state names]}
+                             "history": [StepRecord, ...], "state": [state names]}   (ModelFile)
     MODEL_DIR/weights.pt    state dict of the training model (auxiliary heads included)
     MODEL_DIR/state/NAME.pt method state (prototypes, feature memory, ...): dicts of tensors
 
-Written atomically: into a temporary sibling, then renamed, so a crash mid-write never leaves a
-half-written model where a reader looks.
+Written into a uniquely named temporary sibling, every file and directory fsynced, then renamed into
+place, so a crash never leaves a half-written model where a reader looks and two writers to one path
+never share a temporary name. Replacing an *existing* directory takes two renames, during which the path
+is briefly absent: readers that must never see a gap (the service) publish new directories under new
+names instead (``service.registry``). Directories are world-readable (0755), not ``mkdtemp``'s 0700.
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
+import errno
 import os
+import pickle
 import shutil
 import tempfile
+import uuid
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from torch import Tensor
 
 from training.models.bisenet import BiSeNet, BiSeNetConfig
@@ -29,26 +38,133 @@ FORMAT_VERSION = 1
 MODEL_FILE = "model.json"
 WEIGHTS_FILE = "weights.pt"
 STATE_DIR = "state"
+DIR_MODE = 0o755
+REPLACE_ATTEMPTS = 100
+
+
+class ModelFile(BaseModel):
+    """``model.json``, validated so that a damaged file names the key at fault."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    format: Literal[1]
+    config: dict[str, Any] = Field(description="BiSeNetConfig fields")
+    classes: list[str] = Field(min_length=1)
+    history: list[dict[str, Any]]
+    state: list[str] = Field(default_factory=list)
+
+    @field_validator("config")
+    @classmethod
+    def _config_keys(cls, config: dict[str, Any]) -> dict[str, Any]:
+        known = {item.name: item for item in dataclasses.fields(BiSeNetConfig)}
+        extra = sorted(set(config) - set(known))
+        if extra:
+            raise ValueError(f"unknown key(s) {', '.join(extra)}; BiSeNetConfig has {', '.join(known)}")
+        missing = [
+            name
+            for name, item in known.items()
+            if name not in config
+            and item.default is dataclasses.MISSING
+            and item.default_factory is dataclasses.MISSING
+        ]
+        if missing:
+            raise ValueError(f"missing key(s) {', '.join(missing)}")
+        return config
+
+    @model_validator(mode="after")
+    def _classes_match_config(self) -> ModelFile:
+        if len(self.classes) != self.config["num_classes"]:
+            raise ValueError(
+                f"{len(self.classes)} class names for config.num_classes = {self.config['num_classes']}"
+            )
+        return self
+
+    def bisenet_config(self) -> BiSeNetConfig:
+        """The architecture (its own checks raise ValueError/TypeError on bad values)."""
+        return BiSeNetConfig(**self.config)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sync_tree(root: Path) -> None:
+    """Fsyncs every file and directory under ``root`` (deepest first) and makes directories 0755."""
+    for directory, subdirs, names in os.walk(root, topdown=False):
+        for name in [*names, *subdirs]:
+            _fsync(Path(directory) / name)
+        Path(directory).chmod(DIR_MODE)
+    _fsync(root)
 
 
 def replace_dir(tmp: Path, target: Path) -> None:
     """Moves the finished directory ``tmp`` to ``target``, replacing an existing one.
 
-    Readers see the old or the new directory, never a half-written one (a crash between the two
-    renames leaves the previous version at ``.NAME.replaced``).
+    ``tmp``'s files are fsynced first, and the parent directory after. Readers see the old or the new
+    directory, or (between the two renames of a replacement) none; never a half-written one. Concurrent
+    writers to one ``target`` each move the current directory aside under a unique name and retry, so
+    the last rename wins and none fails.
+
+    Raises:
+        OSError: ``target`` could not be replaced after many attempts.
     """
-    if target.exists():
-        old = target.with_name(f".{target.name}.replaced")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(target, old)
-        os.replace(tmp, target)
+    sync_tree(tmp)
+    for _ in range(REPLACE_ATTEMPTS):
+        try:
+            os.rename(tmp, target)  # fails on an existing non-empty directory
+            break
+        except OSError as err:
+            if err.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+        old = target.with_name(f".{target.name}.replaced-{uuid.uuid4().hex}")
+        try:
+            os.rename(target, old)
+        except FileNotFoundError:
+            continue  # another writer moved it aside first
         shutil.rmtree(old, ignore_errors=True)
     else:
-        os.replace(tmp, target)
+        raise OSError(errno.EBUSY, f"could not replace {target} after {REPLACE_ATTEMPTS} attempts")
+    _fsync(target.parent)
 
 
 def is_model_dir(path: Path) -> bool:
     return (Path(path) / MODEL_FILE).is_file() and (Path(path) / WEIGHTS_FILE).is_file()
+
+
+def read_model_file(path: Path) -> ModelFile:
+    """Reads and validates ``model.json`` of a model directory.
+
+    Raises:
+        ValueError: The file is not JSON, of another format, or a key is missing, extra or wrong; the
+            message names the file and the key.
+    """
+    file = Path(path) / MODEL_FILE
+    try:
+        return ModelFile.model_validate_json(file.read_bytes())
+    except ValidationError as err:
+        problems = "; ".join(
+            f"{'.'.join(map(str, item['loc'])) or 'file'}: {item['msg']}" for item in err.errors()
+        )
+        raise ValueError(f"{file}: {problems}") from None
+
+
+def _load_tensors(file: Path, map_location: str | torch.device) -> dict[str, Tensor]:
+    """``torch.load`` with a message that names the file when it is truncated or not a tensor file."""
+    try:
+        value = torch.load(file, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise ValueError(f"{file}: missing (listed in {MODEL_FILE})") from None
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as err:
+        raise ValueError(
+            f"{file}: cannot be read ({err}); the file is truncated or not a weights file"
+        ) from None
+    if not isinstance(value, dict) or not all(isinstance(v, Tensor) for v in value.values()):
+        raise ValueError(f"{file}: expected a dict of tensors")
+    return value
 
 
 @dataclass
@@ -83,7 +199,7 @@ class ModelBundle:
         return len(self.history)
 
     def save(self, path: Path) -> Path:
-        """Writes the directory atomically, replacing an existing one at ``path``."""
+        """Writes the directory (fsynced, 0755) and moves it to ``path``, replacing an existing one."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
@@ -92,14 +208,14 @@ class ModelBundle:
             (tmp / STATE_DIR).mkdir()
             for name, tensors in self.state.items():
                 torch.save({k: v.detach().cpu() for k, v in tensors.items()}, tmp / STATE_DIR / f"{name}.pt")
-            meta = {
-                "format": FORMAT_VERSION,
-                "config": self.config.to_dict(),
-                "classes": self.classes,
-                "history": self.history,
-                "state": sorted(self.state),
-            }
-            (tmp / MODEL_FILE).write_text(json.dumps(meta, indent=2))
+            meta = ModelFile(
+                format=FORMAT_VERSION,
+                config=self.config.to_dict(),
+                classes=self.classes,
+                history=self.history,
+                state=sorted(self.state),
+            )
+            (tmp / MODEL_FILE).write_text(meta.model_dump_json(indent=2))
             replace_dir(tmp, path)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -112,25 +228,27 @@ class ModelBundle:
 
         Raises:
             FileNotFoundError: ``path`` is not a model directory.
-            ValueError: The directory is of an unknown format or its files disagree.
+            ValueError: A file is damaged (truncated weights, a bad or incomplete ``model.json``, weights
+                that do not fit the config); the message names the file.
         """
         path = Path(path)
         if not is_model_dir(path):
             raise FileNotFoundError(
                 f"{path} is not a model directory (needs {MODEL_FILE} and {WEIGHTS_FILE})"
             )
-        meta = json.loads((path / MODEL_FILE).read_text())
-        if meta.get("format") != FORMAT_VERSION:
-            raise ValueError(
-                f"{path}: model format {meta.get('format')!r}, this incseg reads {FORMAT_VERSION}"
-            )
-        model = BiSeNet(BiSeNetConfig(**meta["config"]), aux=aux)
-        weights = torch.load(path / WEIGHTS_FILE, map_location=map_location, weights_only=True)
+        meta = read_model_file(path)
+        try:
+            model = BiSeNet(meta.bisenet_config(), aux=aux)
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"{path / MODEL_FILE}: config: {err}") from None
+        weights = _load_tensors(path / WEIGHTS_FILE, map_location)
         if not aux:
             weights = {k: v for k, v in weights.items() if not k.startswith("aux_heads.")}
-        model.load_state_dict(weights)
-        state = {
-            name: torch.load(path / STATE_DIR / f"{name}.pt", map_location=map_location, weights_only=True)
-            for name in meta.get("state", [])
-        }
-        return cls(model, list(meta["classes"]), list(meta["history"]), state)
+        try:
+            model.load_state_dict(weights)
+        except RuntimeError as err:
+            raise ValueError(
+                f"{path / WEIGHTS_FILE}: does not fit the config of {MODEL_FILE}: {err}"
+            ) from None
+        state = {name: _load_tensors(path / STATE_DIR / f"{name}.pt", map_location) for name in meta.state}
+        return cls(model, list(meta.classes), list(meta.history), state)

@@ -47,3 +47,71 @@ def test_class_count_must_match() -> None:
 def test_not_a_model_dir(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match="not a model directory"):
         ModelBundle.load(tmp_path)
+
+
+def test_directories_readable_and_no_leftovers_with_concurrent_writers(tmp_path) -> None:
+    """Two threads replacing one path many times: none fails, the result is whole, no temp dirs remain."""
+    import threading
+
+    errors: list[BaseException] = []
+
+    def write(num_classes: int) -> None:
+        try:
+            for _ in range(15):
+                bundle(num_classes).save(tmp_path / "m")
+        except BaseException as err:  # noqa: BLE001 - collected for the assertion
+            errors.append(err)
+
+    threads = [threading.Thread(target=write, args=(n,)) for n in (3, 4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert ModelBundle.load(tmp_path / "m").model.num_classes in (3, 4)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+    assert (tmp_path / "m").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "m" / "state").stat().st_mode & 0o777 == 0o755
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda m: m.pop("classes"), r"model\.json: classes: Field required"),
+        (lambda m: m["config"].update(width=3), r"model\.json: config: .*unknown key\(s\) width"),
+        (lambda m: m.update(format=7), r"model\.json: format: Input should be 1"),
+        (lambda m: m["classes"].append("extra"), r"model\.json: .*4 class names for config\.num_classes = 3"),
+        (lambda m: m["config"].update(backbone="vgg"), r"model\.json: config: unknown backbone 'vgg'"),
+    ],
+)
+def test_damaged_model_json_names_the_file(tmp_path, damage, message) -> None:
+    bundle().save(tmp_path / "m")
+    meta = json.loads((tmp_path / "m" / "model.json").read_text())
+    damage(meta)
+    (tmp_path / "m" / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=message):
+        ModelBundle.load(tmp_path / "m")
+
+
+def test_truncated_files_name_themselves(tmp_path) -> None:
+    bundle().save(tmp_path / "m")
+    (tmp_path / "m" / "model.json").write_text('{"format": 1, "conf')
+    with pytest.raises(ValueError, match=r"model\.json: .*Invalid JSON"):
+        ModelBundle.load(tmp_path / "m")
+    bundle().save(tmp_path / "m")
+    weights = tmp_path / "m" / "weights.pt"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ValueError, match=r"weights\.pt: cannot be read .* truncated"):
+        ModelBundle.load(tmp_path / "m")
+    bundle().save(tmp_path / "m")
+    (tmp_path / "m" / "state" / "prototypes.pt").unlink()
+    with pytest.raises(ValueError, match=r"prototypes\.pt: missing"):
+        ModelBundle.load(tmp_path / "m")
+
+
+def test_weights_of_another_config(tmp_path) -> None:
+    bundle(3).save(tmp_path / "m")
+    bundle(4).save(tmp_path / "other")
+    (tmp_path / "other" / "weights.pt").replace(tmp_path / "m" / "weights.pt")
+    with pytest.raises(ValueError, match=r"weights\.pt: does not fit the config of model\.json"):
+        ModelBundle.load(tmp_path / "m")
