@@ -17,23 +17,32 @@ cross-entropy at step 0). Stages 2 and 3 run in the classification term's ``on_s
    It holds no pixel data: one mean embedding per (sampled image, class). The step's rotations
    are kept beside it (``ctx.state["alife_rotations"]``) as a record of how the memory moved.
 
-Differences from the code: cross-entropies average over the non-ignored pixels (ALIFE averages over
-all pixels, ignored ones counting 0); S = A - A^T (ALIFE halves it) with A starting at zero, i.e.
-identity rotations (ALIFE starts from a small random A); stage 3 uses cross-entropy (ALIFE's
-configs pick a focal loss); class means weight the embedding cells by the area the class covers
-instead of upsampling the embedding to the label size; the memory is float16 unless asked otherwise.
+Weights per step: ALIFE tunes them per protocol and step (``configs/<dataset>/<task>/{k}_step1.yml``
+and ``M{k}_step3.yml``). A step here is not a protocol, so ``reference_weights`` picks the protocol
+whose step size (classes added per step) is nearest on a log scale - 1: VOC 15-1 (``15-5s``),
+5: VOC 15-5, 10: ADE 100-10, 50: ADE 100-50 - and that protocol's row for the step index (later
+steps reuse its last row). A 1-class step thus gets the 15-1 weights; arguments given to ``alife``
+override them.
+
+Differences from the code: S = A - A^T (ALIFE halves it) with A starting at zero, i.e. identity
+rotations (ALIFE starts from a small random A); class means weight the embedding cells by the area
+the class covers instead of upsampling the embedding to the label size; the memory is float16
+unless asked otherwise; lambda_ROT stays at 15-5s's 0.99 (``scripts/voc/step2.sh``) for every step
+size.
 """
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from training.losses import cross_entropy_over_all_pixels
 from training.methods.base import Batch, LossTerm, Method, StepContext, over_heads
 
 IGNORE = 255
@@ -64,10 +73,75 @@ def adaptive_logit_regularizer(logits: Tensor, old_logits: Tensor, mask: Tensor)
     return masked_average(per_pixel, mask)
 
 
-def cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
-    """Cross-entropy averaged over the non-ignored pixels (0, not NaN, when every pixel is ignored)."""
-    total = F.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="sum")
-    return total / (labels != IGNORE).sum().clamp_min(1)
+def focal_loss(logits: Tensor, labels: Tensor, gamma: float = 2.0, alpha: float = 1.0) -> Tensor:
+    """ALIFE's stage-3 ``FocalLoss`` (``models/losses.py`` 10-25, ``CE.TYPE: fl`` in ``M{k}_step3.yml``).
+
+    Per pixel ``alpha (1 - p_t)^gamma CE`` with ``p_t = exp(-CE)``, averaged over all pixels (ignored
+    ones have CE 0 and count 0), with ALIFE's defaults gamma 2, alpha 1.
+
+    Args:
+        logits: (B, C, H, W).
+        labels: (B, H, W), 255 ignored.
+    """
+    ce = F.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="none")  # (B, H, W)
+    return (alpha * (1 - torch.exp(-ce)) ** gamma * ce).mean()
+
+
+@dataclass(frozen=True)
+class StepWeights:
+    """ALIFE's loss weights of one incremental step.
+
+    Attributes:
+        ali: Stage 1 ``LOSS.MY.WEIGHT`` (lambda_ALI).
+        kd: Stage 1 ``LOSS.KD.WEIGHT``.
+        finetune_ali: Stage 3 ``LOSS.MY.WEIGHT``.
+        memory: Stage 3 ``LOSS.MEMORY.WEIGHT`` (lambda_MEM).
+    """
+
+    ali: float
+    kd: float
+    finetune_ali: float
+    memory: float
+
+
+# Classes added per step -> the weights of that protocol's steps 1, 2, ... (cvlab-yonsei/ALIFE @0e39e6f).
+REFERENCE_WEIGHTS: dict[int, tuple[StepWeights, ...]] = {
+    # VOC 15-1: configs/voc/15-5s/{1..5}_step1.yml (MY 3/5/2/3/2, KD 1/10/1/10/1) and
+    # M{1..5}_step3.yml (MY 3/5/2/3/1, MEMORY 1/20/1/2/1).
+    1: (
+        StepWeights(ali=3.0, kd=1.0, finetune_ali=3.0, memory=1.0),
+        StepWeights(ali=5.0, kd=10.0, finetune_ali=5.0, memory=20.0),
+        StepWeights(ali=2.0, kd=1.0, finetune_ali=2.0, memory=1.0),
+        StepWeights(ali=3.0, kd=10.0, finetune_ali=3.0, memory=2.0),
+        StepWeights(ali=2.0, kd=1.0, finetune_ali=1.0, memory=1.0),
+    ),
+    # VOC 15-5: configs/voc/15-5/1_step1.yml (MY 2, KD 1), M1_step3.yml (MY 1, MEMORY 10).
+    5: (StepWeights(ali=2.0, kd=1.0, finetune_ali=1.0, memory=10.0),),
+    # ADE 100-10: configs/ade/100-10/{1..5}_step1.yml (MY 1, KD 1), M{1..5}_step3.yml
+    # (MY 5/5/2/0/0, MEMORY 2/1/1/0.1/0.5).
+    10: (
+        StepWeights(ali=1.0, kd=1.0, finetune_ali=5.0, memory=2.0),
+        StepWeights(ali=1.0, kd=1.0, finetune_ali=5.0, memory=1.0),
+        StepWeights(ali=1.0, kd=1.0, finetune_ali=2.0, memory=1.0),
+        StepWeights(ali=1.0, kd=1.0, finetune_ali=0.0, memory=0.1),
+        StepWeights(ali=1.0, kd=1.0, finetune_ali=0.0, memory=0.5),
+    ),
+    # ADE 100-50: configs/ade/100-50/1_step1.yml (MY 1, KD 1), M1_step3.yml (MY 0, MEMORY 0.5).
+    50: (StepWeights(ali=1.0, kd=1.0, finetune_ali=0.0, memory=0.5),),
+}
+
+
+def reference_weights(num_new_classes: int, step: int) -> StepWeights:
+    """ALIFE's weights for an incremental step adding ``num_new_classes`` classes at index ``step`` >= 1.
+
+    The protocol is the one of ``REFERENCE_WEIGHTS`` whose step size is nearest on a log scale (ties go
+    to the smaller size); its row ``step`` is used, or its last row for later steps.
+    """
+    if num_new_classes < 1 or step < 1:
+        raise ValueError(f"an incremental step adds >= 1 class at step >= 1, got {num_new_classes} at {step}")
+    size = min(REFERENCE_WEIGHTS, key=lambda n: abs(math.log(n) - math.log(num_new_classes)))
+    rows = REFERENCE_WEIGHTS[size]
+    return rows[min(step, len(rows)) - 1]
 
 
 def poly_schedule(optimizer: torch.optim.Optimizer, iterations: int) -> torch.optim.lr_scheduler.LRScheduler:
@@ -90,8 +164,9 @@ class ReplayOptions:
         rotation_lr: Adam learning rate of the rotations.
         finetune_epochs: Epochs of classifier fine-tuning.
         finetune_lr: SGD learning rate of the fine-tuning (ALIFE's incremental rate).
-        finetune_ali: Weight of ALI during fine-tuning.
-        memory_weight: Weight of the cross-entropy on the memory (lambda_MEM).
+        finetune_ali: Weight of ALI during fine-tuning (None: ``reference_weights``).
+        memory_weight: Weight of the cross-entropy on the memory, lambda_MEM (None: ``reference_weights``).
+        focal_gamma: Focusing parameter of the fine-tuning's focal loss (ALIFE's ``FocalLoss`` default).
     """
 
     memory_size: int = 1000
@@ -104,8 +179,18 @@ class ReplayOptions:
     rotation_lr: float = 1e-2
     finetune_epochs: int = 1
     finetune_lr: float = 1e-3
-    finetune_ali: float = 1.0
-    memory_weight: float = 1.0
+    finetune_ali: float | None = None
+    memory_weight: float | None = None
+    focal_gamma: float = 2.0
+
+    def for_step(self, ctx: StepContext) -> ReplayOptions:
+        """These options with the step's reference weights filled in where none was given."""
+        weights = reference_weights(len(ctx.new_class_indices), ctx.step)
+        return replace(
+            self,
+            finetune_ali=weights.finetune_ali if self.finetune_ali is None else self.finetune_ali,
+            memory_weight=weights.memory if self.memory_weight is None else self.memory_weight,
+        )
 
 
 @dataclass
@@ -331,9 +416,11 @@ def rotate_memory(memory: FeatureMemory, rotations: Tensor, classes: Tensor) -> 
 def finetune_classifier(ctx: StepContext, memory: FeatureMemory, options: ReplayOptions) -> None:
     """Trains ``model.head.classifier`` alone (everything else frozen, BatchNorm in eval mode).
 
-    Loss per batch: cross-entropy on the labels with background pixels replaced by the old model's
-    argmax, ``finetune_ali`` x ALI on background pixels, and ``memory_weight`` x cross-entropy of the
-    classifier on every memorised vector (as a 1x1 input) against its class. SGD, poly decay.
+    Loss per batch (ALIFE ``run_step3.py`` 140-148): focal loss on the labels with background pixels
+    replaced by the old model's argmax, ``finetune_ali`` x ALI on background pixels, and
+    ``memory_weight`` x cross-entropy (mean over vectors) of the classifier on every memorised vector
+    (as a 1x1 input) against its class. SGD, poly decay. ``options`` must have its weights filled in
+    (``ReplayOptions.for_step``).
     """
     model, classifier = ctx.model, ctx.model.head.classifier
     flags = [(p, p.requires_grad) for p in model.parameters()]
@@ -355,7 +442,7 @@ def finetune_classifier(ctx: StepContext, memory: FeatureMemory, options: Replay
                 old_logits = ctx.old_model(images)  # (B, C_old, H, W)
             logits = model.forward_head(features, images.shape[2:])  # (B, C, H, W)
             targets = torch.where(labels == 0, old_logits.argmax(dim=1), labels)
-            loss = cross_entropy(logits, targets)
+            loss = focal_loss(logits, targets, gamma=options.focal_gamma)
             background = labels < ctx.num_old_classes
             loss = loss + options.finetune_ali * adaptive_logit_regularizer(logits, old_logits, background)
             if len(memory):
@@ -387,7 +474,7 @@ class FeatureReplay:
                     "classes": classes,
                     "step": torch.tensor(ctx.step),
                 }
-            finetune_classifier(ctx, memory, self.options)
+            finetune_classifier(ctx, memory, self.options.for_step(ctx))
         stored = set(memory.classes.tolist())
         missing = [c for c in ctx.new_class_indices if c not in stored]
         memory.cat(extract_memory(ctx, missing, self.options)).save(ctx)
@@ -395,10 +482,13 @@ class FeatureReplay:
 
 
 class NewClassCrossEntropy(LossTerm):
-    """Cross-entropy on new-class pixels only (background and old labels ignored); all pixels at step 0.
+    """Cross-entropy on new-class pixels only (background and old labels ignored); all labels at step 0.
 
-    Mean over the non-ignored pixels; on the auxiliary heads too at step 0 only. With ``replay`` its
-    ``on_step_end`` runs ALIFE's stages 2 and 3 (the classifier's final fine-tuning).
+    Mean over all pixels, the ignored ones (background included) counting 0: ALIFE ``run_step1.py``
+    142-143 sets background to 255 and takes ``CrossEntropyLoss(reduction='none')(...).mean()``.
+    (An earlier version divided by the number of new-class pixels, 14-50x stronger on 1-class
+    steps.) On the auxiliary heads too at step 0 only. With ``replay`` its ``on_step_end`` runs
+    ALIFE's stages 2 and 3 (the classifier's final fine-tuning).
     """
 
     name = "alife_ce"
@@ -410,10 +500,10 @@ class NewClassCrossEntropy(LossTerm):
 
     def __call__(self, batch: Batch, ctx: StepContext) -> Tensor:
         if ctx.old_model is None:
-            return over_heads(batch, lambda logits: cross_entropy(logits, batch.labels))
+            return over_heads(batch, lambda logits: cross_entropy_over_all_pixels(logits, batch.labels))
         # Main head only: the auxiliary heads have no ALI/KD counterpart (the teacher has none), and a
         # cross-entropy that sees only new-class pixels would pull the shared features to the new class.
-        return cross_entropy(
+        return cross_entropy_over_all_pixels(
             batch.out.logits, torch.where(batch.labels < ctx.num_old_classes, IGNORE, batch.labels)
         )
 
@@ -422,10 +512,32 @@ class NewClassCrossEntropy(LossTerm):
             self.replay.run(ctx)
 
 
-class AdaptiveLogitRegularizer(LossTerm):
-    """ALI on background pixels (labels below C_old), see ``adaptive_logit_regularizer``."""
+class StepWeightedTerm(LossTerm):
+    """A stage-1 term whose weight is ALIFE's reference weight of each step unless one is given.
+
+    Args:
+        weight: Fixed weight, or None for the ``weight_name`` field of ``reference_weights`` at each step.
+    """
+
+    weight_name: str = "ali"
+
+    def __init__(self, weight: float | None = None) -> None:
+        super().__init__(getattr(REFERENCE_WEIGHTS[1][0], self.weight_name) if weight is None else weight)
+        self.fixed_weight = weight
+
+    def on_step_start(self, ctx: StepContext) -> None:
+        if self.fixed_weight is None and ctx.old_model is not None:
+            self.weight = getattr(reference_weights(len(ctx.new_class_indices), ctx.step), self.weight_name)
+
+
+class AdaptiveLogitRegularizer(StepWeightedTerm):
+    """ALI on background pixels (labels below C_old), see ``adaptive_logit_regularizer``.
+
+    Mean over background pixels (ALIFE ``run_step1.py`` 137-139, ``hihohu[bg_region].mean()``).
+    """
 
     name = "ali"
+    weight_name = "ali"
     needs_old_model = True
 
     def __call__(self, batch: Batch, ctx: StepContext) -> Tensor:
@@ -433,10 +545,14 @@ class AdaptiveLogitRegularizer(LossTerm):
         return adaptive_logit_regularizer(batch.out.logits, batch.old_out.logits, background)
 
 
-class ForegroundDistillation(LossTerm):
-    """Plain KD over the old classes (LwF's) averaged over the non-background pixels (new and ignore)."""
+class ForegroundDistillation(StepWeightedTerm):
+    """Plain KD over the old classes (LwF's) averaged over the non-background pixels (new and ignore).
+
+    ALIFE ``run_step1.py`` 140: ``KnowledgeDistillationLoss(reduction='none')(...)[~bg_region].mean()``.
+    """
 
     name = "alife_kd"
+    weight_name = "kd"
     needs_old_model = True
 
     def __call__(self, batch: Batch, ctx: StepContext) -> Tensor:
@@ -449,12 +565,22 @@ class ForegroundDistillation(LossTerm):
 MEMORY_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 
-def alife(ali: float = 1.0, kd: float = 1.0, replay: bool = True, **replay_options) -> Method:
-    """ALIFE-M (VOC 19-1 weights: ALI 1, KD 1, memory 1); ``replay=False`` gives ALIFE (stage 1 only).
+# ALIFE's FREEZE_TYPE "step1" freezes the BatchNorm of DeepLab-v3's backbone and ASPP
+# (models/deeplabv3.py 438-440) and keeps the decoder's last_conv BatchNorm training. On BiSeNet:
+# backbone (ResNet) -> context_path.stem/layer1-4; ASPP (multi-scale context on the backbone output,
+# image pooling included) -> the context path's ARMs, global context and refine convs (all in
+# context_path); the spatial path is BiSeNet's second image encoder, frozen with the backbone;
+# decoder.last_conv (conv-BN-ReLU before the classifier) -> fusion + head.embed, left training. The
+# auxiliary heads only train at step 0 (NewClassCrossEntropy) and do not feed the main output.
+FROZEN_BATCHNORM = ("spatial_path", "context_path")
+
+
+def alife(ali: float | None = None, kd: float | None = None, replay: bool = True, **replay_options) -> Method:
+    """ALIFE-M with ALIFE's per-step weights (see ``reference_weights``); ``replay=False`` gives ALIFE.
 
     Args:
-        ali: Weight of the adaptive logit regularizer.
-        kd: Weight of the distillation on labelled foreground pixels.
+        ali: Weight of the adaptive logit regularizer (None: the step's reference weight).
+        kd: Weight of the distillation on labelled foreground pixels (None: the step's reference weight).
         replay: Run stages 2 and 3 (feature memory, rotations, classifier fine-tuning).
         **replay_options: ``ReplayOptions`` fields, e.g. ``memory_size=200``, ``memory_dtype="float32"``.
     """
@@ -470,4 +596,4 @@ def alife(ali: float = 1.0, kd: float = 1.0, replay: bool = True, **replay_optio
         AdaptiveLogitRegularizer(ali),
         ForegroundDistillation(kd),
     ]
-    return Method("alife", terms, freeze_batchnorm=True)
+    return Method("alife", terms, freeze_batchnorm=True, batchnorm_modules=FROZEN_BATCHNORM)

@@ -20,10 +20,13 @@ from training.methods.alife import (
     ForegroundDistillation,
     NewClassCrossEntropy,
     ReplayOptions,
+    StepWeights,
     adaptive_logit_regularizer,
     alife,
     extract_memory,
     finetune_classifier,
+    focal_loss,
+    reference_weights,
     rotate_memory,
     soft_class_assignment,
 )
@@ -75,11 +78,78 @@ def test_new_class_cross_entropy_ignores_background_and_never_nans() -> None:
     z = torch.randn(1, 3, 1, 3)
     labels = torch.tensor([[[0, 2, 255]]])
     loss = NewClassCrossEntropy()(logits_batch(z, torch.zeros(1, 2, 1, 3), labels), stub_ctx(3, 2))
-    assert loss.item() == pytest.approx(F.cross_entropy(z[..., 1], torch.tensor([[2]])).item(), rel=1e-5)
+    # ALIFE run_step1.py 142-143: background -> 255, CE(reduction='none').mean() over all 3 pixels
+    expected = -torch.log_softmax(z[0, :, 0, 1], dim=0)[2] / 3
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     only_background = torch.tensor([[[0, 0, 255]]])
     assert (
         NewClassCrossEntropy()(logits_batch(z, torch.zeros(1, 2, 1, 3), only_background), stub_ctx(3, 2)) == 0
     )
+
+
+def test_new_class_cross_entropy_is_normalised_by_all_pixels_not_new_ones() -> None:
+    """1 new-class pixel among 20: the loss is 1/20 of that pixel's CE (ours was 20x that)."""
+    z = torch.randn(1, 4, 4, 5)
+    labels = torch.zeros(1, 4, 5, dtype=torch.long)
+    labels[0, 2, 3] = 3
+    loss = NewClassCrossEntropy()(logits_batch(z, torch.zeros(1, 3, 4, 5), labels), stub_ctx(4, 3))
+    pixel_ce = -torch.log_softmax(z[0, :, 2, 3], dim=0)[3]
+    assert loss.item() == pytest.approx(pixel_ce.item() / 20, rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("num_new", "step", "expected"),
+    [
+        (1, 1, StepWeights(3.0, 1.0, 3.0, 1.0)),  # configs/voc/15-5s/1_step1.yml, M1_step3.yml
+        (1, 2, StepWeights(5.0, 10.0, 5.0, 20.0)),  # 15-5s/2_step1.yml, M2_step3.yml
+        (1, 3, StepWeights(2.0, 1.0, 2.0, 1.0)),
+        (1, 4, StepWeights(3.0, 10.0, 3.0, 2.0)),
+        (1, 5, StepWeights(2.0, 1.0, 1.0, 1.0)),
+        (1, 9, StepWeights(2.0, 1.0, 1.0, 1.0)),  # later steps reuse the protocol's last row
+        (2, 1, StepWeights(3.0, 1.0, 3.0, 1.0)),  # 2 is nearer 1 than 5 on a log scale
+        (3, 1, StepWeights(2.0, 1.0, 1.0, 10.0)),  # VOC 15-5: 15-5/1_step1.yml, M1_step3.yml
+        (5, 4, StepWeights(2.0, 1.0, 1.0, 10.0)),
+        (10, 4, StepWeights(1.0, 1.0, 0.0, 0.1)),  # ADE 100-10: 100-10/4_step1.yml, M4_step3.yml
+        (50, 1, StepWeights(1.0, 1.0, 0.0, 0.5)),  # ADE 100-50
+    ],
+)
+def test_reference_weights_per_step_size_and_index(num_new: int, step: int, expected: StepWeights) -> None:
+    assert reference_weights(num_new, step) == expected
+
+
+def test_stage_one_terms_take_the_reference_weight_of_each_step_unless_given() -> None:
+    method = alife(replay=False)
+    given = alife(kd=7.0, replay=False)
+    for step, (ali, kd) in enumerate([(3.0, 1.0), (5.0, 10.0), (2.0, 1.0)], start=1):
+        model = SimpleNamespace(num_classes=16 + step)  # a 1-class step after 15 + step classes
+        ctx = StepContext(step, model, SimpleNamespace(), 15 + step, [], None, torch.device("cpu"))
+        method.on_step_start(ctx)
+        given.on_step_start(ctx)
+        assert [t.weight for t in method.terms[1:]] == [ali, kd]
+        assert [t.weight for t in given.terms[1:]] == [ali, 7.0]
+
+
+def test_focal_loss_against_the_formula() -> None:
+    z = torch.tensor([[2.0, 0.5, -1.0], [0.0, 0.0, 3.0]]).T.reshape(1, 3, 1, 2)
+    labels = torch.tensor([[[0, 255]]])
+    p_t = torch.softmax(torch.tensor([2.0, 0.5, -1.0]), dim=0)[0]
+    expected = (1 - p_t) ** 2 * -torch.log(p_t) / 2  # ignored pixel counts 0 in the mean
+    assert focal_loss(z, labels).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert focal_loss(z, labels, gamma=0.0).item() == pytest.approx(-torch.log(p_t).item() / 2, rel=1e-6)
+
+
+def test_batchnorm_frozen_in_backbone_and_context_only() -> None:
+    model = BiSeNet(BiSeNetConfig(4, "resnet10", 16, 16), aux=True)
+    frozen = {id(m) for m in alife().frozen_batchnorm_layers(model)}
+    expected = {
+        id(m)
+        for part in (model.spatial_path, model.context_path)
+        for m in part.modules()
+        if isinstance(m, torch.nn.BatchNorm2d)
+    }
+    assert frozen == expected
+    assert all(id(m) not in frozen for m in model.head.embed.modules())
+    assert all(id(m) not in frozen for m in model.fusion.modules())
 
 
 def test_distillation_on_non_background_pixels() -> None:
@@ -164,7 +234,7 @@ def test_finetuning_changes_only_the_classifier() -> None:
     memory = FeatureMemory(torch.randn(6, 16).half(), torch.tensor([0, 0, 1, 1, 2, 2]), torch.zeros(6).long())
     ctx.model.train()
     before = copy.deepcopy(ctx.model.state_dict())
-    finetune_classifier(ctx, memory, ReplayOptions(**REPLAY))
+    finetune_classifier(ctx, memory, ReplayOptions(**REPLAY).for_step(ctx))
     after = ctx.model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed == {"head.classifier.weight", "head.classifier.bias"}
