@@ -1,0 +1,459 @@
+"""Receiving a dataset upload: check the archive, extract it safely, validate the dataset, or refuse.
+
+``receive_dataset`` accepts a zip or a tar (plain, gzip, bzip2 or xz; the format is read from the content,
+not the file name) holding a dataset folder in any layout ``training.data.read_source`` reads (project
+format, Pascal VOC, ADE20K), at the archive root or in one top folder.
+
+Every member is checked from the archive's listing before anything is written: entry count, name (no NUL
+or control character, no backslash, not absolute, no ``..`` component, no duplicate, not both a file and a
+folder), type (regular files and folders only: symbolic and hard links, devices and FIFOs are refused),
+declared sizes (total under the limit; compression ratio per zip member and over the whole archive). Then the
+members are extracted into a fresh directory under the staging root, each copy stopping with an error as soon
+as it yields more bytes than its header declared, and the dataset is validated with
+``training.data.validate_dataset`` (every image decodable and within the pixel limit, masks of their image's
+size, labels from the class list or 255, a new class with training pixels). On any failure everything
+written is deleted and an :class:`UploadError` names the archive member concerned.
+
+macOS archive litter (``__MACOSX/``, ``.DS_Store``, ``._*`` AppleDouble files) is checked like any member
+but not extracted.
+
+Status codes: 413 archive too large, 415 not a zip or tar, 400 unsafe or corrupt archive, 422 dataset
+problem.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import stat
+import tarfile
+import tempfile
+import zipfile
+import zlib
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Protocol
+
+from training.data import DataError, read_source, validate_dataset
+
+ACCEPTED_FORMATS = ".zip, .tar.gz / .tgz, .tar (also .tar.bz2, .tar.xz)"
+ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
+RATIO_FLOOR_BYTES = 1 << 20  # sizes at most this large pass whatever their compression ratio
+COPY_CHUNK_BYTES = 1 << 20
+MAX_NAME_PART_BYTES = 255  # longest file name component Linux file systems take
+STAGED_PREFIX = "upload-"
+ZIP_METHODS = {
+    zipfile.ZIP_STORED: "stored",
+    zipfile.ZIP_DEFLATED: "deflate",
+    zipfile.ZIP_BZIP2: "bzip2",
+    zipfile.ZIP_LZMA: "lzma",
+}
+# Errors raised while reading a damaged archive (gzip.BadGzipFile is an OSError).
+READ_ERRORS = (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error, OSError, ValueError)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_DRIVE = re.compile(r"^[A-Za-z]:")
+
+
+class UploadError(Exception):
+    """An upload refused, with the HTTP status the API answers and the archive member concerned.
+
+    Args:
+        status_code: 400 (unsafe or corrupt archive), 413 (too large), 415 (not an archive) or 422
+            (dataset problem).
+        entry: The archive member or dataset file concerned (the upload's file name for archive-wide
+            problems), or None.
+        message: What is wrong and what to fix.
+    """
+
+    def __init__(self, status_code: int, entry: str | None, message: str) -> None:
+        super().__init__(status_code, entry, message)
+        self.status_code = status_code
+        self.entry = entry
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.entry}: {self.message}" if self.entry else self.message
+
+
+class UploadLimits(Protocol):
+    """The settings ``receive_dataset`` reads (``service.settings.Settings`` has them)."""
+
+    max_upload_bytes: int
+    max_archive_entries: int
+    max_uncompressed_bytes: int
+    max_compression_ratio: float
+    max_image_pixels: int
+
+
+@dataclass
+class StagedDataset:
+    """A checked dataset extracted under the staging root, ready for ``training.step.run_step``.
+
+    Attributes:
+        path: The dataset folder (a fresh directory under the staging root; give it to
+            :func:`remove_staged` when done).
+        classes: The dataset's class names (index 0 background).
+        new_classes: Classes the step will add to the model.
+        train_images: Images in the training split.
+        val_images: Images in the validation split.
+        bytes: Bytes extracted.
+    """
+
+    path: Path
+    classes: list[str]
+    new_classes: list[str]
+    train_images: int
+    val_images: int
+    bytes: int
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """One archive member as listed, before extraction."""
+
+    name: str  # as stored in the archive
+    parts: tuple[str, ...]  # normalised path components ("." and empty ones dropped)
+    is_dir: bool
+    size: int  # declared uncompressed bytes
+    compressed: int | None  # stored bytes (zip); None where the whole stream is compressed (tar)
+    handle: zipfile.ZipInfo | tarfile.TarInfo
+
+
+class _Archive(Protocol):
+    def entries(self) -> Iterator[_Entry]: ...
+    def open(self, entry: _Entry) -> AbstractContextManager[IO[bytes]]: ...
+    def close(self) -> None: ...
+
+
+def receive_dataset(
+    archive_path: Path, filename: str, staging_root: Path, settings: UploadLimits, known_classes: list[str]
+) -> StagedDataset:
+    """Checks an uploaded archive, extracts it into a fresh staging directory and validates the dataset.
+
+    Args:
+        archive_path: The uploaded file.
+        filename: Its name as uploaded (named in archive-wide messages).
+        staging_root: Directory under which a fresh ``upload-*`` directory is created.
+        settings: The upload limits.
+        known_classes: Classes of the active model (``["background"]`` when none).
+
+    Returns:
+        The staged dataset.
+
+    Raises:
+        UploadError: With status 413, 415, 400 or 422 and the member concerned; nothing written remains.
+    """
+    archive_bytes = archive_path.stat().st_size
+    if archive_bytes > settings.max_upload_bytes:
+        raise UploadError(
+            413,
+            filename,
+            f"the archive has {archive_bytes} bytes, more than the {settings.max_upload_bytes} allowed; "
+            "split the dataset into several tasks or downscale the images",
+        )
+    archive = _open_archive(archive_path, filename)
+    try:
+        entries, top = _list_entries(archive, filename, archive_bytes, settings)
+        staging_root.mkdir(parents=True, exist_ok=True)
+        staged = Path(tempfile.mkdtemp(prefix=STAGED_PREFIX, dir=staging_root))
+        try:
+            written = _extract(archive, entries, staged, top)
+            return _validate(staged, top, filename, written, settings, known_classes)
+        except BaseException:
+            shutil.rmtree(staged, ignore_errors=True)
+            raise
+    finally:
+        archive.close()
+
+
+def remove_staged(path: Path) -> None:
+    """Deletes a staged dataset (no error when it is already gone).
+
+    Args:
+        path: ``StagedDataset.path``.
+
+    Raises:
+        ValueError: When ``path`` is not a directory ``receive_dataset`` created (a guard against
+            deleting anything else).
+    """
+    path = Path(path)
+    if not path.name.startswith(STAGED_PREFIX):
+        raise ValueError(f"{path}: not a staged dataset (its name must start with {STAGED_PREFIX!r})")
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _open_archive(path: Path, filename: str) -> _Archive:
+    """Opens a zip or tar by content; 415 for anything else, 400 for a damaged zip."""
+    if zipfile.is_zipfile(path):
+        try:
+            return _ZipArchive(zipfile.ZipFile(path))
+        except READ_ERRORS as error:
+            raise UploadError(400, filename, f"damaged zip archive ({error}); create it again") from error
+    if tarfile.is_tarfile(path):
+        try:
+            return _TarArchive(tarfile.open(path, "r:*"))
+        except READ_ERRORS as error:
+            raise UploadError(400, filename, f"damaged tar archive ({error}); create it again") from error
+    damaged = " (or a damaged or truncated one)" if filename.lower().endswith(ARCHIVE_SUFFIXES) else ""
+    raise UploadError(
+        415,
+        filename,
+        f"not a zip or tar archive{damaged}; upload the dataset folder as one of {ACCEPTED_FORMATS}",
+    )
+
+
+class _ZipArchive:
+    def __init__(self, archive: zipfile.ZipFile) -> None:
+        self.archive = archive
+
+    def entries(self) -> Iterator[_Entry]:
+        for info in self.archive.infolist():
+            name = info.orig_filename  # ZipInfo.filename is cut at a NUL byte; the original is not
+            mode = info.external_attr >> 16
+            if info.create_system == 3 and mode:  # Unix: the file type is in the high bits
+                _check_file_type(name, mode)
+            if info.flag_bits & 0x1:
+                raise UploadError(400, name, "encrypted member; upload an archive without a password")
+            if info.compress_type not in ZIP_METHODS:
+                raise UploadError(
+                    400,
+                    name,
+                    f"compression method {info.compress_type} is not supported; "
+                    f"use one of {', '.join(ZIP_METHODS.values())}",
+                )
+            yield _Entry(name, _name_parts(name), info.is_dir(), info.file_size, info.compress_size, info)
+
+    def open(self, entry: _Entry) -> AbstractContextManager[IO[bytes]]:
+        return self.archive.open(entry.handle)
+
+    def close(self) -> None:
+        self.archive.close()
+
+
+class _TarArchive:
+    def __init__(self, archive: tarfile.TarFile) -> None:
+        self.archive = archive
+
+    def entries(self) -> Iterator[_Entry]:
+        for member in self.archive:  # reads one header at a time, so a limit stops the listing early
+            if member.issym() or member.islnk():
+                raise UploadError(
+                    400,
+                    member.name,
+                    f"link to {member.linkname!r}; archives may hold only regular files and folders "
+                    "(copy the file instead of linking it)",
+                )
+            if not (member.isreg() or member.isdir()):
+                raise UploadError(
+                    400,
+                    member.name,
+                    "device, FIFO or other special entry; only files and folders are accepted",
+                )
+            if member.sparse is not None:
+                raise UploadError(400, member.name, "sparse file; archive it without --sparse")
+            yield _Entry(member.name, _name_parts(member.name), member.isdir(), member.size, None, member)
+
+    def open(self, entry: _Entry) -> AbstractContextManager[IO[bytes]]:
+        handle = self.archive.extractfile(entry.handle)
+        assert handle is not None  # regular members always have data
+        return handle
+
+    def close(self) -> None:
+        self.archive.close()
+
+
+def _check_file_type(name: str, mode: int) -> None:
+    if stat.S_ISLNK(mode):
+        raise UploadError(
+            400, name, "symbolic link; archives may hold only regular files and folders (zip without -y)"
+        )
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise UploadError(
+            400, name, "device, FIFO or other special entry; only files and folders are accepted"
+        )
+
+
+def _check_ratio(name: str, uncompressed: int, compressed: int, limit: float, what: str) -> None:
+    """Refuses a decompression bomb: more than RATIO_FLOOR_BYTES expanding beyond the allowed ratio."""
+    if uncompressed > RATIO_FLOOR_BYTES and uncompressed > limit * max(compressed, 1):
+        raise UploadError(
+            400,
+            name,
+            f"{what} expands from {compressed} to {uncompressed} bytes, a ratio above the {limit:g} allowed "
+            "(decompression bomb guard); images and masks should already be compressed (PNG, JPEG)",
+        )
+
+
+def _name_parts(name: str) -> tuple[str, ...]:
+    """Checks a member name and returns its normalised components."""
+    if _CONTROL.search(name):
+        raise UploadError(400, repr(name), "name holds a NUL or control character; rename the file")
+    if "\\" in name:
+        raise UploadError(400, name, "name holds a backslash; archive with '/' as the path separator")
+    if name.startswith("/") or _DRIVE.match(name):
+        raise UploadError(400, name, "absolute path; archive paths relative to the dataset folder")
+    parts = tuple(part for part in name.split("/") if part not in ("", "."))
+    if ".." in parts:
+        raise UploadError(
+            400, name, "'..' path component (zip slip); archive paths inside the dataset folder"
+        )
+    if any(len(part.encode()) > MAX_NAME_PART_BYTES for part in parts):
+        raise UploadError(400, name, f"a path component is longer than {MAX_NAME_PART_BYTES} bytes")
+    return parts
+
+
+def _is_litter(parts: tuple[str, ...]) -> bool:
+    """macOS additions: resource forks and Finder state, never part of a dataset."""
+    return parts[0] == "__MACOSX" or parts[-1] == ".DS_Store" or parts[-1].startswith("._")
+
+
+def _list_entries(
+    archive: _Archive, filename: str, archive_bytes: int, settings: UploadLimits
+) -> tuple[list[_Entry], str | None]:
+    """Lists and checks every member before anything is written.
+
+    Returns:
+        The members to extract (files and folders, litter left out) and the one top folder they all
+        sit in (stripped on extraction), or None.
+    """
+    ratio = settings.max_compression_ratio
+    kept: list[_Entry] = []
+    files: set[tuple[str, ...]] = set()
+    folders: set[tuple[str, ...]] = set()
+    count = total = 0
+    try:
+        for entry in archive.entries():
+            count += 1
+            if count > settings.max_archive_entries:
+                raise UploadError(
+                    400,
+                    filename,
+                    f"more than {settings.max_archive_entries} members; split the dataset into several tasks",
+                )
+            total += entry.size
+            if total > settings.max_uncompressed_bytes:
+                raise UploadError(
+                    400,
+                    entry.name,
+                    f"the members up to this one expand to {total} bytes, more than the "
+                    f"{settings.max_uncompressed_bytes} allowed in total (decompression bomb guard)",
+                )
+            if entry.compressed is not None:
+                _check_ratio(entry.name, entry.size, entry.compressed, ratio, "member")
+            _check_ratio(filename, total, archive_bytes, ratio, "the archive")
+            if not entry.parts:
+                if entry.is_dir:
+                    continue  # "./", the archive root itself
+                raise UploadError(400, entry.name, "file without a name")
+            if entry.is_dir:
+                folders.add(entry.parts)
+            elif entry.parts in files:
+                raise UploadError(400, entry.name, "duplicate member name; keep one file per path")
+            else:
+                files.add(entry.parts)
+            if not _is_litter(entry.parts):
+                kept.append(entry)
+    except READ_ERRORS as error:
+        raise UploadError(400, filename, f"damaged archive ({error}); create it again") from error
+    for entry in kept:
+        clash = next((entry.parts[:n] for n in range(1, len(entry.parts)) if entry.parts[:n] in files), None)
+        if clash is None and entry.is_dir and entry.parts in files:
+            clash = entry.parts
+        if clash is not None:
+            raise UploadError(
+                400, entry.name, f"'{'/'.join(clash)}' is both a file and a folder in the archive"
+            )
+    kept_files = [entry for entry in kept if not entry.is_dir]
+    if not kept_files:
+        raise UploadError(422, filename, "the archive holds no files; put the dataset folder in it")
+    tops = {entry.parts[0] for entry in kept}
+    top = tops.pop() if len(tops) == 1 and all(len(entry.parts) > 1 for entry in kept_files) else None
+    return kept, top
+
+
+def _extract(archive: _Archive, entries: list[_Entry], staged: Path, top: str | None) -> int:
+    """Writes the members under ``staged`` (minus the top folder); returns the bytes written."""
+    written = 0
+    for entry in entries:
+        parts = entry.parts[1:] if top is not None else entry.parts
+        target = staged.joinpath(*parts)
+        if entry.is_dir:
+            target.mkdir(parents=True, exist_ok=True)
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            source = archive.open(entry)
+        except READ_ERRORS as error:
+            raise _damaged(entry, error) from error
+        try:
+            with source, target.open("xb") as sink:
+                copied = _copy(source, sink, entry)
+        except FileExistsError as error:
+            raise UploadError(400, entry.name, "duplicate member name; keep one file per path") from error
+        if copied != entry.size:
+            raise UploadError(
+                400,
+                entry.name,
+                f"member holds {copied} bytes, its header says {entry.size}; the archive is damaged",
+            )
+        written += copied
+    return written
+
+
+def _copy(source: IO[bytes], sink: IO[bytes], entry: _Entry) -> int:
+    """Copies a member, stopping as soon as it yields more than its declared size.
+
+    zipfile and tarfile already stop at the declared size; reading at most one byte past it keeps the
+    guard independent of them.
+    """
+    copied = 0
+    while True:
+        try:
+            chunk = source.read(min(COPY_CHUNK_BYTES, entry.size + 1 - copied))  # one byte past is enough
+        except READ_ERRORS as error:
+            raise _damaged(entry, error) from error
+        if not chunk:
+            return copied
+        copied += len(chunk)
+        if copied > entry.size:
+            raise UploadError(
+                400,
+                entry.name,
+                f"member yields more than the {entry.size} bytes its header declares "
+                "(decompression bomb guard); the archive is damaged or crafted",
+            )
+        sink.write(chunk)
+
+
+def _damaged(entry: _Entry, error: Exception) -> UploadError:
+    return UploadError(400, entry.name, f"damaged member ({error}); create the archive again")
+
+
+def _validate(
+    staged: Path,
+    top: str | None,
+    filename: str,
+    written: int,
+    settings: UploadLimits,
+    known_classes: list[str],
+) -> StagedDataset:
+    """Reads and validates the extracted dataset; DataError -> 422 naming the archive member."""
+    try:
+        source = read_source(staged)
+        report = validate_dataset(source, known_classes, settings.max_image_pixels)
+    except DataError as error:
+        prefix = f"{top}/" if top else ""
+        parts = error.path.relative_to(staged).parts if error.path.is_relative_to(staged) else ()
+        entry = "/".join([top, *parts] if top else parts) or filename
+        problem = error.problem.replace(f"{staged}/", prefix).replace(str(staged), top or ".")
+        raise UploadError(422, entry, problem) from error
+    return StagedDataset(
+        path=staged,
+        classes=list(source.classes),
+        new_classes=list(report.new_classes),
+        train_images=len(source.train),
+        val_images=len(source.val),
+        bytes=written,
+    )
