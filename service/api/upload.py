@@ -92,7 +92,7 @@ class _PartCollector:
             filename = options.get(b"filename", b"").decode("utf-8", "replace")
             self.upload.filename = Path(filename.replace("\\", "/")).name
             self.file = tempfile.NamedTemporaryFile(  # noqa: SIM115 (closed in on_part_end or close())
-                dir=self.directory, prefix="upload-", suffix=".part", delete=False
+                dir=self.directory, prefix="incoming-", suffix=".part", delete=False
             )
             self.upload.path = Path(self.file.name)
 
