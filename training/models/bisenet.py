@@ -247,6 +247,11 @@ class BiSeNet(nn.Module):
     def embed_dim(self) -> int:
         return self.head.classifier.in_channels
 
+    @property
+    def body_channels(self) -> int:
+        """Channels of the backbone's output (``forward_train(x).stages[-1]``, SDR's ``features['body']``)."""
+        return BACKBONES[self.config.backbone][2]
+
     def _fused(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
         spatial = self.spatial_path(x)
         context8, context16, stages = self.context_path(x)
