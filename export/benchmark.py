@@ -1,7 +1,8 @@
 """Latency and throughput of every runtime backend on one model, in one run.
 
-Each backend is opened (exporting or building first, untimed), warmed up, then timed on ``predict_logits``
-(forward pass plus logits back on the host) of a fixed random normalised batch per batch size. PyTorch
+Each backend is opened (exporting into the model directory's cache or building first, untimed), warmed
+up, then timed on ``predict_logits`` (forward pass plus logits back on the host) of a fixed random
+normalised batch per batch size. PyTorch
 eager runs under ``torch.inference_mode()`` with torch's default thread count; ONNX Runtime CPU uses one
 intra-op thread per physical core.
 """
@@ -18,8 +19,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from export.onnx_export import is_export_dir
-from export.runtime import available_backends, open_runtime, physical_cores
+from export.manifest import is_export_dir
+from export.runtime import available_backends, ensure_export, open_runtime, physical_cores
 from training.model_dir import is_model_dir
 
 WARMUP_ITERATIONS = 3
@@ -44,7 +45,8 @@ def describe_device() -> dict:
 def _time_backend(
     name: str, model: Path, size: tuple[int, int], iters: int, inputs: dict[int, np.ndarray]
 ) -> dict:
-    runtime = open_runtime(model, name, size)
+    source = model if name == "torch" else ensure_export(model, size, fp16=name != "ort-cpu")
+    runtime = open_runtime(source, name, size)
     try:
         runtime.warmup()
         per_batch = {}

@@ -16,10 +16,12 @@ from PIL import Image
 from rich.console import Console
 
 from export.benchmark import benchmark_runtimes
+from export.manifest import is_export_dir
 from export.onnx_export import export_onnx
 from export.parity import ParityError
 from export.processing import class_areas, mask_image, overlay
-from export.runtime import BACKEND_CHOICES, BACKENDS, open_runtime
+from export.runtime import BACKEND_CHOICES, BACKENDS, ensure_export, open_runtime, resolve_backend
+from training.data import DataError, load_image
 
 PREDICT_CHUNK = 8
 
@@ -62,7 +64,9 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     predict = subparsers.add_parser(
         "predict",
         help="segment images; writes <stem>_mask.png and <stem>_overlay.png per image",
-        description="Prints the share of pixels per class for each image.",
+        description="Prints the share of pixels per class for each image. A model directory is exported "
+        "into its cache MODEL_DIR/export-HxW/ first (ONNX backends). Images that cannot be decoded, or "
+        "are larger than the decompression-bomb limit, are reported and skipped (exit code 2).",
     )
     predict.add_argument("--model", type=Path, required=True, help="model directory or export directory")
     predict.add_argument("images", type=Path, nargs="+", help="image files")
@@ -131,21 +135,34 @@ def run_predict(args: argparse.Namespace) -> int:
     if missing:
         return _fail(f"no such image: {', '.join(missing)}", 2)
     try:
-        runtime = open_runtime(args.model, args.backend, args.size)
-    except (FileNotFoundError, ValueError) as error:
+        model = args.model
+        if not is_export_dir(model) and resolve_backend(args.backend) != "torch":
+            model = ensure_export(model, args.size, fp16=resolve_backend(args.backend) != "ort-cpu")
+        runtime = open_runtime(model, args.backend, args.size)
+    except (FileNotFoundError, ValueError) as error:  # InvalidExportError, DataError are ValueErrors
         return _fail(str(error), 2)
     args.out.mkdir(parents=True, exist_ok=True)
     console.print(f"model {runtime.version} on {runtime.backend} ({runtime.precision}), input {runtime.size}")
+    unreadable = []
     with runtime:
         for start in range(0, len(args.images), PREDICT_CHUNK):
-            paths = args.images[start : start + PREDICT_CHUNK]
-            images = [np.asarray(Image.open(path).convert("RGB")) for path in paths]
+            paths, images = [], []
+            for path in args.images[start : start + PREDICT_CHUNK]:
+                try:
+                    images.append(np.asarray(load_image(path)))  # (h, w, 3) uint8
+                except DataError as error:
+                    print(f"error: {error}", file=sys.stderr)
+                    unreadable.append(path)
+                    continue
+                paths.append(path)
             for path, image, labels in zip(paths, images, runtime.predict(images), strict=True):
                 mask_image(labels).save(args.out / f"{path.stem}_mask.png")
                 Image.fromarray(overlay(image, labels)).save(args.out / f"{path.stem}_overlay.png")
                 areas = class_areas(labels, runtime.classes)
                 summary = ", ".join(f"{name} {share:.1f} %" for name, share in areas.items())
                 console.print(f"{path.name} ({image.shape[1]}x{image.shape[0]}): {summary}")
+    if unreadable:
+        return _fail(f"{len(unreadable)} of {len(args.images)} images could not be read (see above)", 2)
     return 0
 
 

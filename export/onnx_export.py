@@ -14,9 +14,8 @@ failed export never replaces a working one.
 from __future__ import annotations
 
 import copy
-import hashlib
 import importlib.metadata
-import json
+import os
 import shutil
 import tempfile
 import warnings
@@ -32,6 +31,16 @@ import onnxscript.optimizer
 import torch
 from onnxruntime.transformers.float16 import convert_float_to_float16
 
+from export.manifest import (
+    MANIFEST_FILE,
+    MANIFEST_FORMAT,
+    ONNX_FILE,
+    ONNX_FP16_FILE,
+    ExportManifest,
+    file_sha256,
+    fsync_dir,
+    write_json_atomic,
+)
 from export.parity import (
     ORT_MAX_ABS_TOL,
     ORT_MIN_AGREEMENT,
@@ -47,12 +56,8 @@ from training.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from training.model_dir import WEIGHTS_FILE, ModelBundle, replace_dir
 from training.models.bisenet import BiSeNet
 
-MANIFEST_FILE = "manifest.json"
-ONNX_FILE = "model.onnx"
-ONNX_FP16_FILE = "model_fp16.onnx"
 INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
-MANIFEST_FORMAT = 1
 
 
 @dataclass(frozen=True)
@@ -63,7 +68,7 @@ class ExportResult:
         out_dir: The export directory.
         onnx_path: The FP32 model.
         fp16_path: The FP16 model, or None.
-        manifest: Contents of ``manifest.json``.
+        manifest: Contents of ``manifest.json`` (JSON-ready; :class:`ExportManifest` is its typed form).
         parity: ONNX Runtime vs PyTorch report of the FP32 model.
     """
 
@@ -78,31 +83,9 @@ class ExportResult:
         return self.out_dir / MANIFEST_FILE
 
 
-def is_export_dir(path: Path) -> bool:
-    """Whether ``path`` holds an export (manifest and FP32 model)."""
-    return (Path(path) / MANIFEST_FILE).is_file() and (Path(path) / ONNX_FILE).is_file()
-
-
-def read_manifest(export_dir: Path) -> dict:
-    """Reads ``manifest.json`` of an export directory.
-
-    Raises:
-        FileNotFoundError: ``export_dir`` is not an export directory.
-    """
-    if not is_export_dir(export_dir):
-        raise FileNotFoundError(
-            f"{export_dir} is not an export directory (needs {MANIFEST_FILE} and {ONNX_FILE})"
-        )
-    return json.loads((Path(export_dir) / MANIFEST_FILE).read_text())
-
-
-def file_sha256(path: Path) -> str:
-    """Hex SHA-256 of a file's bytes."""
-    digest = hashlib.sha256()
+def _fsync_file(path: Path) -> None:
     with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+        os.fsync(handle.fileno())
 
 
 def library_versions() -> dict[str, str]:
@@ -226,35 +209,40 @@ def export_onnx(
                 "sha256": file_sha256(tmp / ONNX_FP16_FILE),
                 "parity": fp16_report.to_dict(),
             }
-        manifest = {
-            "format": MANIFEST_FORMAT,
-            "classes": list(bundle.classes),
-            "num_classes": len(bundle.classes),
-            "input_name": INPUT_NAME,
-            "output_name": OUTPUT_NAME,
-            "input_size": list(size),
-            "layout": "NCHW",
-            "mean": list(IMAGENET_MEAN),
-            "std": list(IMAGENET_STD),
-            "pixel_range": "RGB, 0..1 before normalisation",
-            "letterbox": "aspect-preserving bilinear resize, centred, zero border after normalisation",
-            "opset": opset,
-            "exporter": "torch.onnx.export(dynamo=False) + onnxscript.optimizer",
-            "onnx_file": ONNX_FILE,
-            "onnx_sha256": file_sha256(onnx_path),
-            "fp16": fp16_entry,
-            "model_version": bundle.version,
-            "model_config": bundle.config.to_dict(),
-            "source": {
-                "model_dir": str(source_dir.resolve()) if source_dir else None,
-                "weights_sha256": file_sha256(source_dir / WEIGHTS_FILE) if source_dir else None,
-            },
-            "versions": library_versions(),
-            "parity": report.to_dict(),
-            "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        }
-        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
+        manifest = ExportManifest.model_validate(
+            {
+                "format": MANIFEST_FORMAT,
+                "classes": list(bundle.classes),
+                "num_classes": len(bundle.classes),
+                "input_name": INPUT_NAME,
+                "output_name": OUTPUT_NAME,
+                "input_size": list(size),
+                "layout": "NCHW",
+                "mean": list(IMAGENET_MEAN),
+                "std": list(IMAGENET_STD),
+                "pixel_range": "RGB, 0..1 before normalisation",
+                "letterbox": "aspect-preserving bilinear resize, centred, zero border after normalisation",
+                "opset": opset,
+                "exporter": "torch.onnx.export(dynamo=False) + onnxscript.optimizer",
+                "onnx_file": ONNX_FILE,
+                "onnx_sha256": file_sha256(onnx_path),
+                "fp16": fp16_entry,
+                "model_version": bundle.version,
+                "model_config": bundle.config.to_dict(),
+                "source": {
+                    "model_dir": str(source_dir.resolve()) if source_dir else None,
+                    "weights_sha256": file_sha256(source_dir / WEIGHTS_FILE) if source_dir else None,
+                },
+                "versions": library_versions(),
+                "parity": report.to_dict(),
+                "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            }
+        ).to_json()
+        for path in tmp.iterdir():
+            _fsync_file(path)
+        write_json_atomic(tmp / MANIFEST_FILE, manifest)
         replace_dir(tmp, out_dir)
+        fsync_dir(out_dir.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -21,6 +21,7 @@ import importlib.util
 import json
 import os
 import re
+import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -30,7 +31,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from export.onnx_export import ONNX_FILE, ONNX_FP16_FILE, file_sha256, read_manifest
+from export.manifest import (
+    ONNX_FILE,
+    ONNX_FP16_FILE,
+    file_sha256,
+    read_manifest,
+    verify_model_file,
+    write_json_atomic,
+)
 from export.parity import (
     ORT_MIN_AGREEMENT,
     TRT_FP16_MIN_AGREEMENT,
@@ -220,8 +228,9 @@ def build_engine(
         raise RuntimeError(f"TensorRT failed to build an engine from {onnx_path} (see its log above)")
     engine_path.write_bytes(memoryview(serialized))
     timing_cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp_cache = timing_cache.with_name(f".{timing_cache.name}.{os.getpid()}")
-    tmp_cache.write_bytes(memoryview(config.get_timing_cache().serialize()))
+    descriptor, tmp_cache = tempfile.mkstemp(prefix=f".{timing_cache.name}.", dir=timing_cache.parent)
+    with os.fdopen(descriptor, "wb") as handle:
+        handle.write(memoryview(config.get_timing_cache().serialize()))
     os.replace(tmp_cache, timing_cache)
     return {"input": tensor.name, "batch": list(batches), "shape": list(chw)}
 
@@ -289,6 +298,18 @@ class EngineRunner:
         return np.concatenate(chunks)
 
 
+def read_engine_manifest(export_dir: Path) -> dict | None:
+    """The engine's manifest, or None when there is no engine or either file is unreadable (: rebuild)."""
+    manifest_path = Path(export_dir) / ENGINE_MANIFEST_FILE
+    if not (manifest_path.is_file() and (Path(export_dir) / ENGINE_FILE).is_file()):
+        return None
+    try:
+        manifest = json.loads(manifest_path.read_bytes())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return manifest if isinstance(manifest, dict) else None
+
+
 def ensure_engine(
     export_dir: Path,
     precision: str = "fp16",
@@ -298,8 +319,11 @@ def ensure_engine(
 ) -> EngineBuild:
     """Returns a usable engine for ``export_dir`` on this GPU, rebuilding it when stale.
 
-    A rebuilt engine must agree with ONNX Runtime (CPU, FP32) on the argmax of >= 99.5 % of the pixels
-    (FP16) or >= 99.9 % (FP32) of deterministic synthetic inputs before it replaces the old one.
+    Only reads when the engine next to the export is current. Otherwise the new engine must agree with
+    ONNX Runtime (CPU, FP32) on the argmax of >= 99.5 % of the pixels (FP16) or >= 99.9 % (FP32) of
+    deterministic synthetic inputs before it replaces the old one; the engine is written to a temporary
+    file and renamed into place, then its manifest is written atomically (a crash in between leaves an
+    engine without a manifest, which the next open rebuilds).
 
     Args:
         export_dir: Export directory (see :mod:`export.onnx_export`).
@@ -310,25 +334,27 @@ def ensure_engine(
 
     Raises:
         RuntimeError: No TensorRT/GPU, or the build failed.
+        InvalidExportError: The export's manifest or ONNX file is bad (hash mismatch, missing key).
         ParityError: The new engine disagrees with ONNX Runtime; the old engine is kept.
     """
     export_dir = Path(export_dir)
     export_manifest = read_manifest(export_dir)
     device_info = current_device_info()
     onnx_path = engine_source(export_dir, precision)
+    onnx_path = verify_model_file(export_dir, export_manifest, onnx_path.name != export_manifest.onnx_file)
     onnx_sha = file_sha256(onnx_path)
     engine_path = export_dir / ENGINE_FILE
     manifest_path = export_dir / ENGINE_MANIFEST_FILE
-    existing = None
-    if manifest_path.is_file() and engine_path.is_file():
-        existing = json.loads(manifest_path.read_text())
+    existing = read_engine_manifest(export_dir)
     reason = engine_is_stale(existing, device_info, onnx_sha, precision, max_batch)
     if force:
         reason = f"rebuild forced ({reason or 'engine was current'})"
     if reason is None:
         return EngineBuild(engine_path, existing, False, None)
 
-    tmp_engine = export_dir / f".{ENGINE_FILE}.{os.getpid()}"
+    descriptor, tmp_name = tempfile.mkstemp(prefix=f".{ENGINE_FILE}.", dir=export_dir)
+    os.close(descriptor)
+    tmp_engine = Path(tmp_name)
     try:
         started = time.perf_counter()
         profile = build_engine(
@@ -340,10 +366,10 @@ def ensure_engine(
         )
         seconds = time.perf_counter() - started
         inputs = parity_inputs(
-            tuple(export_manifest["input_size"]),
+            export_manifest.input_size,
             sorted({1, max_batch}),
-            export_manifest["mean"],
-            export_manifest["std"],
+            export_manifest.mean,
+            export_manifest.std,
         )
         runner = EngineRunner(tmp_engine)
         report = require_parity(
@@ -362,16 +388,17 @@ def ensure_engine(
             "onnx_sha256": onnx_sha,
             "precision": precision,
             "profile": profile,
-            "classes": export_manifest["classes"],
+            "classes": export_manifest.classes,
             "input_shape": profile["shape"],
-            "model_version": export_manifest.get("model_version"),
+            "model_version": export_manifest.model_version,
             "build_seconds": round(seconds, 1),
             "built_at": datetime.now(UTC).isoformat(timespec="seconds"),
             "parity": report.to_dict(),
         }
         manifest_path.unlink(missing_ok=True)  # a crash from here on leaves "no manifest": rebuild
+        tmp_engine.chmod(0o644)
         os.replace(tmp_engine, engine_path)
-        manifest_path.write_text(json.dumps(manifest, indent=2))
+        write_json_atomic(manifest_path, manifest)
     finally:
         tmp_engine.unlink(missing_ok=True)
     return EngineBuild(engine_path, manifest, True, reason)

@@ -11,7 +11,8 @@ import onnxruntime
 import pytest
 import torch
 
-from export.onnx_export import ONNX_FP16_FILE, export_onnx, file_sha256, is_export_dir
+from export.manifest import ONNX_FP16_FILE, file_sha256, is_export_dir
+from export.onnx_export import export_onnx
 from tests.helpers import save_tiny_model
 from training.model_dir import ModelBundle
 from training.models.bisenet import BiSeNet, BiSeNetConfig

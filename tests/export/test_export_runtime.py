@@ -1,9 +1,12 @@
-"""open_runtime: backend choice, model and export directories, predictions, CLI predict and bench-runtime."""
+"""open_runtime: backend choice, read-only opening, thread counts, closing under load, CLI predict, bench."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -13,14 +16,17 @@ from PIL import Image
 
 from export.benchmark import benchmark_runtimes
 from export.cli import add_subcommands, parse_size
-from export.onnx_export import MANIFEST_FILE, is_export_dir
+from export.manifest import MANIFEST_FILE, is_export_dir
 from export.runtime import (
     OrtRuntime,
+    RuntimeClosedError,
     SegmentationRuntime,
     TorchRuntime,
     available_backends,
+    ensure_export,
     export_dir_for,
     open_runtime,
+    physical_cores,
     resolve_backend,
 )
 from tests.helpers import save_tiny_model
@@ -53,19 +59,134 @@ def test_auto_picks_ort_cpu_without_a_gpu(model_dir: Path) -> None:
         assert isinstance(runtime, OrtRuntime) and runtime.backend == "ort-cpu"
 
 
-def test_model_dir_is_exported_once_and_export_dir_is_accepted(model_dir: Path) -> None:
+def _tree(path: Path) -> dict[str, tuple[int, int]]:
+    """Every file and directory under ``path`` with its size and modification time."""
+    return {
+        str(item.relative_to(path)): (item.stat().st_size, item.stat().st_mtime_ns)
+        for item in path.rglob("*")
+    }
+
+
+def test_open_runtime_never_writes_into_the_model_dir(tmp_path: Path) -> None:
+    model_dir = save_tiny_model(tmp_path / "model", CLASSES, history=[{"step": 0}])
+    before = _tree(model_dir)
     with open_runtime(model_dir, "ort-cpu", size=SIZE) as runtime:
-        assert runtime.version == "v3" and runtime.classes == CLASSES and runtime.size == SIZE
-    export_dir = export_dir_for(model_dir, SIZE)
-    assert is_export_dir(export_dir)
+        scratch = runtime.scratch_dir
+        assert runtime.version == "v1" and runtime.classes == CLASSES and runtime.size == SIZE
+        assert scratch is not None and is_export_dir(scratch / "export")
+    assert _tree(model_dir) == before  # exported into a temporary directory ...
+    assert not scratch.exists()  # ... which close removed
+
+
+def test_ensure_export_caches_once_and_open_only_reads_it(model_dir: Path) -> None:
+    export_dir = ensure_export(model_dir, SIZE)
+    assert export_dir == export_dir_for(model_dir, SIZE) and is_export_dir(export_dir)
     stamp = (export_dir / MANIFEST_FILE).stat().st_mtime_ns
-    with open_runtime(model_dir, "ort-cpu", size=SIZE):
-        pass
-    assert (export_dir / MANIFEST_FILE).stat().st_mtime_ns == stamp  # reused, not re-exported
+    assert ensure_export(model_dir, SIZE) == export_dir
+    before = _tree(model_dir)
+    with open_runtime(model_dir, "ort-cpu", size=SIZE) as runtime:
+        assert runtime.version == "v3" and runtime.scratch_dir is None  # the cached export, as it is
     with open_runtime(export_dir, "ort-cpu") as runtime:
         assert runtime.version == "v3" and runtime.size == SIZE
+    assert _tree(model_dir) == before
+    assert (export_dir / MANIFEST_FILE).stat().st_mtime_ns == stamp  # reused, not re-exported
     with pytest.raises(ValueError, match="exported at 64x64"):
         open_runtime(export_dir, "ort-cpu", size=(128, 128))
+
+
+def test_ort_sessions_use_the_given_thread_count(model_dir: Path) -> None:
+    export_dir = ensure_export(model_dir, SIZE)
+    with open_runtime(export_dir, "ort-cpu", threads=1) as runtime:
+        assert runtime.threads == 1
+        options = runtime.session.get_session_options()
+        assert options.intra_op_num_threads == 1 and options.inter_op_num_threads == 1
+    with open_runtime(export_dir, "ort-cpu") as runtime:
+        assert runtime.threads == physical_cores()
+
+
+def test_opening_an_export_imports_neither_torch_nor_training(model_dir: Path) -> None:
+    export_dir = ensure_export(model_dir, SIZE)
+    script = (
+        "import sys\n"
+        "from export.runtime import open_runtime\n"
+        f"with open_runtime({str(export_dir)!r}, 'ort-cpu') as runtime:\n"
+        "    runtime.warmup()\n"
+        "print(sorted(name for name in ('torch', 'training') if name in sys.modules))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert result.stdout.strip() == "[]"
+
+
+class _GatedSession:
+    """Wraps an ONNX Runtime session: each ``run`` announces itself, then waits for the gate to open."""
+
+    def __init__(self, session) -> None:
+        self.session = session
+        self.entered = threading.Event()
+        self.gate = threading.Event()
+
+    def run(self, *args, **kwargs):
+        self.entered.set()
+        assert self.gate.wait(30)
+        return self.session.run(*args, **kwargs)
+
+
+def test_close_waits_for_calls_in_flight(model_dir: Path) -> None:
+    runtime = open_runtime(ensure_export(model_dir, SIZE), "ort-cpu", threads=1)
+    gated = runtime.session = _GatedSession(runtime.session)
+    batch = np.zeros((2, 3, *SIZE), np.float32)
+    results = []
+    caller = threading.Thread(target=lambda: results.append(runtime.predict_logits(batch)))
+    caller.start()
+    assert gated.entered.wait(30)
+
+    assert runtime.close(timeout=0.2) is False  # a call is in flight: nothing released yet
+    assert runtime.closed and runtime.session is gated
+    with pytest.raises(RuntimeClosedError, match="closed"):
+        runtime.predict([np.zeros((8, 8, 3), np.uint8)])
+    closer_done = threading.Event()
+    closer = threading.Thread(target=lambda: (runtime.close(), closer_done.set()))
+    closer.start()
+    assert not closer_done.wait(0.2)  # close() blocks while the call runs
+    gated.gate.set()
+    caller.join(30)
+    closer.join(30)
+    assert closer_done.is_set() and runtime.session is None  # released after the last call returned
+    assert results[0].shape == (2, len(CLASSES), *SIZE)
+    assert runtime.close() is True  # idempotent
+
+
+def test_close_under_concurrent_predicts_never_breaks_a_call(model_dir: Path) -> None:
+    runtime = open_runtime(ensure_export(model_dir, SIZE), "ort-cpu", threads=1)
+    image = np.random.default_rng(0).integers(0, 256, (50, 70, 3), dtype=np.uint8)
+    outcomes: list[str] = []
+    started = threading.Barrier(5)
+
+    def client() -> None:
+        started.wait()
+        while True:
+            try:
+                (mask,) = runtime.predict([image])
+            except RuntimeClosedError:
+                outcomes.append("refused")
+                return
+            except Exception as error:  # the old bug: 'NoneType' object has no attribute 'run'
+                outcomes.append(f"broken: {error!r}")
+                return
+            outcomes.append("ok" if mask.shape == (50, 70) else f"bad shape {mask.shape}")
+
+    clients = [threading.Thread(target=client) for _ in range(4)]
+    for thread in clients:
+        thread.start()
+    started.wait()
+    while outcomes.count("ok") < 8:
+        threading.Event().wait(0.005)
+    assert runtime.close() is True
+    for thread in clients:
+        thread.join(30)
+    assert set(outcomes) == {"ok", "refused"} and outcomes.count("refused") == 4
 
 
 def test_torch_backend_needs_the_model_dir(model_dir: Path, tmp_path: Path) -> None:

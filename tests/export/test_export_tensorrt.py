@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from export import tensorrt_engine
-from export.onnx_export import ONNX_FILE, export_onnx, file_sha256
+from export.manifest import ONNX_FILE, file_sha256
+from export.onnx_export import export_onnx
 from export.parity import ParityError, run_onnx
 from export.tensorrt_engine import (
     ENGINE_FILE,
