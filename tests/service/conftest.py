@@ -15,6 +15,7 @@ import psycopg
 import pytest
 
 from service.db import TaskStore
+from service.registry import EXPORT_SUBDIR, MODEL_SUBDIR, Registry, VersionInfo
 from service.settings import Settings
 
 REDIS_URL = "redis://127.0.0.1:6379"
@@ -91,3 +92,31 @@ def store(database_url: str) -> Iterator[TaskStore]:
     task_store = TaskStore(database_url)
     yield task_store
     task_store.dispose()
+
+
+def publish_tiny_version(
+    registry: Registry, classes: list[str], task_id: str | None = None, base_version: str | None = None
+) -> VersionInfo:
+    """Publishes a randomly initialised tiny BiSeNet (resnet10, 16 channels) exported at 32x32."""
+    from export.onnx_export import export_onnx
+    from tests.helpers import save_tiny_model
+
+    with registry.staging() as stage:
+        save_tiny_model(stage / MODEL_SUBDIR, classes, history=[{"step": 0, "classes_added": classes[1:]}])
+        export_onnx(stage / MODEL_SUBDIR, stage / EXPORT_SUBDIR, (32, 32), parity_batches=(1,))
+        return registry.publish(
+            stage, metrics=None, task_id=task_id, base_version=base_version, engine="not built: test"
+        )
+
+
+@pytest.fixture
+def registry(settings: Settings) -> Registry:
+    """An empty registry in the settings' data directory."""
+    return Registry(settings.registry_dir)
+
+
+@pytest.fixture
+def active_registry(registry: Registry) -> Registry:
+    """The registry with one tiny published version (classes background, a, b), active."""
+    registry.activate(publish_tiny_version(registry, ["background", "a", "b"]).name)
+    return registry

@@ -1,0 +1,293 @@
+"""The model registry: one immutable directory per version on a volume, and a pointer to the active one.
+
+Layout::
+
+    REGISTRY/ACTIVE                 name of the active version ("v3\\n"), replaced atomically
+    REGISTRY/v3/version.json        VersionInfo (classes, history, metrics, parity, files, task)
+    REGISTRY/v3/model/              model directory (model.json, weights.pt, state/*.pt: method state)
+    REGISTRY/v3/export/             ONNX export (manifest.json with parity figures, model.onnx) and the
+                                    TensorRT engine (engine.plan, engine_manifest.json) when one was built
+    REGISTRY/v3/metrics.json        the step's validation metrics
+    REGISTRY/.stage-*/              a version being written (invisible to readers)
+
+A version is written into a staging directory inside the registry (same filesystem), its files and
+directories fsynced, then renamed to the next free name: a crash leaves either nothing or a whole version,
+and a published version is never rewritten. Two publishers racing for a name both succeed: the loser of
+the rename takes the next name. Only a version whose ONNX export passed the parity gate can be activated.
+
+This module imports neither torch nor ``training`` (the API process reads the registry).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field, ValidationError
+
+ACTIVE_FILE = "ACTIVE"
+VERSION_FILE = "version.json"
+METRICS_FILE = "metrics.json"
+MODEL_SUBDIR = "model"
+EXPORT_SUBDIR = "export"
+MODEL_JSON = "model.json"
+MANIFEST_JSON = "manifest.json"
+STAGE_PREFIX = ".stage-"
+NAME_PATTERN = re.compile(r"^v([1-9][0-9]{0,8})$")
+DIR_MODE = 0o755
+FILE_MODE = 0o644
+
+
+class VersionInfo(BaseModel):
+    """One published model version (``version.json``; the name is the directory's)."""
+
+    name: str = Field(description='"v1", "v2", ... in the order published')
+    created_at: datetime
+    classes: list[str] = Field(description="class names in model order, index 0 = background")
+    history: list[dict[str, Any]] = Field(description="one record per training step")
+    metrics: dict[str, Any] | None = Field(None, description="validation metrics of the step that made it")
+    parity: dict[str, Any] = Field(description="ONNX Runtime vs PyTorch parity report of the export")
+    parity_passed: bool
+    files: dict[str, int] = Field(description="relative path -> bytes")
+    task_id: str | None = Field(None, description="task that trained the version")
+    base_version: str | None = Field(None, description="version the step started from (None for step 0)")
+    engine: str = Field(description='TensorRT engine: "built: ..." or "not built: <reason>"')
+
+
+def version_number(name: str) -> int:
+    """The number of a version name (``v12`` -> 12).
+
+    Raises:
+        KeyError: ``name`` is not a version name (this also keeps paths out of the registry).
+    """
+    match = NAME_PATTERN.match(name)
+    if match is None:
+        raise KeyError(f"{name!r} is not a version name (v1, v2, ...)")
+    return int(match.group(1))
+
+
+def fsync_path(path: Path) -> None:
+    """Flushes one file or directory to disk."""
+    flags = os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0)
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def seal_tree(root: Path) -> dict[str, int]:
+    """Makes a tree world-readable, fsyncs every file and directory (deepest first), lists its files.
+
+    Returns:
+        Relative path -> size in bytes of every file.
+    """
+    files = {}
+    for directory, subdirs, names in os.walk(root, topdown=False):
+        base = Path(directory)
+        for name in names:
+            path = base / name
+            path.chmod(FILE_MODE)
+            fsync_path(path)
+            files[path.relative_to(root).as_posix()] = path.stat().st_size
+        for name in subdirs:
+            fsync_path(base / name)
+        base.chmod(DIR_MODE)
+    fsync_path(root)
+    return dict(sorted(files.items()))
+
+
+def write_file_atomic(path: Path, text: str) -> None:
+    """Writes ``text`` to a unique temporary sibling, fsyncs it, renames it over ``path``, fsyncs the dir."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        tmp.chmod(FILE_MODE)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_path(path.parent)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: cannot be read as JSON ({err})") from err
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return value
+
+
+class Registry:
+    """Model versions under ``root`` (created if missing).
+
+    Args:
+        root: The registry directory (``Settings.registry_dir``).
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def list(self) -> list[VersionInfo]:
+        """Every published version, oldest first."""
+        names = [path.name for path in self.root.iterdir() if NAME_PATTERN.match(path.name)]
+        return [self.get(name) for name in sorted(names, key=version_number)]
+
+    def get(self, name: str) -> VersionInfo:
+        """The version ``name``.
+
+        Raises:
+            KeyError: No such version.
+            ValueError: Its ``version.json`` is damaged (the message names the file).
+        """
+        version_number(name)
+        path = self.root / name / VERSION_FILE
+        if not path.is_file():
+            raise KeyError(f"no model version {name!r}")
+        try:
+            return VersionInfo.model_validate({**_read_json(path), "name": name})
+        except ValidationError as err:
+            raise ValueError(f"{path}: {err}") from err
+
+    def active(self) -> str | None:
+        """Name of the active version, or None before the first activation."""
+        try:
+            name = (self.root / ACTIVE_FILE).read_text().strip()
+        except FileNotFoundError:
+            return None
+        return name or None
+
+    def activate(self, name: str) -> VersionInfo:
+        """Points ``ACTIVE`` at ``name`` (atomic: readers see the old or the new name, never none).
+
+        Raises:
+            KeyError: No such version.
+            ValueError: The version did not pass the parity gate.
+        """
+        info = self.get(name)
+        if not info.parity_passed:
+            raise ValueError(
+                f"version {name} did not pass the parity gate (ONNX Runtime vs PyTorch: "
+                f"max abs error {info.parity.get('max_abs_error')}, argmax agreement "
+                f"{info.parity.get('argmax_agreement')}); it cannot be activated"
+            )
+        write_file_atomic(self.root / ACTIVE_FILE, f"{name}\n")
+        return info
+
+    def version_dir(self, name: str) -> Path:
+        """Directory of a published version.
+
+        Raises:
+            KeyError: No such version.
+        """
+        self.get(name)
+        return self.root / name
+
+    def model_dir(self, name: str) -> Path:
+        """Model directory of a version (``training.model_dir`` layout)."""
+        return self.version_dir(name) / MODEL_SUBDIR
+
+    def export_dir(self, name: str) -> Path:
+        """ONNX export directory of a version (manifest.json, model.onnx, the engine if built)."""
+        return self.version_dir(name) / EXPORT_SUBDIR
+
+    @contextmanager
+    def staging(self) -> Iterator[Path]:
+        """A fresh staging directory inside the registry, removed on exit unless it was published.
+
+        Write ``STAGE/model`` and ``STAGE/export`` into it, then call :meth:`publish`.
+        """
+        stage = self.root / f"{STAGE_PREFIX}{uuid.uuid4().hex}"
+        stage.mkdir(mode=DIR_MODE)
+        try:
+            yield stage
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+
+    def publish(
+        self,
+        stage: Path,
+        *,
+        metrics: dict | None,
+        task_id: str | None,
+        base_version: str | None,
+        engine: str,
+    ) -> VersionInfo:
+        """Seals a staging directory and renames it to the next free version name.
+
+        Classes and history come from ``STAGE/model/model.json``, the parity report from
+        ``STAGE/export/manifest.json``.
+
+        Returns:
+            The published version (not activated).
+
+        Raises:
+            ValueError: The staging directory lacks the model or the export.
+        """
+        stage = Path(stage)
+        if stage.parent != self.root or not stage.name.startswith(STAGE_PREFIX):
+            raise ValueError(f"{stage} is not a staging directory of {self.root}")
+        model = _read_json(stage / MODEL_SUBDIR / MODEL_JSON)
+        manifest = _read_json(stage / EXPORT_SUBDIR / MANIFEST_JSON)
+        (stage / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
+        files = seal_tree(stage)
+        parity = manifest.get("parity") or {}
+        info = {
+            "created_at": datetime.now(UTC).isoformat(),
+            "classes": model.get("classes", []),
+            "history": model.get("history", []),
+            "metrics": metrics,
+            "parity": parity,
+            "parity_passed": bool(parity.get("passed")),
+            "files": files,
+            "task_id": task_id,
+            "base_version": base_version,
+            "engine": engine,
+        }
+        VersionInfo.model_validate({**info, "name": "v1"})  # fail before publishing, not on every read
+        with open(stage / VERSION_FILE, "w", encoding="utf-8") as handle:
+            handle.write(json.dumps(info, indent=2))
+            handle.flush()
+            os.fsync(handle.fileno())
+        (stage / VERSION_FILE).chmod(FILE_MODE)
+        fsync_path(stage)
+        name = self._rename_to_next_name(stage)
+        fsync_path(self.root)
+        return self.get(name)
+
+    def remove_stale_stages(self, older_than_s: float) -> list[Path]:
+        """Deletes staging directories left by crashed workers (older than ``older_than_s``)."""
+        removed = []
+        for path in self.root.glob(f"{STAGE_PREFIX}*"):
+            if time.time() - path.stat().st_mtime > older_than_s:
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+        return removed
+
+    def _rename_to_next_name(self, stage: Path) -> str:
+        """rename(2) onto a non-empty directory fails, so a name taken meanwhile is never overwritten."""
+        for _ in range(1000):
+            numbers = [version_number(p.name) for p in self.root.iterdir() if NAME_PATTERN.match(p.name)]
+            name = f"v{max(numbers, default=0) + 1}"
+            try:
+                os.rename(stage, self.root / name)
+            except OSError:
+                if (self.root / name).exists():
+                    continue  # another publisher took the name first
+                raise
+            return name
+        raise RuntimeError(f"{self.root}: could not find a free version name")
