@@ -52,6 +52,7 @@ ZIP_METHODS = {
 }
 # Errors raised while reading a damaged archive (gzip.BadGzipFile is an OSError).
 READ_ERRORS = (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error, OSError, ValueError)
+SPECIAL_ENTRY = "device, FIFO or other special entry; only files and folders are accepted"
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _DRIVE = re.compile(r"^[A-Za-z]:")
 
@@ -191,7 +192,7 @@ def _open_archive(path: Path, filename: str) -> _Archive:
             return _ZipArchive(zipfile.ZipFile(path))
         except READ_ERRORS as error:
             raise UploadError(400, filename, f"damaged zip archive ({error}); create it again") from error
-    if tarfile.is_tarfile(path):
+    if _is_tar(path):
         try:
             return _TarArchive(tarfile.open(path, "r:*"))
         except READ_ERRORS as error:
@@ -202,6 +203,13 @@ def _open_archive(path: Path, filename: str) -> _Archive:
         filename,
         f"not a zip or tar archive{damaged}; upload the dataset folder as one of {ACCEPTED_FORMATS}",
     )
+
+
+def _is_tar(path: Path) -> bool:
+    try:
+        return tarfile.is_tarfile(path)
+    except READ_ERRORS:  # e.g. a gzip stream that ends early: not something we can read
+        return False
 
 
 class _ZipArchive:
@@ -265,14 +273,14 @@ class _TarArchive:
 
 
 def _check_file_type(name: str, mode: int) -> None:
-    if stat.S_ISLNK(mode):
+    """Refuses links and special files by the Unix mode a zip member carries (no type bits: a file)."""
+    kind = stat.S_IFMT(mode)
+    if kind == stat.S_IFLNK:
         raise UploadError(
             400, name, "symbolic link; archives may hold only regular files and folders (zip without -y)"
         )
-    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
-        raise UploadError(
-            400, name, "device, FIFO or other special entry; only files and folders are accepted"
-        )
+    if kind not in (0, stat.S_IFREG, stat.S_IFDIR):
+        raise UploadError(400, name, SPECIAL_ENTRY)
 
 
 def _check_ratio(name: str, uncompressed: int, compressed: int, limit: float, what: str) -> None:
