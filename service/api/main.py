@@ -8,6 +8,7 @@ and stops it on shutdown.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -23,6 +24,8 @@ from service.metrics import RequestMetricsMiddleware, task_registry
 from service.model_server import ModelServer, NoModelLoaded
 from service.registry import Registry
 from service.settings import Settings, get_settings
+
+logger = logging.getLogger(__name__)
 
 
 def _error(status_code: int, detail: str, **extra: object) -> JSONResponse:
@@ -59,6 +62,14 @@ async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResp
     return JSONResponse({"detail": str(err.detail)}, status_code=err.status_code, headers=err.headers)
 
 
+async def _internal_error(request: Request, err: Exception) -> JSONResponse:
+    logger.exception("%s %s failed", request.method, request.url.path, exc_info=err)
+    return _error(
+        status.HTTP_500_INTERNAL_SERVER_ERROR,
+        f"internal error ({type(err).__name__}: {err}); the service log has the traceback",
+    )
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Builds the API for ``settings`` (default: the environment's, see :func:`get_settings`)."""
     settings = settings or get_settings()
@@ -92,6 +103,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(NoModelLoaded, _no_model)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _internal_error)
     for module in (tasks, segment, models, system):
         app.include_router(module.router)
     return app

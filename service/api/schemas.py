@@ -52,6 +52,11 @@ class ModelList(BaseModel):
     active: str | None
     serving: str | None
     loading: str | None = Field(description="Version being loaded in the background, if any.")
+    swaps: int = Field(description="Swaps this API process made since it started.")
+    swap_failures: int = Field(description="Versions this API process failed to load or warm up.")
+    last_swap: dict[str, Any] | None = Field(
+        description="The last swap: version and seconds from activation to notice, load and warm-up."
+    )
     versions: list[ModelSummary]
 
 

@@ -43,6 +43,9 @@ def list_models(registry: RegistryDep, server: ModelServerDep) -> ModelList:
         active=active,
         serving=serving.serving_version,
         loading=serving.loading,
+        swaps=serving.swaps,
+        swap_failures=serving.swap_failures,
+        last_swap=serving.last_swap,
         versions=[_summary(info, active, serving) for info in registry.list()],
     )
 

@@ -109,6 +109,11 @@ def _segment(server: ModelServer, data: bytes, output: OutputFormat, max_pixels:
 
 async def _read_image_bytes(request: Request) -> bytes:
     """The image of a multipart ``image`` field or of a raw body with an ``image/*`` content type."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_IMAGE_BYTES + 64 * 1024:
+        raise HTTPException(
+            status.HTTP_413_CONTENT_TOO_LARGE, detail=f"images are limited to {MAX_IMAGE_BYTES} bytes"
+        )
     content_type, _ = parse_options_header(request.headers.get("content-type", ""))
     if content_type == b"multipart/form-data":
         async with request.form(max_files=1, max_fields=4) as form:
