@@ -94,31 +94,42 @@ def wait_until(condition, timeout_s: float, what: str, poll_s: float = 0.1):
 
 
 @contextmanager
-def uvicorn_api(settings: Settings, log_path: Path) -> Iterator[str]:
-    """Runs ``uvicorn service.api.main:create_app --factory`` for ``settings``; yields its base URL."""
-    port = free_port()
+def service_process(
+    command: list[str], settings: Settings, log_path: Path, url: str | None = None
+) -> Iterator[None]:
+    """Runs ``command`` with ``settings`` in its environment, waits for ``url``/health if given, stops it."""
     env = {**os.environ, **settings_env(settings)}
-    command = [sys.executable, "-m", "uvicorn", "service.api.main:create_app", "--factory"]
-    command += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
     with log_path.open("wb") as log:
         process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
     try:
+        if url is not None:
 
-        def healthy() -> bool:
-            if process.poll() is not None:
-                raise AssertionError(f"uvicorn exited with {process.returncode}: {log_path.read_text()}")
-            try:
-                return httpx.get(f"{url}/health", timeout=1).status_code == 200
-            except httpx.HTTPError:
-                return False
+            def healthy() -> bool:
+                if process.poll() is not None:
+                    raise AssertionError(
+                        f"{command} exited with {process.returncode}: {log_path.read_text()}"
+                    )
+                try:
+                    return httpx.get(f"{url}/health", timeout=1).status_code == 200
+                except httpx.HTTPError:
+                    return False
 
-        wait_until(healthy, 60, "the API to answer /health")
-        yield url
+            wait_until(healthy, 60, f"{url}/health to answer")
+        yield
     finally:
-        process.terminate()
+        process.terminate()  # SIGTERM: uvicorn and Celery shut down cleanly
         try:
-            process.wait(15)
+            process.wait(30)
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+@contextmanager
+def uvicorn_api(settings: Settings, log_path: Path) -> Iterator[str]:
+    """Runs ``uvicorn service.api.main:create_app --factory`` for ``settings``; yields its base URL."""
+    url = f"http://127.0.0.1:{free_port()}"
+    command = [sys.executable, "-m", "uvicorn", "service.api.main:create_app", "--factory"]
+    command += ["--host", "127.0.0.1", "--port", url.rsplit(":", 1)[1], "--log-level", "warning"]
+    with service_process(command, settings, log_path, url):
+        yield url
