@@ -1,0 +1,151 @@
+"""Announcing and noticing a new active model version.
+
+The registry's pointer file (``REGISTRY/ACTIVE``) is the truth; an announcement on the Redis channel
+``INSTANCE:active`` only shortens the time until API processes notice it. :class:`ActiveWatcher` polls the
+pointer every ``poll_interval_s`` (always: the fallback when Redis is down and the only path in embedded
+mode) and, when Redis is configured, listens on the channel too. Whatever woke it, it re-reads the pointer
+and reports the name found there, never the name carried by a message: an announcement that arrives late
+(after a newer activation) cannot roll a process back.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+import redis
+
+from service.registry import Registry
+from service.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+RECONNECT_MIN_S = 0.1
+RECONNECT_MAX_S = 5.0
+LISTEN_TICK_S = 0.25
+
+
+def announce_active(settings: Settings, version: str) -> None:
+    """Publishes ``{"version", "announced_at"}`` on ``settings.active_channel`` when Redis is configured.
+
+    Call it after :meth:`Registry.activate`. A failure to publish is logged, not raised: the activation has
+    happened, and every API process still notices it by polling within ``poll_interval_s``.
+    """
+    if settings.redis_url is None:
+        return
+    message = json.dumps({"version": version, "announced_at": time.time()})
+    try:
+        with redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=2) as client:
+            receivers = client.publish(settings.active_channel, message)
+    except redis.RedisError as error:
+        logger.warning(
+            "could not announce %s on %s (%s); pollers will notice it",
+            version,
+            settings.active_channel,
+            error,
+        )
+        return
+    logger.info("announced %s on %s (%d listeners)", version, settings.active_channel, receivers)
+
+
+class ActiveWatcher:
+    """Calls ``on_change(name)`` whenever the registry's active version changes.
+
+    Args:
+        settings: ``poll_interval_s``, ``redis_url`` and ``active_channel`` are used.
+        registry: The registry whose pointer is watched.
+        on_change: Called with the new active name, from a watcher thread, one call at a time and in the
+            order the pointer changed; it should return quickly (hand the work to another thread).
+
+    Attributes:
+        subscribed: Set while the Redis subscription is live (tests wait on it).
+        redis_errors: Redis errors survived so far (the listener reconnects after each).
+    """
+
+    def __init__(self, settings: Settings, registry: Registry, on_change: Callable[[str], None]) -> None:
+        self._settings = settings
+        self._registry = registry
+        self._on_change = on_change
+        self._reported: str | None = None
+        self._report_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.subscribed = threading.Event()
+        self.redis_errors = 0
+
+    def start(self) -> None:
+        """Reports the current pointer (if any) at once, then starts the poller and the Redis listener."""
+        self._stop.clear()
+        self.check()
+        self._threads = [threading.Thread(target=self._poll, name="incseg-active-poll", daemon=True)]
+        if self._settings.redis_url is not None:
+            self._threads.append(
+                threading.Thread(target=self._listen, name="incseg-active-redis", daemon=True)
+            )
+        for thread in self._threads:
+            thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stops both threads (waits up to ``timeout`` for each)."""
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout)
+        self._threads = []
+        self.subscribed.clear()
+
+    def check(self) -> str | None:
+        """Reads the pointer and reports it when it differs from the last report; returns the name read."""
+        try:
+            name = self._registry.active()
+        except OSError as error:  # a volume hiccup: the next poll tries again
+            logger.warning("cannot read the active version pointer: %s", error)
+            return None
+        with self._report_lock:
+            if name is not None and name != self._reported:
+                self._reported = name
+                try:
+                    self._on_change(name)
+                except Exception:
+                    logger.exception("handling the activation of %s failed", name)
+        return name
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self._settings.poll_interval_s):
+            self.check()
+
+    def _listen(self) -> None:
+        """Subscribes to the channel and re-reads the pointer on every message; reconnects on errors."""
+        delay = RECONNECT_MIN_S
+        while not self._stop.is_set():
+            client = redis.Redis.from_url(
+                self._settings.redis_url,
+                socket_connect_timeout=2,
+                health_check_interval=10,
+                client_name=f"{self._settings.instance}-active-watcher",
+            )
+            pubsub = client.pubsub(ignore_subscribe_messages=True)
+            try:
+                pubsub.subscribe(self._settings.active_channel)
+                self.subscribed.set()
+                self.check()  # catch up on an activation announced while we were not listening
+                delay = RECONNECT_MIN_S
+                while not self._stop.is_set():
+                    if pubsub.get_message(timeout=LISTEN_TICK_S) is not None:
+                        self.check()
+            except (redis.RedisError, OSError) as error:
+                self.subscribed.clear()
+                self.redis_errors += 1
+                logger.warning(
+                    "Redis listener on %s: %s; reconnecting in %.1f s",
+                    self._settings.active_channel,
+                    error,
+                    delay,
+                )
+                self._stop.wait(delay)
+                delay = min(RECONNECT_MAX_S, delay * 2)
+            finally:
+                pubsub.close()
+                client.close()

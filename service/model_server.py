@@ -1,0 +1,343 @@
+"""The model an API process serves, and the zero-downtime swap to a newly activated version.
+
+One :class:`ModelServer` per API process holds ONE reference to the serving version. A request takes a
+:meth:`~ModelServer.lease` on it (a reference count), so the reference may be swapped at any time while
+requests run. When the registry's active version changes (:class:`service.announce.ActiveWatcher`: Redis
+announcement or pointer poll) or :meth:`~ModelServer.request_version` is called, a loader thread opens the
+version's export directory (ONNX Runtime on the CPU; TensorRT or ONNX Runtime CUDA on a GPU, as
+``export.runtime.open_runtime`` chooses), warms it up, and only then swaps the reference under a lock.
+Requests in flight finish on the old runtime, which is closed when its last lease is returned. A version
+that fails to open or warm up leaves the old one serving; the failure is recorded (``status().failures``,
+``incseg_model_swap_failures_total``).
+
+The pointer is the truth: a loaded version is swapped in only if the pointer still names it, so a late
+announcement or request never takes a process back to an older version; going back happens only when
+the pointer is moved back (``Registry.activate``, the rollback). This mirrors Triton's load-as-reload
+(serve v1 until v2 is ready, then switch; reference/serving.md section 2.1).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import Counter, Gauge
+from pydantic import BaseModel, Field
+
+from export.runtime import SegmentationRuntime, open_runtime
+from service.announce import ActiveWatcher
+from service.registry import ACTIVE_FILE, Registry
+from service.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+SWAPS = Counter("incseg_model_swaps", "Model versions swapped in (loaded, warmed up, serving).")
+SWAP_FAILURES = Counter(
+    "incseg_model_swap_failures", "Model versions that failed to load or warm up (the old one kept serving)."
+)
+ACTIVE_VERSION = Gauge(
+    "incseg_active_model_version", "1 for the model version this process serves.", ["version"]
+)
+SWAP_PHASE_SECONDS = Gauge(
+    "incseg_model_swap_phase_seconds",
+    "Duration of each phase of the last swap: notice (activation to noticed), load, warmup.",
+    ["phase"],
+)
+STOP_JOIN_S = 30.0
+
+
+class NoModelLoaded(RuntimeError):
+    """No model version is loaded and warmed up yet (or the server was stopped); the message says why."""
+
+
+class ModelServerStatus(BaseModel):
+    """What the model server is doing (``/ready``, ``/models``)."""
+
+    active_version: str | None = Field(description="version the registry's pointer names")
+    serving_version: str | None = Field(description="version answering requests in this process")
+    ready: bool = Field(description="a version is loaded, warmed up and serving")
+    loading: str | None = Field(description="version being loaded and warmed up, if any")
+    failures: dict[str, str] = Field(description="version -> why it failed to load or warm up")
+    swaps: int = Field(description="versions swapped in by this process")
+    swap_failures: int = Field(description="failed loads or warm-ups in this process")
+    last_swap: dict[str, Any] | None = Field(
+        description="the last swap: version, previous, notice_s (activation to noticed; None when the "
+        "activation time is unknown), load_s, warmup_s, swapped_at (Unix time)"
+    )
+
+
+def _unset_active_version(name: str) -> None:
+    try:
+        ACTIVE_VERSION.remove(name)
+    except KeyError:  # another model server in this process (tests) removed it already
+        pass
+
+
+@dataclass
+class _Served:
+    """A loaded version and the leases on it."""
+
+    version: str
+    runtime: SegmentationRuntime
+    leases: int = 0
+    retired: bool = False
+
+
+def open_export(export_dir: Path, settings: Settings, backend: str = "auto") -> SegmentationRuntime:
+    """The default loader: ``open_runtime`` on a version's export directory with ``settings.ort_threads``."""
+    return open_runtime(export_dir, backend, threads=settings.ort_threads)
+
+
+class ModelServer:
+    """Serves the registry's active version and swaps to a new one without failing a request.
+
+    Args:
+        settings: Service settings (``ort_threads``, ``poll_interval_s``, ``redis_url``, ``instance``).
+        registry: The model registry.
+        loader: Opens an export directory (default :func:`open_export` with ``backend``); tests inject a
+            slow or failing one.
+        backend: Runtime backend of the default loader (``auto``: TensorRT > ONNX Runtime CUDA > CPU).
+        warmup_iterations: Forward passes at the serving size before a version takes requests.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        registry: Registry,
+        loader: Callable[[Path], SegmentationRuntime] | None = None,
+        backend: str = "auto",
+        warmup_iterations: int = 2,
+    ) -> None:
+        self._settings = settings
+        self._registry = registry
+        self._loader = loader or partial(open_export, settings=settings, backend=backend)
+        self._warmup_iterations = warmup_iterations
+        self._state = threading.Condition()
+        self._served: _Served | None = None
+        self._wanted: str | None = None
+        self._noticed_at: float | None = None
+        self._loading: str | None = None
+        self._failures: dict[str, str] = {}
+        self._swaps = 0
+        self._swap_failures = 0
+        self._last_swap: dict[str, Any] | None = None
+        self._stopping = False
+        self._loader_thread: threading.Thread | None = None
+        self._watcher = ActiveWatcher(settings, registry, self.request_version)
+
+    # lifecycle
+
+    def start(self) -> None:
+        """Starts the loader thread and the watcher; the active version (if any) loads in the background."""
+        with self._state:
+            self._stopping = False
+        self._loader_thread = threading.Thread(
+            target=self._load_loop, name="incseg-model-loader", daemon=True
+        )
+        self._loader_thread.start()
+        self._watcher.start()
+
+    def stop(self) -> None:
+        """Stops watching and loading; the serving runtime is closed once its last lease is returned."""
+        self._watcher.stop()
+        with self._state:
+            self._stopping = True
+            served, self._served = self._served, None
+            self._state.notify_all()
+        if self._loader_thread is not None:
+            self._loader_thread.join(STOP_JOIN_S)
+        if served is not None:
+            _unset_active_version(served.version)
+            self._retire(served)
+
+    # serving
+
+    @contextmanager
+    def lease(self) -> Iterator[SegmentationRuntime]:
+        """The serving runtime for the duration of a request; it is not closed before the lease returns.
+
+        Raises:
+            NoModelLoaded: No version is serving yet; the message says why.
+        """
+        with self._state:
+            served = self._served
+            if served is None:
+                raise NoModelLoaded(self._why_not_ready())
+            served.leases += 1
+        try:
+            yield served.runtime
+        finally:
+            with self._state:
+                served.leases -= 1
+                close = served.retired and served.leases == 0
+            if close:
+                self._close(served)
+
+    def status(self) -> ModelServerStatus:
+        """A snapshot of the serving state."""
+        active = self._registry.active()
+        with self._state:
+            return ModelServerStatus(
+                active_version=active,
+                serving_version=self._served.version if self._served else None,
+                ready=self._served is not None,
+                loading=self._loading,
+                failures=dict(self._failures),
+                swaps=self._swaps,
+                swap_failures=self._swap_failures,
+                last_swap=dict(self._last_swap) if self._last_swap else None,
+            )
+
+    def wait_until_serving(self, version: str | None = None, timeout: float = 60.0) -> bool:
+        """Blocks until ``version`` (or any version, when None) serves; False after ``timeout`` seconds."""
+
+        def serving() -> bool:
+            return self._served is not None and version in (None, self._served.version)
+
+        with self._state:
+            return self._state.wait_for(serving, timeout)
+
+    def request_version(self, name: str) -> None:
+        """Loads ``name`` in the background and swaps to it if the pointer still names it then.
+
+        The watcher calls this on every pointer change; the activate route calls it right after
+        ``Registry.activate`` so this process does not wait for the poll. A version that failed before is
+        tried again. Returns at once.
+        """
+        with self._state:
+            self._wanted = name
+            self._noticed_at = time.time()
+            self._state.notify_all()
+
+    # loading
+
+    def _load_loop(self) -> None:
+        while True:
+            with self._state:
+                self._state.wait_for(lambda: self._stopping or self._wanted is not None)
+                if self._stopping:
+                    return
+                target, noticed_at = self._wanted, self._noticed_at
+                self._wanted = None
+                if self._served is not None and self._served.version == target:
+                    continue
+                self._loading = target
+            try:
+                self._load_and_swap(target, noticed_at)
+            finally:
+                with self._state:
+                    self._loading = None
+                    self._state.notify_all()
+
+    def _activated_at(self, name: str) -> float | None:
+        """When the pointer was last replaced, if it names ``name`` (the activation time)."""
+        try:
+            if self._registry.active() == name:
+                return (self._registry.root / ACTIVE_FILE).stat().st_mtime
+        except OSError:
+            pass
+        return None
+
+    def _load_and_swap(self, name: str, noticed_at: float | None) -> None:
+        activated_at = self._activated_at(name)
+        notice_s = None if activated_at is None or noticed_at is None else max(0.0, noticed_at - activated_at)
+        try:
+            started = time.perf_counter()
+            runtime = self._loader(self._registry.export_dir(name))
+            loaded = time.perf_counter()
+            try:
+                runtime.version = name  # the registry's name is the version clients see
+                runtime.warmup(self._warmup_iterations)
+            except BaseException:
+                runtime.close()
+                raise
+            warmed = time.perf_counter()
+        except Exception as error:  # any failure to open or run the version keeps the old one serving
+            message = f"{type(error).__name__}: {error}"
+            logger.error("model version %s failed to load or warm up, keeping the old one: %s", name, message)
+            SWAP_FAILURES.inc()
+            with self._state:
+                self._failures[name] = message
+                self._swap_failures += 1
+                self._loading = None
+            return
+        with self._state:
+            self._loading = None
+            pointer = self._registry.active()
+            superseded = self._stopping or pointer != name or self._wanted not in (None, name)
+            if superseded:
+                old = None
+                if not self._stopping and pointer is not None and self._wanted is None:
+                    self._wanted = pointer  # go where the pointer is now
+                    self._noticed_at = time.time()
+            else:
+                old, self._served = self._served, _Served(name, runtime)
+                self._failures.pop(name, None)
+                self._swaps += 1
+                self._last_swap = {
+                    "version": name,
+                    "previous": old.version if old else None,
+                    "notice_s": notice_s,
+                    "load_s": loaded - started,
+                    "warmup_s": warmed - loaded,
+                    "swapped_at": time.time(),
+                }
+                self._state.notify_all()
+        if superseded:
+            logger.info("discarding %s: the pointer names %s now", name, pointer)
+            runtime.close()
+            return
+        SWAPS.inc()
+        ACTIVE_VERSION.labels(version=name).set(1)
+        for phase in ("notice", "load", "warmup"):
+            if self._last_swap[f"{phase}_s"] is not None:
+                SWAP_PHASE_SECONDS.labels(phase=phase).set(self._last_swap[f"{phase}_s"])
+        logger.info(
+            "serving %s (was %s): notice %s s, load %.3f s, warm-up %.3f s",
+            name,
+            old.version if old else None,
+            "?" if notice_s is None else f"{notice_s:.3f}",
+            loaded - started,
+            warmed - loaded,
+        )
+        if old is not None:
+            _unset_active_version(old.version)
+            self._retire(old)
+
+    def _retire(self, served: _Served) -> None:
+        """Marks a version as no longer serving; closes it now if no lease holds it, else at the last one."""
+        with self._state:
+            served.retired = True
+            close = served.leases == 0
+        if close:
+            self._close(served)
+
+    def _close(self, served: _Served) -> None:
+        try:
+            served.runtime.close()
+        except Exception:
+            logger.exception("closing model version %s failed", served.version)
+
+    def _why_not_ready(self) -> str:
+        if self._stopping:
+            return "the model server is stopped"
+        if self._loading is not None:
+            return f"model version {self._loading} is loading and warming up; retry in a moment"
+        try:
+            active = self._registry.active()
+        except OSError:
+            active = None
+        if active is None:
+            return "no model version exists yet: post a base task to /tasks first"
+        if active in self._failures:
+            return (
+                f"model version {active} failed to load ({self._failures[active]}); activate another version"
+            )
+        return f"model version {active} is not loaded yet; retry in a moment"

@@ -1,0 +1,331 @@
+"""ModelServer lifecycle, Triton style: swap under concurrent clients with a slow load, broken versions,
+rollback, late requests, no model yet, and the notice time with and without a Redis announcement.
+
+Versions are real: a tiny BiSeNet exported once per module at 32x32 (ONNX Runtime CPU sessions), copied
+into the registry through its staging and publishing path.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from prometheus_client import REGISTRY
+
+from export.manifest import MANIFEST_FILE, ONNX_FILE
+from export.onnx_export import export_onnx
+from export.runtime import SegmentationRuntime
+from service.announce import announce_active
+from service.model_server import ModelServer, NoModelLoaded, open_export
+from service.registry import EXPORT_SUBDIR, MODEL_SUBDIR, Registry
+from service.settings import Settings
+from tests.helpers import save_tiny_model
+
+CLASSES = ["background", "a", "b"]
+IMAGE = np.random.default_rng(0).integers(0, 256, (30, 44, 3), dtype=np.uint8)
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model directory and its 32x32 export, to copy into registries."""
+    root = tmp_path_factory.mktemp("template")
+    save_tiny_model(root / MODEL_SUBDIR, CLASSES, history=[{"step": 0}])
+    export_onnx(root / MODEL_SUBDIR, root / EXPORT_SUBDIR, (32, 32), parity_batches=(1,))
+    return root
+
+
+def publish(registry: Registry, template: Path, damage: Callable[[Path], None] | None = None) -> str:
+    """Publishes a copy of the template version, after ``damage(export_dir)`` when given; returns its name."""
+    with registry.staging() as stage:
+        for part in (MODEL_SUBDIR, EXPORT_SUBDIR):
+            shutil.copytree(template / part, stage / part)
+        if damage is not None:
+            damage(stage / EXPORT_SUBDIR)
+        return registry.publish(stage, metrics=None, task_id=None, base_version=None, engine="not built").name
+
+
+def truncate_onnx(export_dir: Path) -> None:
+    path = export_dir / ONNX_FILE
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _edit_manifest(export_dir: Path, edit: Callable[[dict], None]) -> None:
+    manifest = json.loads((export_dir / MANIFEST_FILE).read_text())
+    edit(manifest)
+    (export_dir / MANIFEST_FILE).write_text(json.dumps(manifest))
+
+
+def wrong_input_size(export_dir: Path) -> None:
+    """A manifest that promises 48x48 for a 32x32 graph: opens fine, fails in the warm-up forward pass."""
+    _edit_manifest(export_dir, lambda manifest: manifest.update(input_size=[48, 48]))
+
+
+def failed_parity(export_dir: Path) -> None:
+    _edit_manifest(export_dir, lambda manifest: manifest["parity"].update(passed=False))
+
+
+def wait_for(condition: Callable[[], object], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.01)
+
+
+class RecordingLoader:
+    """The real loader, optionally slowed down for some versions, keeping every runtime it opened."""
+
+    def __init__(self, settings: Settings, delays: dict[str, float] | None = None) -> None:
+        self.settings = settings
+        self.delays = delays or {}
+        self.opened: dict[str, list[SegmentationRuntime]] = {}
+
+    def __call__(self, export_dir: Path) -> SegmentationRuntime:
+        version = export_dir.parent.name
+        time.sleep(self.delays.get(version, 0.0))
+        runtime = open_export(export_dir, self.settings, "ort-cpu")
+        self.opened.setdefault(version, []).append(runtime)
+        return runtime
+
+
+@pytest.fixture
+def make_server(registry: Registry) -> Iterator[Callable[..., ModelServer]]:
+    servers = []
+
+    def make(settings: Settings, loader: Callable[[Path], SegmentationRuntime] | None = None) -> ModelServer:
+        server = ModelServer(settings, registry, loader or RecordingLoader(settings))
+        servers.append(server)
+        server.start()
+        return server
+
+    yield make
+    for server in servers:
+        server.stop()
+
+
+def segment(server: ModelServer) -> str:
+    """One request: a lease, a prediction, the version that answered."""
+    with server.lease() as runtime:
+        (mask,) = runtime.predict([IMAGE])
+        assert mask.shape == IMAGE.shape[:2]
+        return runtime.version
+
+
+def _metric(name: str, labels: dict[str, str] | None = None) -> float | None:
+    return REGISTRY.get_sample_value(name, labels or {})
+
+
+def test_no_model_before_the_first_version_then_it_loads(
+    settings: Settings, registry: Registry, template: Path, make_server
+) -> None:
+    server = make_server(settings)
+    with pytest.raises(NoModelLoaded, match="no model version exists yet"):
+        segment(server)
+    state = server.status()
+    assert not state.ready and state.active_version is None and state.serving_version is None
+
+    registry.activate(publish(registry, template))  # noticed by the pointer poll (embedded mode)
+    assert server.wait_until_serving("v1", timeout=30)
+    assert segment(server) == "v1"
+    state = server.status()
+    assert state.ready and state.active_version == state.serving_version == "v1" and state.swaps == 1
+    assert _metric("incseg_active_model_version", {"version": "v1"}) == 1.0
+
+
+def test_swap_under_concurrent_clients_switches_once_and_never_back(
+    settings: Settings, registry: Registry, template: Path, make_server
+) -> None:
+    old = publish(registry, template)
+    new = publish(registry, template)
+    registry.activate(old)
+    loader = RecordingLoader(settings, delays={new: 1.5})  # Triton's creation_delay_sec
+    server = make_server(settings, loader)
+    assert server.wait_until_serving(old, timeout=30)
+    swaps_before = _metric("incseg_model_swaps_total") or 0.0
+
+    answers: list[list[str]] = [[] for _ in range(4)]
+    errors: list[str] = []
+    answered_while_loading = threading.Event()
+    stop = threading.Event()
+
+    def client(seen: list[str]) -> None:
+        while not stop.is_set():
+            try:
+                seen.append(segment(server))
+            except Exception as error:
+                errors.append(repr(error))
+            if server.status().loading == new:
+                answered_while_loading.set()
+
+    clients = [threading.Thread(target=client, args=(seen,)) for seen in answers]
+    for thread in clients:
+        thread.start()
+    wait_for(lambda: all(len(seen) >= 3 for seen in answers), 30, "steady answers from the old version")
+    registry.activate(new)
+    assert server.wait_until_serving(new, timeout=30)
+    wait_for(lambda: all(seen[-1] == new for seen in answers), 30, "every client answered by the new version")
+    count = [len(seen) for seen in answers]
+    wait_for(
+        lambda: all(len(seen) >= n + 3 for seen, n in zip(answers, count, strict=True)), 30, "more answers"
+    )
+    stop.set()
+    for thread in clients:
+        thread.join(30)
+
+    assert errors == []
+    assert answered_while_loading.is_set()  # the old version kept answering during the slow load
+    for seen in answers:
+        switch = seen.index(new)
+        assert switch > 0 and set(seen[:switch]) == {old} and set(seen[switch:]) == {new}
+    state = server.status()
+    assert state.swaps == 2 and state.swap_failures == 0 and state.failures == {}
+    assert state.last_swap["version"] == new and state.last_swap["previous"] == old
+    assert state.last_swap["load_s"] >= 1.5 and state.last_swap["warmup_s"] > 0
+    assert 0 <= state.last_swap["notice_s"] < settings.poll_interval_s + 1.0
+    assert _metric("incseg_model_swaps_total") == swaps_before + 1
+    assert _metric("incseg_active_model_version", {"version": new}) == 1.0
+    assert _metric("incseg_active_model_version", {"version": old}) is None
+    (old_runtime,) = loader.opened[old]
+    assert old_runtime.closed and old_runtime.session is None  # closed after its last lease
+
+
+@pytest.mark.parametrize(("damage", "error"), [(truncate_onnx, "sha256"), (wrong_input_size, "images")])
+def test_a_broken_version_keeps_the_old_one_serving(
+    settings: Settings, registry: Registry, template: Path, make_server, damage, error: str
+) -> None:
+    good = publish(registry, template)
+    broken = publish(registry, template, damage)
+    registry.activate(good)
+    server = make_server(settings)
+    assert server.wait_until_serving(good, timeout=30)
+    failures_before = _metric("incseg_model_swap_failures_total") or 0.0
+
+    registry.activate(broken)
+    wait_for(lambda: broken in server.status().failures, 30, "the broken version's failure")
+    state = server.status()
+    assert state.serving_version == good and state.active_version == broken and state.ready
+    assert error in state.failures[broken] and state.swap_failures == 1 and state.loading is None
+    assert segment(server) == good
+    assert _metric("incseg_model_swap_failures_total") == failures_before + 1
+
+    registry.activate(good)  # moving the pointer back is a no-op: good is serving
+    time.sleep(2 * settings.poll_interval_s)
+    assert server.status().swaps == 1 and segment(server) == good
+
+
+def test_a_version_that_failed_parity_cannot_be_activated(
+    settings: Settings, registry: Registry, template: Path, make_server
+) -> None:
+    good = publish(registry, template)
+    unchecked = publish(registry, template, failed_parity)
+    registry.activate(good)
+    server = make_server(settings)
+    assert server.wait_until_serving(good, timeout=30)
+    with pytest.raises(ValueError, match="parity"):
+        registry.activate(unchecked)
+    time.sleep(2 * settings.poll_interval_s)
+    state = server.status()
+    assert state.active_version == state.serving_version == good and state.failures == {}
+
+
+def test_rollback_by_activating_an_older_version(
+    settings: Settings, registry: Registry, template: Path, make_server
+) -> None:
+    first = publish(registry, template)
+    second = publish(registry, template)
+    registry.activate(first)
+    server = make_server(settings)
+    assert server.wait_until_serving(first, timeout=30)
+    registry.activate(second)
+    assert server.wait_until_serving(second, timeout=30)
+    registry.activate(first)  # the rollback
+    assert server.wait_until_serving(first, timeout=30)
+    assert segment(server) == first
+    state = server.status()
+    assert state.swaps == 3 and state.last_swap["previous"] == second
+
+
+def test_a_late_request_for_an_older_version_does_not_roll_back(
+    settings: Settings, registry: Registry, template: Path, make_server
+) -> None:
+    older = publish(registry, template)
+    newer = publish(registry, template)
+    registry.activate(newer)
+    loader = RecordingLoader(settings)
+    server = make_server(settings, loader)
+    assert server.wait_until_serving(newer, timeout=30)
+
+    server.request_version(older)  # e.g. a delayed announcement of an earlier activation
+    wait_for(lambda: older in loader.opened and server.status().loading is None, 30, "the late load")
+    state = server.status()
+    assert state.serving_version == newer and state.swaps == 1 and state.failures == {}
+    assert segment(server) == newer
+    assert all(runtime.closed for runtime in loader.opened[older])  # loaded, then discarded
+
+
+def test_pointer_moving_during_a_slow_load_wins(
+    settings: Settings, registry: Registry, template: Path, make_server
+) -> None:
+    first, second, third = (publish(registry, template) for _ in range(3))
+    registry.activate(first)
+    loader = RecordingLoader(settings, delays={second: 1.5})
+    server = make_server(settings, loader)
+    assert server.wait_until_serving(first, timeout=30)
+    registry.activate(second)
+    wait_for(lambda: server.status().loading == second, 10, "the slow load to start")
+    registry.activate(third)  # while the second one is still loading
+    assert server.wait_until_serving(third, timeout=30)
+    state = server.status()
+    assert state.swaps == 2 and state.last_swap["previous"] == first  # second never served
+    assert all(runtime.closed for runtime in loader.opened[second])
+
+
+def test_stop_closes_the_runtime_after_the_last_lease(
+    settings: Settings, registry: Registry, template: Path
+) -> None:
+    registry.activate(publish(registry, template))
+    loader = RecordingLoader(settings)
+    server = ModelServer(settings, registry, loader)
+    server.start()
+    assert server.wait_until_serving(timeout=30)
+    with server.lease() as runtime:
+        server.stop()
+        assert not runtime.closed  # a request in flight keeps it open
+        assert runtime.predict([IMAGE])[0].shape == IMAGE.shape[:2]
+        with pytest.raises(NoModelLoaded, match="stopped"):
+            segment(server)
+    assert runtime.closed
+
+
+@pytest.mark.parametrize("use_redis", [True, False], ids=["redis", "poll-only"])
+def test_notice_time_with_and_without_the_announcement(
+    settings: Settings, redis_settings: Settings, registry: Registry, template: Path, make_server, use_redis
+) -> None:
+    poll_s = 3.0
+    active_settings = (redis_settings if use_redis else settings).model_copy(
+        update={"poll_interval_s": poll_s}
+    )
+    first = publish(registry, template)
+    second = publish(registry, template)
+    registry.activate(first)
+    server = make_server(active_settings)
+    assert server.wait_until_serving(first, timeout=30)
+    if use_redis:
+        assert server._watcher.subscribed.wait(10)
+    time.sleep(0.3)  # activate off the poll's beat
+
+    registry.activate(second)
+    announce_active(active_settings, second)
+    assert server.wait_until_serving(second, timeout=30)
+    swap = server.status().last_swap
+    print(f"\nnotice {swap['notice_s']:.3f} s, load {swap['load_s']:.3f} s, warm-up {swap['warmup_s']:.3f} s")
+    if use_redis:
+        assert swap["notice_s"] < 0.5  # the announcement, not the 3 s poll
+    else:
+        assert 0.5 < swap["notice_s"] <= poll_s + 0.5
