@@ -36,6 +36,7 @@ from training.data.transforms import PairTransform
 from training.methods import Method, StepContext, build_method
 from training.methods.alife import FEATURE_MEMORY
 from training.methods.sdr import PROTOTYPES
+from training.methods.star_memory import STAR_MEMORY
 from training.metrics import SegmentationScores
 from training.model_dir import ModelBundle
 from training.protocols import Protocol, Setting, train_indices, train_lut, val_indices, val_lut
@@ -98,11 +99,12 @@ class ProtocolData:
 
 
 def memory_bytes(bundle: ModelBundle) -> int:
-    """Bytes of the replay state kept in the model directory: SDR's prototypes and ALIFE's feature memory.
+    """Bytes of the replay state kept in the model directory: SDR's prototypes, ALIFE's feature memory
+    and STAR's class statistics.
 
     (ALIFE's last rotations are kept too, as a record of the step, but nothing replays them.)
     """
-    kept = [bundle.state.get(name, {}) for name in (PROTOTYPES, FEATURE_MEMORY)]
+    kept = [bundle.state.get(name, {}) for name in (PROTOTYPES, FEATURE_MEMORY, STAR_MEMORY)]
     return sum(t.numel() * t.element_size() for tensors in kept for t in tensors.values())
 
 
@@ -149,6 +151,7 @@ def _record(
         "hiou": scores.hiou,
         "per_class_iou": scores.per_class_iou,
         "memory_bytes": memory_bytes(bundle),
+        "memory_bytes_per_class": round(memory_bytes(bundle) / max(len(bundle.classes) - 1, 1), 1),
         "image_bytes": image_bytes,
     }
 
