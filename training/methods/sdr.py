@@ -2,20 +2,42 @@
 
 Paper: `Continual Semantic Segmentation via Repulsion-Attraction of Sparse and Disentangled Latent
 Representations` (Michieli and Zanuttigh, CVPR 2021) - https://arxiv.org/abs/2103.06342;
-code: LTTM/SDR (``utils/loss.py``, ``train.py::_update_running_stats``).
+code: LTTM/SDR @8638296 (``utils/loss.py``, ``train.py``, ``argparser.py``).
 
-Every term works on the embedding fed to the classifier (``out.features``, (B, D, h, w)) with the
-labels nearest-downsampled to its size. The four terms share one ``PrototypeBank``: running
-per-class feature means kept in ``ctx.state["prototypes"]`` across steps.
+Every term works on the backbone's output, SDR's ``features['body']`` (``train.py`` 161-224: every
+SDR loss gets ``features['body']``; ``segmentation_module.py`` 123-160: ``body`` is the ResNet's
+output before the DeepLab head). Here that is ``out.stages[-1]``, the ResNet's last stage
+(B, ``model.body_channels``, H/32, W/32) - 512 channels for resnet10/18, 2048 for resnet50/101 as in
+SDR; labels are nearest-downsampled to its size (``train.py`` 161-163). The four terms share one
+``PrototypeBank``: running per-class body-feature means kept in ``ctx.state["prototypes"]``.
 
-- prototype matching (step > 0, weight 1e-2): the current batch's mean feature of each old class
-  (pseudo-labelled by the old model on background pixels) stays close to its stored prototype
-  (SDR's "sumafter" variant);
-- attraction (step > 0, 1e-3): features are pulled to their class prototype;
-- repulsion (step > 0, 1e-3): the batch's class means are pushed apart (mean inverse distance);
-- sparsity (every step, 1e-3): class-max normalised features with few active channels.
+Weights and switches of ``--method SDR`` (``argparser.py`` 44-63), used for every protocol (the
+repository ships no per-protocol values; its 19-1 scripts run ``--method SDR``):
 
-``sdr`` has no classification loss: combine it, e.g. ``mib+sdr``.
+- prototype matching, ``loss_de_prototypes`` 1e-2 with ``loss_de_prototypes_sumafter``; only at
+  step > 0 (``utils/loss.py`` 487): the batch's mean body feature of each old class (pseudo-labelled
+  by the old model's argmax on background pixels) matches its stored prototype;
+- attraction, ``loss_fc`` 1e-3; only at step > 0 (``utils/loss.py`` 369): features are pulled to their
+  class prototype, background included (``lfc_nobgr`` off), no L2 normalisation (``lfc_L2normalized``
+  off);
+- repulsion, ``lfc_sep_clust`` 1e-3; only at step > 0: mean inverse distance of the batch's class
+  means (``lfc_sep_clust_ison_proto`` and ``lfc_orth_sep`` off);
+- sparsity, ``loss_featspars`` 1e-3 at every step, step 0 included (``train.py`` 223):
+  ``lfs_normalization='max_maskedforclass'``, ``lfs_shrinkingfn='exponential'``,
+  ``lfs_loss_fn_touse='ratio'``;
+- output distillation: MiB's unbiased KD at ``loss_kd`` **100** with ``unkd`` and MiB's unbiased
+  cross-entropy (``unce``). These are MiB's terms: SDR as its repository runs it is
+  ``mib(kd=100)+sdr``; ``mib+sdr`` keeps MiB's own KD 10.
+
+``sdr`` has no classification loss: combine it, e.g. ``mib(kd=100)+sdr``.
+
+Differences from the code: ``--method SDR`` does not set ``init_balanced``, so SDR's new classifier
+rows start from the default initialisation, while ``BiSeNet.add_classes`` always applies MiB's; class
+means are exact, where SDR's ``features[mask.expand(...)].view(...)`` (``train.py`` 474,
+``utils/loss.py`` 383 and 501) interleaves channels and pixels for batches > 1; the background
+prototype is learned at step 0 in both settings (SDR skips background in overlapped steps and so
+leaves its prototype at zero, ``train.py`` 465-466); BiSeNet's body is at 1/32 where SDR's DeepLab
+body runs at output stride 16.
 """
 
 from __future__ import annotations
@@ -27,10 +49,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from training.methods.base import Batch, LossTerm, Method, StepContext
+from training.models.bisenet import SegmentationOutput
 
 IGNORE = 255
 PROTOTYPES = "prototypes"
 EPS = 1e-12
+
+
+def body(out: SegmentationOutput) -> Tensor:
+    """SDR's ``features['body']``: the backbone's last stage, (B, D_body, H/32, W/32)."""
+    return out.stages[-1]
 
 
 def downsample_labels(labels: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:
@@ -69,9 +97,9 @@ def class_means(features: Tensor, labels: Tensor, num_classes: int) -> tuple[Ten
 
 
 class PrototypeBank:
-    """Running per-class means of the embedding, shared by the SDR terms of one method.
+    """Running per-class means of the body features, shared by the SDR terms of one method.
 
-    Stored as ``ctx.state["prototypes"] = {"prototypes": (C, D) float32, "counts": (C,) int64}``.
+    Stored as ``ctx.state["prototypes"] = {"prototypes": (C, D_body) float32, "counts": (C,) int64}``.
     Only the classes learned in the current step are updated (background only at step 0, since
     later it also covers unlabelled old classes); old prototypes stay frozen. This is SDR's rule for
     overlapped and disjoint data without its quirk of leaving the background prototype at zero.
@@ -93,12 +121,15 @@ class PrototypeBank:
 
     def start(self, ctx: StepContext) -> None:
         """Creates the bank or grows it to the model's classes (idempotent)."""
-        num_classes, dim = ctx.num_classes, ctx.model.embed_dim
+        num_classes, dim = ctx.num_classes, ctx.model.body_channels
         stored = ctx.state.get(PROTOTYPES, {})
         protos = stored.get("prototypes", torch.zeros(0, dim)).to(ctx.device, torch.float32)
         counts = stored.get("counts", torch.zeros(0, dtype=torch.long)).to(ctx.device, torch.long)
         if protos.shape[1] != dim:
-            raise ValueError(f"stored prototypes have {protos.shape[1]} dimensions, the model embeds {dim}")
+            raise ValueError(
+                f"stored SDR prototypes have {protos.shape[1]} dimensions, the backbone outputs {dim} "
+                "(prototypes from before SDR used the backbone output): continue this model with mib"
+            )
         missing = num_classes - protos.shape[0]
         ctx.state[PROTOTYPES] = {
             "prototypes": torch.cat([protos, protos.new_zeros(missing, dim)]),  # (C, D)
@@ -110,7 +141,7 @@ class PrototypeBank:
         if self._last_batch is not None and self._last_batch() is batch:
             return
         self._last_batch = weakref.ref(batch)
-        features = batch.out.features.detach().float()
+        features = body(batch.out).detach().float()
         self._accumulate(
             ctx, features, downsample_labels(batch.labels, features.shape[2:]), ctx.new_class_indices
         )
@@ -132,7 +163,7 @@ class PrototypeBank:
         model, was_training = ctx.model, ctx.model.training
         model.eval()
         for images, labels in ctx.train_loader:
-            features = model.forward_features(images.to(ctx.device)).float()
+            features = body(model.forward_train(images.to(ctx.device))).float()
             self._accumulate(
                 ctx, features, downsample_labels(labels.to(ctx.device), features.shape[2:]), missing
             )
@@ -164,7 +195,7 @@ class SDRTerm(LossTerm):
 
     def __call__(self, batch: Batch, ctx: StepContext) -> Tensor:
         self.bank.observe(batch, ctx)
-        features = batch.out.features.float()  # (B, D, h, w)
+        features = body(batch.out).float()  # (B, D_body, h, w)
         return self.loss(features, downsample_labels(batch.labels, features.shape[2:]), batch, ctx)
 
     def loss(self, features: Tensor, labels: Tensor, batch: Batch, ctx: StepContext) -> Tensor:
@@ -269,7 +300,7 @@ class FeatureSparsity(SDRTerm):
 def sdr(
     matching: float = 1e-2, attraction: float = 1e-3, repulsion: float = 1e-3, sparsity: float = 1e-3
 ) -> Method:
-    """SDR's latent terms with the repository's weights (``--method SDR``); add a classifier loss."""
+    """SDR's latent terms with ``--method SDR``'s weights; add a classifier, e.g. ``mib(kd=100)+sdr``."""
     bank = PrototypeBank()
     return Method(
         "sdr",

@@ -22,11 +22,11 @@ def step_one() -> tuple[StepContext, Batch]:
     model = copy.deepcopy(old)
     model.aux_heads = torch.nn.ModuleList()
     model.add_classes(1)
-    images = torch.randn(2, 3, 32, 32)
-    labels = torch.zeros(2, 32, 32, dtype=torch.long)
-    labels[:, :16, :16], labels[:, 0] = 3, 255
+    images = torch.randn(2, 3, 64, 64)  # 64 px: the backbone output SDR works on is 2x2
+    labels = torch.zeros(2, 64, 64, dtype=torch.long)
+    labels[:, :32, :32], labels[:, -1] = 3, 255
     loader = DataLoader(TensorDataset(images, labels), batch_size=2)
-    state = {"prototypes": {"prototypes": torch.randn(3, 16), "counts": torch.tensor([5, 5, 5])}}
+    state = {"prototypes": {"prototypes": torch.randn(3, 512), "counts": torch.tensor([5, 5, 5])}}
     ctx = StepContext(1, model, old, 3, ["bg", "a", "b", "c"], loader, torch.device("cpu"), state)
     model.train()
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""SDR terms: hand-checked losses, exact running prototypes, and a two-step ``mib+sdr`` run."""
+"""SDR terms: hand-checked losses on the backbone output, exact running prototypes, a two-step run."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, TensorDataset
 
 from tests.helpers import TINY_OPTIONS, TinySet
 from training.methods import build_method
@@ -20,6 +20,7 @@ from training.methods.sdr import (
     PrototypeBank,
     PrototypeMatching,
     downsample_labels,
+    sdr,
 )
 from training.models.bisenet import BiSeNet, BiSeNetConfig, SegmentationOutput
 from training.trainer import train_step
@@ -30,7 +31,7 @@ def make_ctx(
 ) -> StepContext:
     """A context with a real tiny BiSeNet when a loader is given, else a stub with only the sizes."""
     if loader is None:
-        model = SimpleNamespace(embed_dim=dim, num_classes=num_classes)
+        model = SimpleNamespace(body_channels=dim, num_classes=num_classes)
         loader = DataLoader(TinySet([1]), batch_size=2)
     else:
         model = BiSeNet(BiSeNetConfig(num_classes, "resnet10", 16, dim), aux=False)
@@ -41,15 +42,32 @@ def make_ctx(
 
 
 def make_batch(features: torch.Tensor, labels: torch.Tensor, old_logits: torch.Tensor | None = None) -> Batch:
-    """A batch whose labels already have the features' size (downsampling is the identity)."""
+    """A batch whose backbone output is ``features`` and whose labels already have its size.
+
+    The embedding (``out.features``) is set to something else: SDR must not read it.
+    """
     logits = torch.zeros(features.shape[0], 1, *features.shape[2:])
-    old = SegmentationOutput(old_logits, features, []) if old_logits is not None else None
+    embedding = torch.full((features.shape[0], 5, *features.shape[2:]), 100.0)
+    old = SegmentationOutput(old_logits, embedding, [features]) if old_logits is not None else None
     return Batch(
         torch.zeros(features.shape[0], 3, *features.shape[2:]),
         labels,
-        SegmentationOutput(logits, features, []),
+        SegmentationOutput(logits, embedding, [features]),
         old,
     )
+
+
+def quadrant_set(classes: list[int], n: int = 4, seed: int = 0) -> TensorDataset:
+    """64x64 images whose top-right and bottom-left quadrants show ``classes`` (the rest background).
+
+    At the backbone's 1/32 (2x2) every quadrant is one cell, so each class reaches the body features.
+    """
+    labels = torch.zeros(n, 64, 64, dtype=torch.long)
+    quadrants = [(slice(0, 32), slice(32, 64)), (slice(32, 64), slice(0, 32))]
+    for (rows, cols), c in zip(quadrants[: len(classes)], classes, strict=True):
+        labels[:, rows, cols] = c
+    images = torch.randn(n, 3, 64, 64, generator=torch.Generator().manual_seed(seed)) + labels[:, None]
+    return TensorDataset(images, labels)
 
 
 def set_prototypes(ctx: StepContext, protos: torch.Tensor, counts: list[int]) -> None:
@@ -159,15 +177,16 @@ def test_sparsity_hand_computed_and_guarded() -> None:
 
 def test_on_step_end_fills_prototypes_without_training() -> None:
     """A step trained without SDR (e.g. a shared step-0 model): the hook alone computes them."""
-    loader = DataLoader(TinySet([1, 2]), batch_size=2)
+    loader = DataLoader(quadrant_set([1, 2]), batch_size=2)
     ctx = make_ctx(step=0, num_classes=3, num_old=0, dim=16, loader=loader)
     build_method("mib+sdr").on_step_end(ctx)
     protos, counts = ctx.state[PROTOTYPES]["prototypes"], ctx.state[PROTOTYPES]["counts"]
     ctx.model.eval()
-    with torch.no_grad():
-        features = torch.cat([ctx.model.forward_features(x) for x, _ in loader])
+    with torch.no_grad():  # the backbone's output (resnet10: 512 channels at 1/32), not the embedding
+        features = torch.cat([ctx.model.forward_train(x).stages[-1] for x, _ in loader])
+    assert features.shape[1] == ctx.model.body_channels == 512 and protos.shape == (3, 512)
     labels = torch.cat([downsample_labels(y, features.shape[2:]) for _, y in loader])
-    flat = features.permute(0, 2, 3, 1).reshape(-1, 16)
+    flat = features.permute(0, 2, 3, 1).reshape(-1, 512)
     for c in range(3):
         chosen = flat[labels.reshape(-1) == c]
         assert counts[c] == chosen.shape[0] > 0
@@ -179,15 +198,39 @@ def test_sdr_alone_has_no_classifier() -> None:
         build_method("sdr")
 
 
+def test_sdr_weights_are_those_of_its_method_preset() -> None:
+    """LTTM/SDR argparser.py 53-63: loss_kd 100 (unbiased), prototypes 1e-2, fc 1e-3, sep 1e-3, fs 1e-3."""
+    weights = {t.name: t.weight for t in build_method("mib(kd=100)+sdr").terms}
+    assert weights == {
+        "unbiased_ce": 1.0,
+        "unbiased_kd": 100.0,
+        "sdr_matching": 1e-2,
+        "sdr_attraction": 1e-3,
+        "sdr_repulsion": 1e-3,
+        "sdr_sparsity": 1e-3,
+    }
+    switched_at_step_one = {t.name for t in sdr().terms if t.needs_old_model}
+    assert switched_at_step_one == {"sdr_matching", "sdr_attraction", "sdr_repulsion"}
+
+
+def test_stored_prototypes_of_another_width_are_refused() -> None:
+    ctx = make_ctx(step=1, num_classes=3, num_old=2, dim=512)
+    set_prototypes(ctx, torch.zeros(2, 128), [1, 1])  # an embedding-width bank from before
+    with pytest.raises(ValueError, match="backbone outputs 512"):
+        PrototypeBank().start(ctx)
+
+
 def test_two_step_mib_sdr_run_keeps_and_grows_prototypes() -> None:
-    step0, _ = train_step(None, ["a", "b"], TinySet([1, 2]), None, build_method("mib+sdr"), TINY_OPTIONS)
+    options = TINY_OPTIONS.model_copy(update={"size": 64})
+    step0, _ = train_step(None, ["a", "b"], quadrant_set([1, 2]), None, build_method("mib+sdr"), options)
     protos0 = step0.state[PROTOTYPES]
-    assert protos0["prototypes"].shape == (3, 16) and (protos0["counts"] > 0).all()
+    assert protos0["prototypes"].shape == (3, 512) and (protos0["counts"] > 0).all()
     step1, scores = train_step(
-        step0, ["c"], TinySet([3]), TinySet([1, 2, 3], seed=1), build_method("mib+sdr"), TINY_OPTIONS
+        step0, ["c"], quadrant_set([3]), quadrant_set([1, 3], seed=1), build_method("mib(kd=100)+sdr"),
+        options,
     )
     protos1 = step1.state[PROTOTYPES]
     assert step1.model.num_classes == 4 and scores is not None
-    assert protos1["prototypes"].shape == (4, 16) and protos1["counts"][3] > 0
+    assert protos1["prototypes"].shape == (4, 512) and protos1["counts"][3] > 0
     torch.testing.assert_close(protos1["prototypes"][:3], protos0["prototypes"])
     assert torch.equal(protos1["counts"][:3], protos0["counts"])
