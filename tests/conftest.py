@@ -26,4 +26,5 @@ def tiny_options() -> StepOptions:
         context_channels=16,
         embed_channels=16,
         workers=0,
+        min_iterations=0,  # one epoch, as given (the iteration floor has its own tests)
     )

@@ -11,8 +11,16 @@ from training.model_dir import ModelBundle
 from training.models.bisenet import BiSeNet, BiSeNetConfig
 from training.trainer import StepOptions
 
+# min_iterations=0: the tests' incremental steps run their one epoch (tests of the floor set it).
 TINY_OPTIONS = StepOptions(
-    epochs=1, batch_size=2, size=32, backbone="resnet10", context_channels=16, embed_channels=16, workers=0
+    epochs=1,
+    batch_size=2,
+    size=32,
+    backbone="resnet10",
+    context_channels=16,
+    embed_channels=16,
+    workers=0,
+    min_iterations=0,
 )
 
 

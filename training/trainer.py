@@ -17,7 +17,7 @@ from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 from torch.utils.data import DataLoader, Dataset
 
 from training.methods import Method, StepContext
@@ -25,6 +25,10 @@ from training.methods.base import Batch
 from training.metrics import ConfusionMatrix, SegmentationScores
 from training.model_dir import ModelBundle
 from training.models.bisenet import BACKBONES, BiSeNet, BiSeNetConfig
+from training.optim import ParamGroup, build_optimizer, epochs_for, resolve_multipliers, scale_new_rows
+
+# Iteration floor of an incremental step (see ``training.optim``): a user's step may hold 30 images.
+MIN_ITERATIONS = 200
 
 
 class StepOptions(BaseModel):
@@ -45,6 +49,28 @@ class StepOptions(BaseModel):
     embed_channels: int = Field(256, ge=8)
     backbone_weights: Path | None = Field(None, description="step 0 only: local torchvision ImageNet weights")
     setting: Literal["disjoint", "overlapped", "sequential"] = "overlapped"
+    lr_multipliers: dict[str, float] | None = Field(
+        None,
+        description="incremental steps: learning rate of each parameter group (backbone, head, classifier, "
+        "new_classes) as a multiple of lr; unset groups keep the method's or the defaults",
+    )
+    min_iterations: int = Field(
+        MIN_ITERATIONS,
+        ge=0,
+        le=1_000_000,
+        description="iteration floor of an incremental step: a small dataset runs more epochs to reach it",
+    )
+
+    @field_validator("lr_multipliers")
+    @classmethod
+    def _known_groups(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        unknown = sorted(set(value or {}) - set(ParamGroup))
+        if unknown:
+            raise ValueError(f"unknown parameter groups {unknown}; use {[g.value for g in ParamGroup]}")
+        bad = {group: rate for group, rate in (value or {}).items() if not rate > 0}
+        if bad:
+            raise ValueError(f"learning-rate multipliers must be > 0, got {bad}")
+        return value
 
     def learning_rate(self, step: int) -> float:
         return self.lr if self.lr is not None else (0.01 if step == 0 else 0.001)
@@ -163,20 +189,22 @@ def train_step(
     frozen_norms = method.frozen_batchnorm_layers(model) if old_model is not None else []
     for norm in frozen_norms:
         norm.requires_grad_(False)
-    optimizer = torch.optim.SGD(
-        [p for p in model.parameters() if p.requires_grad],
-        lr=lr,
-        momentum=options.momentum,
-        weight_decay=options.weight_decay,
-        nesterov=options.momentum > 0,
+    multipliers = resolve_multipliers(
+        old_model is not None, *(term.lr_multipliers for term in method.terms), options.lr_multipliers
     )
-    total = options.epochs * len(loader)
+    optimizer = build_optimizer(model, lr, multipliers, options.momentum, options.weight_decay)
+    row_hooks = scale_new_rows(
+        model, num_old, multipliers[ParamGroup.NEW_CLASSES] / multipliers[ParamGroup.CLASSIFIER]
+    )
+    floor = options.min_iterations if old_model is not None else 0  # step 0 runs its epochs as given
+    epochs = epochs_for(options.epochs, len(loader), floor)
+    total = epochs * len(loader)
     scheduler = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=total, power=0.9)
     use_amp = options.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
 
     iteration = 0
-    for epoch in range(options.epochs):
+    for epoch in range(epochs):
         model.train()
         for norm in frozen_norms:
             norm.eval()
@@ -200,6 +228,8 @@ def train_step(
                 parts = {name: value.item() for name, value in losses.items()}
                 on_progress(StepProgress(epoch, iteration, total, loss.item(), parts))
 
+    for hook in row_hooks:
+        hook.remove()
     method.on_step_end(ctx)
     scores = None
     if val_set is not None and len(val_set) > 0:
@@ -212,6 +242,8 @@ def train_step(
             "method": method.name,
             "options": options.model_dump(mode="json"),
             "train_images": len(train_set),
+            "iterations": total,
+            "learning_rates": {group: lr * multiplier for group, multiplier in multipliers.items()},
             "metrics": scores.to_dict() if scores else None,
             "started_at": started.isoformat(),
             "finished_at": datetime.now(UTC).isoformat(),

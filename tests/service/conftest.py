@@ -20,7 +20,13 @@ from service.settings import Settings
 
 REDIS_URL = "redis://127.0.0.1:6379"
 POSTGRES_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/test"
-TINY_STEP_OPTIONS = {"backbone": "resnet10", "context_channels": 16, "embed_channels": 16, "workers": 0}
+TINY_STEP_OPTIONS = {
+    "backbone": "resnet10",
+    "context_channels": 16,
+    "embed_channels": 16,
+    "workers": 0,
+    "min_iterations": 0,
+}
 
 
 @pytest.fixture(scope="session")

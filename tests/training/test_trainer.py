@@ -1,12 +1,14 @@
 from __future__ import annotations
 
+import pytest
 import torch
 
 from tests.helpers import TINY_OPTIONS, TinySet
 from training.methods import build_method
 from training.methods.base import Method
 from training.methods.standard import CrossEntropy
-from training.trainer import batchnorm_layers, train_step
+from training.optim import INCREMENTAL_STEP_MULTIPLIERS, ParamGroup
+from training.trainer import StepOptions, batchnorm_layers, train_step
 
 
 def test_frozen_batchnorm_keeps_statistics_and_affine_parameters() -> None:
@@ -27,3 +29,51 @@ def test_frozen_batchnorm_keeps_statistics_and_affine_parameters() -> None:
 def test_alife_freezes_batchnorm_and_combinations_keep_it() -> None:
     assert build_method("alife").freeze_batchnorm
     assert not build_method("mib").freeze_batchnorm
+
+
+class _CrossEntropyWithOwnRates(CrossEntropy):
+    lr_multipliers = {ParamGroup.HEAD: 2.0, ParamGroup.NEW_CLASSES: 5.0}
+
+
+def test_incremental_step_learning_rates_per_group_and_iteration_floor() -> None:
+    floor = TINY_OPTIONS.model_copy(update={"min_iterations": 7})
+    base, _ = train_step(None, ["a", "b"], TinySet([1, 2]), None, build_method("ft"), floor)
+    assert base.history[-1]["iterations"] == 2  # step 0: 4 images, batch 2, one epoch; no floor
+    assert base.history[-1]["learning_rates"] == dict.fromkeys(ParamGroup, 0.01)
+    reports = []
+    grown, _ = train_step(base, ["c"], TinySet([3]), None, build_method("ft"), floor, reports.append)
+    record = grown.history[-1]
+    assert record["iterations"] == 8  # 2 per epoch, raised to 4 epochs to reach 7
+    assert [r.iteration for r in reports if r.losses] == list(range(1, 9))  # the training reports
+    expected = {group: 0.001 * m for group, m in INCREMENTAL_STEP_MULTIPLIERS.items()}
+    assert record["learning_rates"] == pytest.approx(expected)
+
+    own = Method("ft-own-rates", [_CrossEntropyWithOwnRates()])
+    grown, _ = train_step(base, ["c"], TinySet([3]), None, own, TINY_OPTIONS)
+    rates = grown.history[-1]["learning_rates"]
+    assert rates == pytest.approx(expected | {ParamGroup.HEAD: 0.002, ParamGroup.NEW_CLASSES: 0.005})
+    chosen = TINY_OPTIONS.model_copy(update={"lr_multipliers": {"new_classes": 3.0}})
+    grown, _ = train_step(base, ["c"], TinySet([3]), None, own, chosen)
+    assert grown.history[-1]["learning_rates"][ParamGroup.NEW_CLASSES] == pytest.approx(0.003)  # options win
+
+
+def test_step_options_refuse_unknown_groups_and_non_positive_rates() -> None:
+    with pytest.raises(ValueError, match="unknown parameter groups"):
+        StepOptions(lr_multipliers={"decoder": 2.0})
+    with pytest.raises(ValueError, match="must be > 0"):
+        StepOptions(lr_multipliers={"backbone": 0.0})
+
+
+@pytest.mark.parametrize("method", ["ft", "mib"])
+def test_an_incremental_step_on_tiny_data_learns_its_class(method: str) -> None:
+    """Before the learning rates per group and the floor, the new class scored IoU 0.0 here."""
+    base_options = TINY_OPTIONS.model_copy(update={"epochs": 5})
+    base, _ = train_step(None, ["a", "b"], TinySet([1, 2], n=8), None, build_method("ft"), base_options)
+    val = TinySet([3, 1], n=8, seed=5)
+    step_options = TINY_OPTIONS.model_copy(update={"min_iterations": 30})
+    _, scores = train_step(base, ["c"], TinySet([3], n=8), val, build_method(method), step_options)
+    assert scores.per_class_iou["c"] > 0.5
+    one_rate = {group.value: 1.0 for group in ParamGroup}
+    old_ways = TINY_OPTIONS.model_copy(update={"lr_multipliers": one_rate})  # one lr, 4 iterations
+    _, scores = train_step(base, ["c"], TinySet([3], n=8), val, build_method(method), old_ways)
+    assert scores.per_class_iou["c"] < 0.1

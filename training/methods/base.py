@@ -18,14 +18,16 @@ Call graph of one step::
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
 from training.models.bisenet import BiSeNet, SegmentationOutput
+from training.optim import ParamGroup
 
 
 @dataclass
@@ -85,12 +87,15 @@ class LossTerm:
 
     Subclasses implement ``__call__`` and set ``name``; ``needs_old_model`` terms are skipped at
     step 0 (distillation has nothing to distil from); a method has exactly one ``classifies`` term
-    (the supervised loss on the step's labels).
+    (the supervised loss on the step's labels). ``lr_multipliers`` (group -> multiple of the
+    step's lr, see ``training.optim``) changes the learning rates of incremental steps for a
+    method that needs its own; the trainer merges them over the method's terms.
     """
 
     name: str = "loss"
     needs_old_model: bool = False
     classifies: bool = False
+    lr_multipliers: ClassVar[Mapping[ParamGroup, float]] = {}
 
     def __init__(self, weight: float = 1.0) -> None:
         self.weight = weight
