@@ -20,7 +20,7 @@ from prometheus_client import REGISTRY
 
 from export.manifest import MANIFEST_FILE, ONNX_FILE
 from export.onnx_export import export_onnx
-from export.runtime import SegmentationRuntime
+from export.runtime import SegmentationRuntime, resolve_backend
 from service.announce import announce_active
 from service.model_server import ModelServer, NoModelLoaded, open_export
 from service.registry import EXPORT_SUBDIR, MODEL_SUBDIR, Registry
@@ -99,7 +99,7 @@ def make_server(registry: Registry) -> Iterator[Callable[..., ModelServer]]:
     servers = []
 
     def make(settings: Settings, loader: Callable[[Path], SegmentationRuntime] | None = None) -> ModelServer:
-        server = ModelServer(settings, registry, loader or RecordingLoader(settings))
+        server = ModelServer(settings, registry, loader)  # None: the default loader (backend auto)
         servers.append(server)
         server.start()
         return server
@@ -133,6 +133,10 @@ def test_no_model_before_the_first_version_then_it_loads(
     registry.activate(publish(registry, template))  # noticed by the pointer poll (embedded mode)
     assert server.wait_until_serving("v1", timeout=30)
     assert segment(server) == "v1"
+    with server.lease() as runtime:
+        assert runtime.backend == resolve_backend("auto")
+        if runtime.backend == "ort-cpu":
+            assert runtime.threads == settings.ort_threads == 1
     state = server.status()
     assert state.ready and state.active_version == state.serving_version == "v1" and state.swaps == 1
     assert _metric("incseg_active_model_version", {"version": "v1"}) == 1.0
