@@ -17,6 +17,7 @@ Settings for one step (``training.protocols`` defines them for a protocol of man
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +37,14 @@ from training.methods import build_method
 from training.metrics import SegmentationScores
 from training.model_dir import ModelBundle
 from training.protocols import Setting, label_lut
-from training.trainer import ProgressCallback, StepOptions, train_step
+from training.trainer import (
+    SAVING_PHASE,
+    ProgressCallback,
+    StepOptions,
+    StepProgress,
+    StopCheck,
+    train_step,
+)
 
 
 @dataclass(frozen=True)
@@ -97,6 +105,7 @@ def run_step(
     options: StepOptions,
     out_dir: Path,
     on_progress: ProgressCallback | None = None,
+    should_stop: StopCheck | None = None,
 ) -> tuple[ModelBundle, SegmentationScores | None]:
     """Checks the dataset, trains one step on it and writes the new model directory.
 
@@ -104,10 +113,14 @@ def run_step(
     labelled background unless ``options.setting`` is ``sequential``. Validation (the dataset's
     val split, if any) keeps every class's label; old = classes of the base model.
 
+    ``on_progress`` and ``should_stop`` go to :func:`training.trainer.train_step`; the saving phase is
+    reported here.
+
     Returns:
         The saved bundle and its validation scores (None without a val split).
 
     Raises:
+        StepCancelled: ``should_stop`` returned True (nothing is written).
         DataError: When the dataset fails :func:`training.data.validate_dataset` (before any training).
         ValueError: On an unknown method.
     """
@@ -127,6 +140,23 @@ def run_step(
         if source.val
         else None
     )
-    bundle, scores = train_step(base, plan.new_classes, train_set, val_set, method_obj, options, on_progress)
+    reports: list[StepProgress] = []  # the last one, to report the saving phase with its figures
+
+    def relay(progress: StepProgress) -> None:
+        reports[:] = [progress]
+        on_progress(progress)
+
+    bundle, scores = train_step(
+        base,
+        plan.new_classes,
+        train_set,
+        val_set,
+        method_obj,
+        options,
+        relay if on_progress else None,
+        should_stop,
+    )
+    if on_progress is not None:
+        on_progress(dataclasses.replace(reports[-1], losses={}, phase=SAVING_PHASE))
     bundle.save(out_dir)
     return bundle, scores

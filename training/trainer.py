@@ -81,15 +81,32 @@ class StepOptions(BaseModel):
         return torch.device(self.device)
 
 
+PREPARING_PHASE = "preparing"  # growing the model, the methods' step-start work (e.g. PLOP's pseudo-labels)
+TRAINING_PHASE = "training"
+END_OF_STEP_PHASE = "end-of-step"  # the methods' step-end hooks: SDR prototypes, ALIFE rotations + replay
+EVALUATING_PHASE = "evaluating"
+SAVING_PHASE = "saving"
+
+
+class StepCancelled(Exception):
+    """The step stopped because its ``should_stop`` callable returned True; nothing was saved."""
+
+
 @dataclass(frozen=True)
 class StepProgress:
-    """Reported after every iteration; ``fraction`` in [0, 1] over the whole step."""
+    """Reported after every iteration, and once at the start of each phase; ``fraction`` in [0, 1].
+
+    ``phase`` is ``training`` for the per-iteration reports; the other phases (``preparing``,
+    ``end-of-step``, ``evaluating``, ``saving``) are reported once as they begin, with the iteration
+    count reached so far, no loss terms, and ``loss`` the last iteration's (NaN before the first).
+    """
 
     epoch: int
     iteration: int
     total_iterations: int
     loss: float
     losses: dict[str, float]
+    phase: str = TRAINING_PHASE
 
     @property
     def fraction(self) -> float:
@@ -97,6 +114,7 @@ class StepProgress:
 
 
 ProgressCallback = Callable[[StepProgress], None]
+StopCheck = Callable[[], bool]
 
 
 def seed_everything(seed: int) -> None:
@@ -139,6 +157,7 @@ def train_step(
     method: Method,
     options: StepOptions,
     on_progress: ProgressCallback | None = None,
+    should_stop: StopCheck | None = None,
 ) -> tuple[ModelBundle, SegmentationScores | None]:
     """Trains one step and returns the new model and its validation scores.
 
@@ -149,8 +168,21 @@ def train_step(
         val_set: Same for validation (labels of all seen classes) or None to skip evaluation.
         method: Loss terms to sum.
         options: Hyper-parameters.
-        on_progress: Called after every iteration.
+        on_progress: Called after every iteration and as each phase begins.
+        should_stop: Polled before every iteration and phase; True stops the step.
+
+    Raises:
+        StepCancelled: ``should_stop`` returned True.
     """
+    epoch, iteration, total, last_loss = 0, 0, 0, float("nan")
+
+    def begin(phase: str) -> None:
+        if should_stop is not None and should_stop():
+            raise StepCancelled(f"cancelled before {phase} (iteration {iteration} of {total})")
+        if on_progress is not None:
+            on_progress(StepProgress(epoch, iteration, total, last_loss, {}, phase))
+
+    begin(PREPARING_PHASE)
     seed_everything(options.seed)
     device = options.torch_device()
     started = datetime.now(UTC)
@@ -209,6 +241,8 @@ def train_step(
         for norm in frozen_norms:
             norm.eval()
         for images, labels in loader:
+            if should_stop is not None and should_stop():
+                raise StepCancelled(f"cancelled during training (iteration {iteration} of {total})")
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             with torch.autocast(device.type, enabled=use_amp):
                 out = model.forward_train(images)
@@ -224,15 +258,18 @@ def train_step(
             scaler.update()
             scheduler.step()
             iteration += 1
+            last_loss = loss.item()
             if on_progress is not None:
                 parts = {name: value.item() for name, value in losses.items()}
                 on_progress(StepProgress(epoch, iteration, total, loss.item(), parts))
 
     for hook in row_hooks:
         hook.remove()
+    begin(END_OF_STEP_PHASE)
     method.on_step_end(ctx)
     scores = None
     if val_set is not None and len(val_set) > 0:
+        begin(EVALUATING_PHASE)
         val_loader = DataLoader(val_set, batch_size=options.batch_size, num_workers=options.workers)
         scores = evaluate(model, val_loader, classes, num_old if num_old else len(classes), device)
     history.append(

@@ -8,7 +8,7 @@ from training.methods import build_method
 from training.methods.base import Method
 from training.methods.standard import CrossEntropy
 from training.optim import INCREMENTAL_STEP_MULTIPLIERS, ParamGroup
-from training.trainer import StepOptions, batchnorm_layers, train_step
+from training.trainer import StepCancelled, StepOptions, batchnorm_layers, train_step
 
 
 def test_frozen_batchnorm_keeps_statistics_and_affine_parameters() -> None:
@@ -29,6 +29,40 @@ def test_frozen_batchnorm_keeps_statistics_and_affine_parameters() -> None:
 def test_alife_freezes_batchnorm_and_combinations_keep_it() -> None:
     assert build_method("alife").freeze_batchnorm
     assert not build_method("mib").freeze_batchnorm
+
+
+def test_progress_reports_every_phase_in_order() -> None:
+    reports = []
+    train_step(
+        None,
+        ["a", "b"],
+        TinySet([1, 2]),
+        TinySet([1, 2], seed=1),
+        build_method("ft"),
+        TINY_OPTIONS,
+        reports.append,
+    )
+    phases = [r.phase for r in reports]
+    training = [r for r in reports if r.phase == "training"]
+    assert phases == ["preparing", *["training"] * len(training), "end-of-step", "evaluating"]
+    assert [r.iteration for r in training] == list(range(1, training[-1].total_iterations + 1))
+    assert reports[-1].fraction == 1.0 and reports[-1].losses == {} and reports[-1].loss == training[-1].loss
+
+
+def test_should_stop_cancels_between_iterations_and_phases() -> None:
+    calls = []
+
+    def stop_after(n: int):
+        def should_stop() -> bool:
+            calls.append(1)
+            return len(calls) > n
+
+        return should_stop
+
+    with pytest.raises(StepCancelled, match="before preparing"):
+        train_step(None, ["a"], TinySet([1]), None, build_method("ft"), TINY_OPTIONS, None, lambda: True)
+    with pytest.raises(StepCancelled, match=r"during training \(iteration 1 of"):
+        train_step(None, ["a"], TinySet([1]), None, build_method("ft"), TINY_OPTIONS, None, stop_after(2))
 
 
 class _CrossEntropyWithOwnRates(CrossEntropy):
