@@ -140,16 +140,29 @@ def run_end_of_step_hooks(
 
 
 def _record(
-    step: int, data: ProtocolData, bundle: ModelBundle, scores: SegmentationScores, image_bytes: int
+    step: int,
+    data: ProtocolData,
+    bundle: ModelBundle,
+    scores: SegmentationScores,
+    image_bytes: int,
+    seconds: float | None = None,
 ) -> dict:
+    """One step's scores; ``miou_step`` is the mean IoU of the classes this step added (right after it)."""
+    added = bundle.history[-1]["classes_added"] if bundle.history else []
+    added_iou = [scores.per_class_iou[name] for name in added if scores.per_class_iou.get(name) is not None]
     return {
         "step": step,
         "classes": list(bundle.classes),
+        "classes_added": list(added),
         "miou_old": scores.miou_old,
         "miou_new": scores.miou_new,
         "miou_all": scores.miou_all,
+        "miou_step": sum(added_iou) / len(added_iou) if added_iou else None,
         "hiou": scores.hiou,
         "per_class_iou": scores.per_class_iou,
+        "seconds": seconds,
+        "train_images": bundle.history[-1]["train_images"] if bundle.history else None,
+        "iterations": bundle.history[-1].get("iterations") if bundle.history else None,
         "memory_bytes": memory_bytes(bundle),
         "memory_bytes_per_class": round(memory_bytes(bundle) / max(len(bundle.classes) - 1, 1), 1),
         "image_bytes": image_bytes,
@@ -210,7 +223,8 @@ def run_benchmark(
             bundle, _ = train_step(
                 None, data.names[1:], data.joint_train_set(), None, method, options, on_progress
             )
-            steps.append(_record(last, data, bundle, score(bundle, last), data.image_bytes(last)))
+            seconds = round(time.monotonic() - started, 1)
+            steps.append(_record(last, data, bundle, score(bundle, last), data.image_bytes(last), seconds))
             _save(save_dir, spec, last, bundle)
         else:
             bundle = run_end_of_step_hooks(shared_base, method, data.train_set(0), options)
@@ -218,10 +232,13 @@ def run_benchmark(
             _save(save_dir, spec, 0, bundle)
             for step in range(1, protocol.num_steps):
                 log(f"[{spec}] step {step}: + {', '.join(data.step_names(step))}")
+                step_started = time.monotonic()
                 bundle, _ = train_step(
                     bundle, data.step_names(step), data.train_set(step), None, method, options, on_progress
                 )
-                steps.append(_record(step, data, bundle, score(bundle, step), data.image_bytes(step)))
+                seconds = round(time.monotonic() - step_started, 1)  # training and end-of-step hooks
+                scores = score(bundle, step)
+                steps.append(_record(step, data, bundle, scores, data.image_bytes(step), seconds))
                 _save(save_dir, spec, step, bundle)
         final = steps[-1]
         results["methods"][spec] = {

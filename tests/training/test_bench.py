@@ -32,6 +32,10 @@ def test_small_bench_end_to_end(synth_dataset: Path, tmp_path: Path, tiny_option
     for key in ("miou_old", "miou_new", "miou_all"):
         assert 0.0 <= mib["final"][key] <= 1.0
     assert mib["steps"][0]["miou_new"] is None  # nothing is new at step 0
+    for step in mib["steps"][1:]:  # each step's own classes, scored right after it
+        added = step["classes_added"]
+        assert len(added) == 1 and step["miou_step"] == step["per_class_iou"][added[0]]
+        assert step["seconds"] > 0 and step["iterations"] == step["train_images"] // 4  # batch 4, 1 epoch
     assert last["image_bytes"] > mib["steps"][0]["image_bytes"] > 0
     assert [s["step"] for s in loaded["methods"]["joint"]["steps"]] == [2]
     # ft and mib start from the same step-0 model
