@@ -12,10 +12,11 @@ Dapogny, Cord; CVPR 2021) - https://arxiv.org/abs/2011.11390; code: arthurdouill
   into background), each scaled by sqrt(#classes / #new classes), averaged over the layers.
 
 The classifier's new rows start from the background row (MiB's init, done by ``add_classes``).
-Differences from the code: the cross-entropy averages over non-ignored pixels (PLOP: over all
-pixels); entropies are normalised by log(C_old) and the median is interpolated properly (see
-``PseudoLabelCrossEntropy``); POD windows split odd sizes without dropping rows or columns (PLOP's
-``w // s`` windows drop the remainder and assume square maps).
+The pseudo-label thresholds follow PLOP's code exactly, quirks included (``plop_entropy``,
+``plop_histogram_median``): they keep far more background pixels than a textbook median of
+entropies normalised to [0, 1] would. Differences from the code: POD windows split odd sizes
+without dropping rows or columns (PLOP's ``w // s`` windows drop the remainder and assume square
+maps); the cross-entropy also runs on BiSeNet's auxiliary heads.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from training.methods.base import Batch, LossTerm, Method, StepContext
+from training.losses import cross_entropy_over_all_pixels
+from training.methods.base import Batch, LossTerm, Method, StepContext, over_heads
 
 IGNORE = 255
 SCALES = (1, 2, 4)
@@ -77,42 +79,63 @@ def fold_new_into_background(logits: Tensor, num_old: int) -> Tensor:
     return torch.cat([background, logits[:, 1:num_old]], dim=1)
 
 
-def normalized_entropy(probs: Tensor) -> Tensor:
-    """Entropy over the class axis divided by log(C): (B, C, H, W) -> (B, H, W) in [0, 1]."""
-    entropy = -(probs * torch.log(probs.clamp_min(1e-8))).sum(dim=1)
-    return entropy / math.log(max(probs.shape[1], 2))
+def plop_entropy(probs: Tensor, num_classes: int) -> Tensor:
+    """PLOP's normalised entropy of the old model's softmax: (B, C_old, H, W) -> (B, H, W).
+
+    ``entropy(probs) / max_entropy`` as PLOP computes it: ``entropy`` (``train.py`` 701-713) is
+    ``-mean_c(p log(p + 1e-8)) / log(C_old + 1e-8)``, i.e. H / (C_old log C_old), and ``max_entropy`` is
+    ``log(nb_current_classes)`` = log of the step's class count, old and new (``train.py`` 37-40, 514
+    and 256-257). Values therefore lie in [0, 1 / (C_old log C)], not [0, 1]: with 16 old classes and
+    17 in all, below 0.022, i.e. in the first 3 of the 100 histogram bins.
+
+    Args:
+        probs: (B, C_old, H, W) softmax of the old model.
+        num_classes: C, the step's classes (old and new).
+    """
+    entropy = -(probs * torch.log(probs + 1e-8)).mean(dim=1) / math.log(probs.shape[1] + 1e-8)
+    return entropy / math.log(num_classes)
 
 
-def histogram_median(histograms: Tensor) -> Tensor:
-    """Median of each row of (K, bins) counts over [0, 1], interpolated linearly inside its bin.
+def plop_histogram_median(histograms: Tensor) -> Tensor:
+    """PLOP's ``find_median`` estimate of each row of (K, bins) counts over [0, 1] (``train.py`` 556-573).
 
-    Rows without counts give 0.
+    The reference loop visits b = 0, 1, ... with ``lower_border = b / bins``, reads bin
+    ``int(lower_border * bins)`` (which float rounding makes b - 1 for some b, e.g. 29 of 100), and
+    grows its running sum by ``lower_border * bins`` - the bin's *index*, not its count. It stops at
+    the first b with ``running <= half <= running + hist[bin]`` and returns
+    ``lower_border + (half - running) / hist[bin] / bins``. With thousands of pixels per class that is
+    the first bin holding about half of them; when no bin does, the loop ends on the last bin with
+    the whole index sum as ``running``, and an empty last bin divides by zero: +inf (every pixel
+    kept) or -inf (floored later). Rows without counts give 0, PLOP's initial value. Reproduced
+    exactly here, as a vector, in float64 like Python's floats.
     """
     bins = histograms.shape[1]
-    totals = histograms.sum(dim=1, keepdim=True).double()  # (K, 1)
-    cumulative = histograms.cumsum(dim=1).double()  # (K, bins)
-    half = totals / 2
-    index = (cumulative < half).sum(dim=1, keepdim=True).clamp(max=bins - 1)  # first bin reaching half
-    below = (cumulative - histograms.double()).gather(1, index)
-    inside = histograms.double().gather(1, index).clamp_min(1)
-    median = (index.double() + (half - below) / inside) / bins
-    return torch.where(totals > 0, median, torch.zeros_like(median)).squeeze(1).float()
+    hist = histograms.double()  # (K, bins)
+    half = hist.sum(dim=1, keepdim=True) / 2  # (K, 1)
+    lower = torch.arange(bins, dtype=torch.float64, device=hist.device) / bins  # (bins,) lower_border
+    read = (lower * bins).long()  # bin index the loop reads at each visit
+    added = lower * bins  # what the running sum grows by after each visit
+    running = torch.cat([added.new_zeros(1), added.cumsum(0)[:-1]])  # (bins,) before each visit
+    stops = (half >= running) & (half <= running + hist[:, read])  # (K, bins)
+    found = stops.any(dim=1, keepdim=True)
+    visit = torch.where(found, stops.long().argmax(dim=1, keepdim=True), bins - 1)  # (K, 1)
+    run = torch.where(found, running[visit], added.sum())
+    median = lower[visit] + (half - run) / hist.gather(1, read[visit]) / bins
+    return torch.where(half > 0, median, torch.zeros_like(median)).squeeze(1).float()
 
 
 class PseudoLabelCrossEntropy(LossTerm):
     """Cross-entropy on PLOP's entropy-filtered pseudo-labels (plain cross-entropy at step 0).
 
-    ``on_step_start`` runs the old model once over the step's data and sets, per old class c,
-    ``threshold_c = max(median normalised entropy of background pixels predicted c, min_threshold)``
-    (a 100-bin histogram, as PLOP). During training a background pixel (label < C_old) becomes the
-    old argmax if its normalised entropy is below the threshold of that argmax, else ignored; new
-    classes keep their labels. The per-pixel loss of an image is multiplied by
-    ``#confident background / #background`` (1 without background: PLOP's
-    ``classif_adaptive_factor``), then averaged over the non-ignored pixels of the batch, on the main
-    and auxiliary logits.
-
-    Entropy is normalised by log(C_old) (PLOP divides by C_old log C_old, then again by log C), and
-    the histogram median is the textbook interpolation (PLOP's loop adds bin indices, not counts).
+    ``on_step_start`` (PLOP's ``before`` -> ``find_median``, ``train.py`` 173-183, 505-589) runs the
+    old model once over the step's data, bins ``plop_entropy`` of the background pixels per predicted
+    class into 100 bins and sets ``threshold_c = max(plop_histogram_median_c, min_threshold)``.
+    During training (``train.py`` 252-293) a background pixel (label < C_old) becomes the old argmax
+    if its ``plop_entropy`` is below the threshold of that argmax, else ignored; new classes keep
+    their labels. The per-pixel loss of an image is multiplied by
+    ``#confident background / (#background + 1e-6)`` (``classif_adaptive_factor``), then averaged over
+    all pixels of the batch, ignored ones counting 0 (``train.py`` 351-352), on the main and
+    auxiliary logits.
     """
 
     name = "plop_ce"
@@ -123,42 +146,44 @@ class PseudoLabelCrossEntropy(LossTerm):
         self.min_threshold = min_threshold
         self.bins = bins
         self.thresholds: Tensor | None = None  # (C_old,) of the current step
+        self.num_classes = 0  # the step's classes, old and new (PLOP's nb_current_classes)
 
     @torch.no_grad()
     def on_step_start(self, ctx: StepContext) -> None:
         if ctx.old_model is None:
             self.thresholds = None
             return
+        self.num_classes = ctx.num_classes
         histograms = torch.zeros(ctx.num_old_classes * self.bins, dtype=torch.long, device=ctx.device)
         for images, labels in ctx.train_loader:
             probs = torch.softmax(ctx.old_model(images.to(ctx.device)).float(), dim=1)  # (B, C_old, H, W)
             background = labels.to(ctx.device) < ctx.num_old_classes
-            bin_index = (normalized_entropy(probs)[background] * self.bins).long().clamp(0, self.bins - 1)
+            values = plop_entropy(probs, self.num_classes)[background]
+            bin_index = (values * self.bins).long().clamp(max=self.bins - 1)
             cells = probs.argmax(dim=1)[background] * self.bins + bin_index
             histograms += torch.bincount(cells, minlength=histograms.numel())
-        medians = histogram_median(histograms.view(ctx.num_old_classes, self.bins))
-        self.thresholds = medians.clamp_min(self.min_threshold)
+        medians = plop_histogram_median(histograms.view(ctx.num_old_classes, self.bins))
+        # PLOP: thresholds[c] = max(thresholds[c], 0.001) (train.py 582-584); NaN stays NaN as there.
+        self.thresholds = torch.where(medians < self.min_threshold, self.min_threshold, medians)
 
     def pseudo_labels(self, labels: Tensor, old_logits: Tensor) -> tuple[Tensor, Tensor]:
         """Returns the training targets (B, H, W) and the per-image loss factor (B,)."""
         probs = torch.softmax(old_logits.float(), dim=1)  # (B, C_old, H, W)
         old_pred = probs.argmax(dim=1)  # (B, H, W)
-        confident = normalized_entropy(probs) < self.thresholds[old_pred]
+        confident = plop_entropy(probs, self.num_classes) < self.thresholds[old_pred]
         background = labels < old_logits.shape[1]
         targets = torch.where(background, torch.where(confident, old_pred, IGNORE), labels)
-        num_background = background.sum(dim=(1, 2))
-        factor = (confident & background).sum(dim=(1, 2)) / num_background.clamp_min(1)
-        return targets, torch.where(num_background > 0, factor, torch.ones_like(factor))
+        factor = (confident & background).sum(dim=(1, 2)) / (background.sum(dim=(1, 2)) + 1e-6)
+        return targets, factor
 
     def __call__(self, batch: Batch, ctx: StepContext) -> Tensor:
-        targets, factor = batch.labels, torch.ones(batch.labels.shape[0], device=batch.labels.device)
-        if ctx.old_model is not None:
-            targets, factor = self.pseudo_labels(batch.labels, batch.old_out.logits)
-        valid = (targets != IGNORE).sum().clamp_min(1)
+        if ctx.old_model is None:
+            return over_heads(batch, lambda logits: cross_entropy_over_all_pixels(logits, batch.labels))
+        targets, factor = self.pseudo_labels(batch.labels, batch.old_out.logits)
 
         def weighted_ce(logits: Tensor) -> Tensor:
             per_pixel = F.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="none")  # (B, H, W)
-            return (per_pixel * factor[:, None, None]).sum() / valid
+            return (per_pixel * factor[:, None, None]).mean()
 
         return torch.stack(
             [weighted_ce(logits) for logits in [batch.out.logits, *batch.out.aux_logits]]

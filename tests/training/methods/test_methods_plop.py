@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import copy
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, TensorDataset
 
 from tests.helpers import TINY_OPTIONS, TinySet
 from training.methods import build_method
@@ -16,9 +17,9 @@ from training.methods.plop import (
     LocalPOD,
     PseudoLabelCrossEntropy,
     fold_new_into_background,
-    histogram_median,
     local_pod,
-    normalized_entropy,
+    plop_entropy,
+    plop_histogram_median,
     pod_distance,
     window_bounds,
 )
@@ -56,36 +57,113 @@ def test_new_logits_fold_into_background() -> None:
     assert fold_new_into_background(logits, num_old=2).flatten().tolist() == [8.0, 2.0]
 
 
-def test_histogram_median_interpolates_inside_the_bin() -> None:
-    hist = torch.tensor([[0, 2, 2, 0], [4, 0, 0, 0], [0, 0, 0, 0]])
-    torch.testing.assert_close(histogram_median(hist), torch.tensor([0.5, 0.125, 0.0]))
+def reference_find_median(histograms: torch.Tensor) -> torch.Tensor:
+    """Transcription of PLOP's find_median loop (arthurdouillard/CVPR2021_PLOP train.py 551-573)."""
+    nb_bins = histograms.shape[1]
+    thresholds = torch.zeros(histograms.shape[0], dtype=torch.float32)
+    for c in range(histograms.shape[0]):
+        total = histograms[c].sum()
+        if total <= 0.0:
+            continue
+        half = total / 2
+        running_sum = 0.0
+        for lower_border in range(nb_bins):
+            lower_border = lower_border / nb_bins
+            bin_index = int(lower_border * nb_bins)
+            if half >= running_sum and half <= (running_sum + histograms[c, bin_index]):
+                break
+            running_sum += lower_border * nb_bins
+        median = lower_border + ((half - running_sum) / histograms[c, bin_index].sum()) * (1 / nb_bins)
+        thresholds[c] = median
+    return thresholds
 
 
-def test_normalized_entropy_bounds() -> None:
-    probs = torch.tensor([[1.0, 0.0, 0.0], [1 / 3, 1 / 3, 1 / 3]]).view(2, 3, 1, 1)
-    torch.testing.assert_close(
-        normalized_entropy(probs).flatten(), torch.tensor([0.0, 1.0]), atol=1e-6, rtol=0
-    )
+def test_plop_histogram_median_by_hand() -> None:
+    hist = torch.tensor([[6, 2, 2, 0], [2, 2, 6, 0], [3, 3, 2, 2], [0, 0, 0, 0], [3, 3, 3, 0]])
+    expected = [
+        0 + 5 / 6 / 4,  # half 5 fits in bin 0 (running 0)
+        2 / 4 + (5 - 1) / 6 / 4,  # bins 0 and 1 hold 2 each; before bin 2 the running sum is 0 + 1
+        3 / 4 + (5 - 3) / 2 / 4,  # running 0 + 1 + 2 = 3 before bin 3, which holds half - 3
+        0.0,  # no pixel
+        -math.inf,  # no stop: ends on the empty last bin with running 6 > half 4.5
+    ]
+    torch.testing.assert_close(plop_histogram_median(hist), torch.tensor(expected))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_plop_histogram_median_matches_the_reference_loop(seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    hist = torch.randint(0, 50, (6, 100), generator=gen) * (torch.rand(6, 100, generator=gen) < 0.2)
+    hist[0, :3] = torch.tensor([5000, 3000, 2000])  # the shape PLOP's entropies take: the first bins
+    hist[1, 99] = 0
+    reference = reference_find_median(hist)  # inf, -inf and NaN (0 / 0) included
+    torch.testing.assert_close(plop_histogram_median(hist), reference, rtol=1e-5, atol=0, equal_nan=True)
+
+
+def test_plop_entropy_is_the_references_formula() -> None:
+    probs = torch.tensor([[1 / 3, 1 / 3, 1 / 3], [0.2, 0.5, 0.3]]).T.reshape(1, 3, 1, 2)
+    value = plop_entropy(probs, num_classes=5).flatten()
+    # entropy(): -1/log(C_old) * mean_c p log p, then / max_entropy = log(C) (train.py 514, 256, 712-713)
+    uniform = -(1 / math.log(3)) * (3 * (1 / 3) * math.log(1 / 3 + 1e-8)) / 3 / math.log(5)
+    mixed = -(1 / math.log(3)) * sum(p * math.log(p + 1e-8) for p in (0.2, 0.5, 0.3)) / 3 / math.log(5)
+    torch.testing.assert_close(value, torch.tensor([uniform, mixed]))
+    assert uniform == pytest.approx(1 / (3 * math.log(5)), rel=1e-6)  # at most 1 / (C_old log C), not 1
 
 
 def test_pseudo_labels_and_adaptive_factor() -> None:
     term = PseudoLabelCrossEntropy()
-    term.thresholds = torch.tensor([0.5, 0.5, 0.01])
-    # Old model (3 classes): pixel 0 confident class 1, pixel 1 uncertain, pixel 2 new-class label,
-    # pixel 3 confident class 2 but below the 0.01 threshold only if nearly one-hot (it is not).
+    term.thresholds, term.num_classes = torch.tensor([0.1, 0.1, 0.01]), 4
+    # Old model (3 classes): pixel 0 confident class 1 (value ~0), pixel 1 uniform (1 / (3 log 4) = 0.24,
+    # ignored), pixel 2 new-class label, pixel 3 class 2 at value 0.076 > 0.01 (ignored).
     old_logits = torch.tensor([[0.0, 10.0, 0.0], [1.0, 1.0, 1.0], [0.0, 10.0, 0.0], [0.0, 0.0, 3.0]])
     old_logits = old_logits.T.reshape(1, 3, 1, 4)
     labels = torch.tensor([[[0, 0, 3, 0]]])
     targets, factor = term.pseudo_labels(labels, old_logits)
     assert targets.tolist() == [[[1, 255, 3, 255]]]
-    assert factor.tolist() == pytest.approx([1 / 3])
+    assert factor.tolist() == pytest.approx([1 / (3 + 1e-6)])  # PLOP: num / (den + 1e-6)
 
 
-def test_adaptive_factor_is_one_without_background() -> None:
+def test_adaptive_factor_is_zero_without_background() -> None:
     term = PseudoLabelCrossEntropy()
-    term.thresholds = torch.tensor([0.5, 0.5])
+    term.thresholds, term.num_classes = torch.tensor([0.5, 0.5]), 3
     _, factor = term.pseudo_labels(torch.tensor([[[2, 2]]]), torch.zeros(1, 2, 1, 2))
-    assert factor.tolist() == [1.0]
+    assert factor.tolist() == [0.0]  # 0 / (0 + 1e-6), as PLOP
+
+
+def test_kept_background_fraction_follows_the_reference_rule() -> None:
+    """A tiny step through on_step_start: thresholds and the kept fraction as PLOP's code computes them.
+
+    The old model is the identity on "images" that are its logits; 40 background pixels, 16 old
+    classes, 17 in all (a 15-1 step). Values fall in bins 0-2, so PLOP's median stops in the first bin
+    holding half of a class's pixels, or runs off the end (threshold +inf, every pixel kept).
+    """
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 16, 4, 5, generator=gen) * 3  # (B, C_old, H, W), 40 pixels
+    logits[0, 3] += 8.0  # image 0: mostly confident class 3
+    labels = torch.zeros(2, 4, 5, dtype=torch.long)
+    loader = DataLoader(TensorDataset(logits, labels), batch_size=2)
+    model = SimpleNamespace(num_classes=17)
+    ctx = StepContext(
+        1, model, torch.nn.Identity(), 16, [f"c{i}" for i in range(17)], loader, torch.device("cpu")
+    )
+    term = PseudoLabelCrossEntropy()
+    term.on_step_start(ctx)
+
+    probs = torch.softmax(logits, dim=1)
+    values = -(probs * torch.log(probs + 1e-8)).mean(dim=1) / math.log(16) / math.log(17)  # train.py 256
+    predicted = probs.argmax(dim=1)
+    histograms = torch.zeros(16, 100, dtype=torch.long)
+    histograms.index_put_(
+        (predicted.flatten(), (values * 100).long().clamp(max=99).flatten()),
+        torch.ones(40, dtype=torch.long),
+        accumulate=True,
+    )  # train.py 539-546
+    expected = reference_find_median(histograms).clamp_min(0.001)  # train.py 582-584
+    torch.testing.assert_close(term.thresholds, expected)
+    targets, _ = term.pseudo_labels(labels, logits)
+    kept = (values < expected[predicted]).float().mean()
+    assert (targets != 255).float().mean().item() == pytest.approx(kept.item())
+    assert kept > 0.5
 
 
 def tiny_models() -> tuple[BiSeNet, BiSeNet]:
@@ -101,7 +179,7 @@ def test_thresholds_from_one_pass_are_floored() -> None:
     ctx = StepContext(1, new, old, 3, ["bg", "a", "b", "c", "d"], loader, torch.device("cpu"))
     term = PseudoLabelCrossEntropy(min_threshold=0.3)
     term.on_step_start(ctx)
-    assert term.thresholds.shape == (3,) and (term.thresholds >= 0.3).all()
+    assert term.thresholds.shape == (3,) and (term.thresholds >= 0.3).all() and term.num_classes == 5
 
 
 def test_local_pod_term_on_an_unchanged_model_only_sees_the_folded_logits() -> None:
