@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from export import tensorrt_engine
-from export.manifest import ONNX_FILE, file_sha256
+from export.manifest import ONNX_FILE, InvalidExportError, file_sha256
 from export.onnx_export import export_onnx
 from export.parity import ParityError, run_onnx
 from export.tensorrt_engine import (
@@ -177,3 +178,40 @@ def test_real_engine_build_and_inference(export_dir: Path, tmp_path: Path) -> No
     finally:
         runtime.close()
     assert not ensure_engine(export_dir, "fp16", 4, cache_dir=tmp_path).rebuilt
+
+
+def _fake_engine_machinery(monkeypatch, builds: list) -> None:
+    """This GPU = DEVICE; builds write a placeholder engine; the runner is ONNX Runtime."""
+
+    def fake_build(onnx_path, engine_path, precision, max_batch, timing_cache):
+        builds.append(precision)
+        Path(engine_path).write_bytes(b"engine")
+        return {"input": "images", "batch": list(profile_batches(max_batch)), "shape": [3, *SIZE]}
+
+    monkeypatch.setattr(tensorrt_engine, "current_device_info", lambda: DEVICE)
+    monkeypatch.setattr(tensorrt_engine, "fp16_builder_flag_available", lambda: True)
+    monkeypatch.setattr(tensorrt_engine, "build_engine", fake_build)
+    monkeypatch.setattr(tensorrt_engine, "EngineRunner", _FakeRunner)
+
+
+def test_unreadable_engine_manifest_means_rebuild(export_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    builds: list = []
+    _fake_engine_machinery(monkeypatch, builds)
+    work = Path(shutil.copytree(export_dir, tmp_path / "export"))
+    ensure_engine(work, "fp16", 4, cache_dir=tmp_path)
+    (work / ENGINE_MANIFEST_FILE).write_text('{"tensorrt_version": ')  # cut short
+    rebuilt = ensure_engine(work, "fp16", 4, cache_dir=tmp_path)
+    assert rebuilt.rebuilt and rebuilt.reason == "no engine built yet" and len(builds) == 2
+    assert json.loads((work / ENGINE_MANIFEST_FILE).read_text()) == rebuilt.manifest
+
+
+def test_damaged_onnx_is_refused_before_any_build(export_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    builds: list = []
+    _fake_engine_machinery(monkeypatch, builds)
+    work = Path(shutil.copytree(export_dir, tmp_path / "export"))
+    before = sorted(path.name for path in work.iterdir())
+    onnx_path = work / ONNX_FILE
+    onnx_path.write_bytes(onnx_path.read_bytes()[:4096])
+    with pytest.raises(InvalidExportError, match=r"model\.onnx: sha256"):
+        ensure_engine(work, "fp16", 4, cache_dir=tmp_path, force=True)
+    assert builds == [] and sorted(path.name for path in work.iterdir()) == before
