@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from training.methods import build_method, split_top_level
 from training.methods.base import Batch, StepContext
@@ -44,6 +45,16 @@ def test_methods_give_finite_losses_with_gradients(spec: str, terms: list[str]) 
 def test_distillation_terms_are_skipped_at_step_zero() -> None:
     ctx, batch = context_and_batch(step=0)
     assert list(build_method("mib").losses(batch, ctx)) == ["unbiased_ce"]
+
+
+def test_mib_cross_entropy_at_step_zero_averages_over_all_pixels() -> None:
+    """fcdl94/MiB train.py 27-35, 103-107: CrossEntropyLoss(reduction='none') then .mean() over B*H*W."""
+    ctx, batch = context_and_batch(step=0)
+    batch.labels[:, :8] = 255  # a quarter of the pixels ignored
+    loss = build_method("mib").losses(batch, ctx)["unbiased_ce"]
+    heads = [batch.out.logits, *batch.out.aux_logits]
+    ce_sums = [F.cross_entropy(z, batch.labels, ignore_index=255, reduction="sum") for z in heads]
+    torch.testing.assert_close(loss, sum(ce_sums) / batch.labels.numel(), rtol=1e-5, atol=0)
 
 
 def test_weights_scale_terms() -> None:

@@ -3,8 +3,10 @@
 - FT: cross-entropy on the step's labels.
 - LwF (Li and Hoiem): FT + plain KD on the old classes' softmax (weight 100 as in MiB's code).
 - ILT (Michieli and Zanuttigh): LwF + L2 distillation of the encoder output (weight 100).
-- MiB: unbiased cross-entropy + unbiased KD (weight 10; MiB used 100 for 15-1), and new
-  classifier rows initialised from background (done by ``BiSeNet.add_classes``).
+- MiB: unbiased cross-entropy + unbiased KD (weight 10, fcdl94/MiB ``argparser.py``; its author
+  used 100 for 15-1, MiB issue #22), and new classifier rows initialised from background (done by
+  ``BiSeNet.add_classes``). Its cross-entropies average over all pixels, ignored ones counting 0, as
+  MiB's trainer does (``train.py`` 27-35, 103-107; see ``losses.unbiased_cross_entropy``).
 - Joint: FT over all classes in a single step (the upper bound).
 """
 
@@ -30,7 +32,7 @@ class CrossEntropy(LossTerm):
 
 
 class UnbiasedCrossEntropy(LossTerm):
-    """MiB's unbiased cross-entropy (plain cross-entropy at step 0, as MiB does)."""
+    """MiB's unbiased cross-entropy (plain cross-entropy at step 0, as MiB does), mean over all pixels."""
 
     name = "unbiased_ce"
     classifies = True
@@ -38,7 +40,7 @@ class UnbiasedCrossEntropy(LossTerm):
     def __call__(self, batch: Batch, ctx: StepContext) -> Tensor:
         if ctx.old_model is None:
             return over_heads(
-                batch, lambda logits: F.cross_entropy(logits, batch.labels, ignore_index=IGNORE)
+                batch, lambda logits: losses.cross_entropy_over_all_pixels(logits, batch.labels)
             )
         return over_heads(
             batch, lambda logits: losses.unbiased_cross_entropy(logits, batch.labels, ctx.num_old_classes)
