@@ -17,6 +17,7 @@ works without it.
 
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import json
 import os
@@ -24,6 +25,8 @@ import re
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -34,6 +37,7 @@ import torch
 from export.manifest import (
     ONNX_FILE,
     ONNX_FP16_FILE,
+    ExportManifest,
     file_sha256,
     read_manifest,
     verify_model_file,
@@ -323,7 +327,9 @@ def ensure_engine(
     ONNX Runtime (CPU, FP32) on the argmax of >= 99.5 % of the pixels (FP16) or >= 99.9 % (FP32) of
     deterministic synthetic inputs before it replaces the old one; the engine is written to a temporary
     file and renamed into place, then its manifest is written atomically (a crash in between leaves an
-    engine without a manifest, which the next open rebuilds).
+    engine without a manifest, which the next open rebuilds). Builds of one model are serialised on this
+    host by a lock file in ``cache_dir``: a second process (another API replica) waits, then uses the
+    engine the first one built.
 
     Args:
         export_dir: Export directory (see :mod:`export.onnx_export`).
@@ -344,14 +350,49 @@ def ensure_engine(
     onnx_path = verify_model_file(export_dir, export_manifest, onnx_path.name != export_manifest.onnx_file)
     onnx_sha = file_sha256(onnx_path)
     engine_path = export_dir / ENGINE_FILE
-    manifest_path = export_dir / ENGINE_MANIFEST_FILE
     existing = read_engine_manifest(export_dir)
-    reason = engine_is_stale(existing, device_info, onnx_sha, precision, max_batch)
-    if force:
-        reason = f"rebuild forced ({reason or 'engine was current'})"
-    if reason is None:
+    if not force and engine_is_stale(existing, device_info, onnx_sha, precision, max_batch) is None:
         return EngineBuild(engine_path, existing, False, None)
+    cache_dir = Path(cache_dir or default_cache_dir())
+    with _build_lock(cache_dir / f"build-{onnx_sha[:16]}-{precision}.lock"):
+        # another process (an API replica) may have built it while this one waited for the lock
+        existing = read_engine_manifest(export_dir)
+        reason = engine_is_stale(existing, device_info, onnx_sha, precision, max_batch)
+        if force:
+            reason = f"rebuild forced ({reason or 'engine was current'})"
+        if reason is None:
+            return EngineBuild(engine_path, existing, False, None)
+        manifest = _build_checked_engine(
+            export_dir, export_manifest, onnx_path, onnx_sha, precision, max_batch, cache_dir, device_info
+        )
+    return EngineBuild(engine_path, manifest, True, reason)
 
+
+@contextmanager
+def _build_lock(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock (flock) on ``path``: one engine build per model at a time on this host."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _build_checked_engine(
+    export_dir: Path,
+    export_manifest: ExportManifest,
+    onnx_path: Path,
+    onnx_sha: str,
+    precision: str,
+    max_batch: int,
+    cache_dir: Path,
+    device_info: DeviceInfo,
+) -> dict:
+    """Builds, parity-checks and installs the engine and its manifest; returns the manifest."""
+    engine_path = export_dir / ENGINE_FILE
+    manifest_path = export_dir / ENGINE_MANIFEST_FILE
     descriptor, tmp_name = tempfile.mkstemp(prefix=f".{ENGINE_FILE}.", dir=export_dir)
     os.close(descriptor)
     tmp_engine = Path(tmp_name)
@@ -362,7 +403,7 @@ def ensure_engine(
             tmp_engine,
             precision,
             max_batch,
-            timing_cache_path(cache_dir or default_cache_dir(), device_info),
+            timing_cache_path(cache_dir, device_info),
         )
         seconds = time.perf_counter() - started
         inputs = parity_inputs(
@@ -401,4 +442,4 @@ def ensure_engine(
         write_json_atomic(manifest_path, manifest)
     finally:
         tmp_engine.unlink(missing_ok=True)
-    return EngineBuild(engine_path, manifest, True, reason)
+    return manifest

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -215,3 +216,21 @@ def test_damaged_onnx_is_refused_before_any_build(export_dir: Path, tmp_path: Pa
     with pytest.raises(InvalidExportError, match=r"model\.onnx: sha256"):
         ensure_engine(work, "fp16", 4, cache_dir=tmp_path, force=True)
     assert builds == [] and sorted(path.name for path in work.iterdir()) == before
+
+
+def test_concurrent_opens_build_the_engine_once(export_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    builds: list = []
+    _fake_engine_machinery(monkeypatch, builds)
+    work = Path(shutil.copytree(export_dir, tmp_path / "export", ignore=shutil.ignore_patterns("engine*")))
+    results = []
+    threads = [
+        threading.Thread(target=lambda: results.append(ensure_engine(work, "fp32", 2, cache_dir=tmp_path)))
+        for _ in range(3)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert len(results) == 3 and builds == ["fp32"]
+    assert sum(result.rebuilt for result in results) == 1
+    assert len({json.dumps(result.manifest, sort_keys=True) for result in results}) == 1
