@@ -55,6 +55,12 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", type=int, default=fields["size"].default, help="training crop / eval size")
     parser.add_argument("--batch-size", type=int, default=fields["batch_size"].default)
     parser.add_argument("--lr", type=float, default=None, help="default 0.01 at step 0, 0.001 later")
+    parser.add_argument(
+        "--min-iterations",
+        type=int,
+        default=fields["min_iterations"].default,
+        help="iteration floor of an incremental step: a small dataset runs more epochs to reach it",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     parser.add_argument("--no-amp", action="store_true", help="disable mixed precision on CUDA")
@@ -76,6 +82,7 @@ def _options(args: argparse.Namespace, **extra) -> StepOptions:
         size=args.size,
         batch_size=args.batch_size,
         lr=args.lr,
+        min_iterations=args.min_iterations,
         seed=args.seed,
         device=args.device,
         amp=not args.no_amp,

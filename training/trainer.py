@@ -28,7 +28,9 @@ from training.models.bisenet import BACKBONES, BiSeNet, BiSeNetConfig
 from training.optim import ParamGroup, build_optimizer, epochs_for, resolve_multipliers, scale_new_rows
 
 # Iteration floor of an incremental step (see ``training.optim``): a user's step may hold 30 images.
-MIN_ITERATIONS = 200
+# On the demo's step the new classes win their pixels after about 40 iterations at the group rates
+# (pixel accuracy 0.73 at 40, 0.96 at 80); the floor leaves room for the poly decay.
+MIN_ITERATIONS = 100
 
 
 class StepOptions(BaseModel):
