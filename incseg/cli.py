@@ -213,7 +213,14 @@ def build_parser() -> argparse.ArgumentParser:
         default="mib",
         help=f"one of {', '.join(METHODS)}, a combination like mib+sdr, or mib(kd=100)",
     )
-    p.add_argument("--setting", default="overlapped", choices=["disjoint", "overlapped", "sequential"])
+    p.add_argument(
+        "--setting",
+        default="overlapped",
+        choices=["disjoint", "overlapped", "sequential"],
+        help="overlapped and disjoint: known classes are background in the training masks (the same for one "
+        "step: disjoint differs only by dropping images of later steps' classes, and a step has none); "
+        "sequential: known classes keep their labels",
+    )
     p.add_argument("--out", type=Path, required=True, help="model directory to write")
     _add_training_options(p)
     p.set_defaults(func=cmd_step)

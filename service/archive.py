@@ -329,7 +329,6 @@ def _list_entries(
     ratio = settings.max_compression_ratio
     kept: list[_Entry] = []
     files: set[tuple[str, ...]] = set()
-    folders: set[tuple[str, ...]] = set()
     count = total = 0
     try:
         for entry in archive.entries():
@@ -355,11 +354,9 @@ def _list_entries(
                 if entry.is_dir:
                     continue  # "./", the archive root itself
                 raise UploadError(400, entry.name, "file without a name")
-            if entry.is_dir:
-                folders.add(entry.parts)
-            elif entry.parts in files:
-                raise UploadError(400, entry.name, "duplicate member name; keep one file per path")
-            else:
+            if not entry.is_dir:
+                if entry.parts in files:
+                    raise UploadError(400, entry.name, "duplicate member name; keep one file per path")
                 files.add(entry.parts)
             if not _is_litter(entry.parts):
                 kept.append(entry)

@@ -46,6 +46,8 @@ from training.trainer import (
     train_step,
 )
 
+CHECKING_DATA_PHASE = "checking-data"  # reported before the dataset pass, ahead of the trainer's phases
+
 
 @dataclass(frozen=True)
 class StepPlan:
@@ -113,8 +115,8 @@ def run_step(
     labelled background unless ``options.setting`` is ``sequential``. Validation (the dataset's
     val split, if any) keeps every class's label; old = classes of the base model.
 
-    ``on_progress`` and ``should_stop`` go to :func:`training.trainer.train_step`; the saving phase is
-    reported here.
+    ``on_progress`` and ``should_stop`` go to :func:`training.trainer.train_step`; the checking-data
+    phase (the pass over every image and mask) and the saving phase are reported here.
 
     Returns:
         The saved bundle and its validation scores (None without a val split).
@@ -128,6 +130,8 @@ def run_step(
     source = read_source(Path(data_dir))
     base = ModelBundle.load(base_dir, aux=True) if base_dir is not None else None
     known = base.classes if base is not None else ["background"]
+    if on_progress is not None:
+        on_progress(StepProgress(0, 0, 0, float("nan"), {}, CHECKING_DATA_PHASE))
     plan = plan_step(validate_dataset(source, known), known, Setting(options.setting))
     num_source = len(source.classes)
     train_set = SegmentationDataset(
