@@ -75,10 +75,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     store = TaskStore(settings.task_database_url)
     registry = Registry(settings.registry_dir)
-    model_server = ModelServer(settings, registry)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # a fresh model server per lifespan: a server that was stopped is never restarted
+        model_server = ModelServer(settings, registry)
+        app.state.model_server = model_server
         model_server.start()
         try:
             yield
@@ -94,7 +96,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.store = store
     app.state.registry = registry
-    app.state.model_server = model_server
+    app.state.model_server = ModelServer(settings, registry)  # not started: "no model" until the lifespan
     app.state.task_registry = task_registry(store)
     app.add_middleware(RequestMetricsMiddleware)
     app.add_exception_handler(UploadError, _upload_error)
