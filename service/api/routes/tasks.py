@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from service.api.deps import ApiKeyDep, RegistryDep, SettingsDep, StoreDep
 from service.api.schemas import ErrorBody, TaskCreated, TaskPage
 from service.api.upload import stream_upload
-from service.archive import StagedDataset, receive_dataset, remove_staged
+from service.archive import StagedDataset, receive_dataset
 from service.db import TaskView
 from service.jobs import cancel_task, submit_task
 from service.registry import Registry
@@ -112,11 +112,7 @@ def _submit(
     staged: StagedDataset = receive_dataset(
         upload_path, filename, settings.staging_dir, settings, _known_classes(registry)
     )
-    try:
-        return submit_task(store, settings, staged, method, options)
-    except BaseException:
-        remove_staged(staged.path)
-        raise
+    return submit_task(store, settings, staged, method, options)  # it deletes the staged data if it fails
 
 
 @router.post(
