@@ -5,20 +5,24 @@ The registry's pointer file (``REGISTRY/ACTIVE``) is the truth; an announcement 
 pointer every ``poll_interval_s`` (always: the fallback when Redis is down and the only path in embedded
 mode) and, when Redis is configured, listens on the channel too. Whatever woke it, it re-reads the pointer
 and reports the name found there, never the name carried by a message: an announcement that arrives late
-(after a newer activation) cannot roll a process back.
+(after a newer activation) cannot roll a process back. Every activation is reported once, including a
+repeated activation of the same version: ``Registry.activate`` writes a new pointer file each time, and
+the file's identity (:func:`read_pointer`) tells activations apart.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import redis
 
-from service.registry import Registry
+from service.registry import ACTIVE_FILE, Registry
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -26,6 +30,39 @@ logger = logging.getLogger(__name__)
 RECONNECT_MIN_S = 0.1
 RECONNECT_MAX_S = 5.0
 LISTEN_TICK_S = 0.25
+
+
+@dataclass(frozen=True)
+class Pointer:
+    """What the registry's pointer file said when read.
+
+    Attributes:
+        version: The active version's name.
+        activation: ``(st_mtime_ns, st_ino)`` of the pointer file: a new value for every activation.
+    """
+
+    version: str
+    activation: tuple[int, int]
+
+    @property
+    def activated_at(self) -> float:
+        """When the pointer was written (Unix time)."""
+        return self.activation[0] / 1e9
+
+
+def read_pointer(registry: Registry) -> Pointer | None:
+    """Reads the active version and the pointer file's identity from one open file (None before any).
+
+    Raises:
+        OSError: The pointer exists but cannot be read.
+    """
+    try:
+        with open(registry.root / ACTIVE_FILE, encoding="utf-8") as handle:
+            stat = os.fstat(handle.fileno())
+            name = handle.read().strip()
+    except FileNotFoundError:
+        return None
+    return Pointer(name, (stat.st_mtime_ns, stat.st_ino)) if name else None
 
 
 def announce_active(settings: Settings, version: str) -> None:
@@ -52,7 +89,7 @@ def announce_active(settings: Settings, version: str) -> None:
 
 
 class ActiveWatcher:
-    """Calls ``on_change(name)`` whenever the registry's active version changes.
+    """Calls ``on_change(name)`` for every activation (a new pointer file), with the name it names.
 
     Args:
         settings: ``poll_interval_s``, ``redis_url`` and ``active_channel`` are used.
@@ -69,7 +106,7 @@ class ActiveWatcher:
         self._settings = settings
         self._registry = registry
         self._on_change = on_change
-        self._reported: str | None = None
+        self._reported: Pointer | None = None
         self._report_lock = threading.Lock()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -96,21 +133,21 @@ class ActiveWatcher:
         self._threads = []
         self.subscribed.clear()
 
-    def check(self) -> str | None:
-        """Reads the pointer and reports it when it differs from the last report; returns the name read."""
+    def check(self) -> Pointer | None:
+        """Reads the pointer and reports it when it is a new activation; returns what it read."""
         try:
-            name = self._registry.active()
+            pointer = read_pointer(self._registry)
         except OSError as error:  # a volume hiccup: the next poll tries again
             logger.warning("cannot read the active version pointer: %s", error)
             return None
         with self._report_lock:
-            if name is not None and name != self._reported:
-                self._reported = name
+            if pointer is not None and pointer != self._reported:
+                self._reported = pointer
                 try:
-                    self._on_change(name)
+                    self._on_change(pointer.version)
                 except Exception:
-                    logger.exception("handling the activation of %s failed", name)
-        return name
+                    logger.exception("handling the activation of %s failed", pointer.version)
+        return pointer
 
     def _poll(self) -> None:
         while not self._stop.wait(self._settings.poll_interval_s):

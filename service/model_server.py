@@ -32,8 +32,8 @@ from prometheus_client import Counter, Gauge
 from pydantic import BaseModel, Field
 
 from export.runtime import SegmentationRuntime, open_runtime
-from service.announce import ActiveWatcher
-from service.registry import ACTIVE_FILE, Registry
+from service.announce import ActiveWatcher, read_pointer
+from service.registry import Registry
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -80,6 +80,29 @@ def _unset_active_version(name: str) -> None:
         pass
 
 
+@dataclass(frozen=True)
+class _Request:
+    """A version to load, and which activation asked for it.
+
+    Attributes:
+        version: Version name.
+        activation: The pointer's identity (:class:`service.announce.Pointer`) when it named
+            ``version``, None when it names another version.
+        noticed_at: When this process noticed it (Unix time).
+    """
+
+    version: str
+    activation: tuple[int, int] | None
+    noticed_at: float
+
+    @property
+    def notice_s(self) -> float | None:
+        """Seconds from the activation (the pointer's mtime) to the notice, when known."""
+        if self.activation is None:
+            return None
+        return max(0.0, self.noticed_at - self.activation[0] / 1e9)
+
+
 @dataclass
 class _Served:
     """A loaded version and the leases on it."""
@@ -121,10 +144,10 @@ class ModelServer:
         self._warmup_iterations = warmup_iterations
         self._state = threading.Condition()
         self._served: _Served | None = None
-        self._wanted: str | None = None
-        self._noticed_at: float | None = None
-        self._loading: str | None = None
+        self._wanted: _Request | None = None
+        self._loading: _Request | None = None
         self._failures: dict[str, str] = {}
+        self._failed_activation: dict[str, tuple[int, int] | None] = {}
         self._swaps = 0
         self._swap_failures = 0
         self._last_swap: dict[str, Any] | None = None
@@ -188,7 +211,7 @@ class ModelServer:
                 active_version=active,
                 serving_version=self._served.version if self._served else None,
                 ready=self._served is not None,
-                loading=self._loading,
+                loading=self._loading.version if self._loading else None,
                 failures=dict(self._failures),
                 swaps=self._swaps,
                 swap_failures=self._swap_failures,
@@ -208,15 +231,31 @@ class ModelServer:
         """Loads ``name`` in the background and swaps to it if the pointer still names it then.
 
         The watcher calls this on every pointer change; the activate route calls it right after
-        ``Registry.activate`` so this process does not wait for the poll. A version that failed before is
-        tried again. Returns at once.
+        ``Registry.activate`` so this process does not wait for the poll. Both calls for one activation
+        cause one load: an activation already being loaded, or already failed, is not tried again (a new
+        ``activate`` of the same version is, so activating a failed version again retries it). Returns
+        at once.
         """
+        request = _Request(name, self._pointer_stamp(name), time.time())
         with self._state:
-            self._wanted = name
-            self._noticed_at = time.time()
+            loading = self._loading
+            if loading is not None and (loading.version, loading.activation) == (name, request.activation):
+                self._wanted = None  # the load in progress is what the pointer asks for
+                return
+            if request.activation is not None and self._failed_activation.get(name) == request.activation:
+                return
+            self._wanted = request
             self._state.notify_all()
 
     # loading
+
+    def _pointer_stamp(self, name: str) -> tuple[int, int] | None:
+        """The activation identity of the pointer if it names ``name``, else None."""
+        try:
+            pointer = read_pointer(self._registry)
+        except OSError:
+            return None
+        return pointer.activation if pointer is not None and pointer.version == name else None
 
     def _load_loop(self) -> None:
         while True:
@@ -224,30 +263,19 @@ class ModelServer:
                 self._state.wait_for(lambda: self._stopping or self._wanted is not None)
                 if self._stopping:
                     return
-                target, noticed_at = self._wanted, self._noticed_at
-                self._wanted = None
-                if self._served is not None and self._served.version == target:
+                request, self._wanted = self._wanted, None
+                if self._served is not None and self._served.version == request.version:
                     continue
-                self._loading = target
+                self._loading = request
             try:
-                self._load_and_swap(target, noticed_at)
+                self._load_and_swap(request)
             finally:
                 with self._state:
                     self._loading = None
                     self._state.notify_all()
 
-    def _activated_at(self, name: str) -> float | None:
-        """When the pointer was last replaced, if it names ``name`` (the activation time)."""
-        try:
-            if self._registry.active() == name:
-                return (self._registry.root / ACTIVE_FILE).stat().st_mtime
-        except OSError:
-            pass
-        return None
-
-    def _load_and_swap(self, name: str, noticed_at: float | None) -> None:
-        activated_at = self._activated_at(name)
-        notice_s = None if activated_at is None or noticed_at is None else max(0.0, noticed_at - activated_at)
+    def _load_and_swap(self, request: _Request) -> None:
+        name = request.version
         try:
             started = time.perf_counter()
             runtime = self._loader(self._registry.export_dir(name))
@@ -265,26 +293,29 @@ class ModelServer:
             SWAP_FAILURES.inc()
             with self._state:
                 self._failures[name] = message
+                self._failed_activation[name] = request.activation
                 self._swap_failures += 1
                 self._loading = None
             return
         with self._state:
             self._loading = None
             pointer = self._registry.active()
-            superseded = self._stopping or pointer != name or self._wanted not in (None, name)
+            wanted_other = self._wanted is not None and self._wanted.version != name
+            superseded = self._stopping or pointer != name or wanted_other
             if superseded:
                 old = None
                 if not self._stopping and pointer is not None and self._wanted is None:
-                    self._wanted = pointer  # go where the pointer is now
-                    self._noticed_at = time.time()
+                    # go where the pointer is now
+                    self._wanted = _Request(pointer, self._pointer_stamp(pointer), time.time())
             else:
                 old, self._served = self._served, _Served(name, runtime)
                 self._failures.pop(name, None)
+                self._failed_activation.pop(name, None)
                 self._swaps += 1
                 self._last_swap = {
                     "version": name,
                     "previous": old.version if old else None,
-                    "notice_s": notice_s,
+                    "notice_s": request.notice_s,
                     "load_s": loaded - started,
                     "warmup_s": warmed - loaded,
                     "swapped_at": time.time(),
@@ -303,7 +334,7 @@ class ModelServer:
             "serving %s (was %s): notice %s s, load %.3f s, warm-up %.3f s",
             name,
             old.version if old else None,
-            "?" if notice_s is None else f"{notice_s:.3f}",
+            "?" if request.notice_s is None else f"{request.notice_s:.3f}",
             loaded - started,
             warmed - loaded,
         )
@@ -329,7 +360,7 @@ class ModelServer:
         if self._stopping:
             return "the model server is stopped"
         if self._loading is not None:
-            return f"model version {self._loading} is loading and warming up; retry in a moment"
+            return f"model version {self._loading.version} is loading and warming up; retry in a moment"
         try:
             active = self._registry.active()
         except OSError:

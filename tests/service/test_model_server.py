@@ -211,12 +211,18 @@ def test_a_broken_version_keeps_the_old_one_serving(
     failures_before = _metric("incseg_model_swap_failures_total") or 0.0
 
     registry.activate(broken)
+    server.request_version(broken)  # as the activate route does; the poll reports the same activation
     wait_for(lambda: broken in server.status().failures, 30, "the broken version's failure")
+    time.sleep(2 * settings.poll_interval_s)
     state = server.status()
     assert state.serving_version == good and state.active_version == broken and state.ready
     assert error in state.failures[broken] and state.swap_failures == 1 and state.loading is None
     assert segment(server) == good
     assert _metric("incseg_model_swap_failures_total") == failures_before + 1
+
+    registry.activate(broken)  # activating it again is a new activation: tried again
+    wait_for(lambda: server.status().swap_failures == 2, 30, "the second attempt")
+    assert server.status().serving_version == good
 
     registry.activate(good)  # moving the pointer back is a no-op: good is serving
     time.sleep(2 * settings.poll_interval_s)
