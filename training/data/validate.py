@@ -13,7 +13,9 @@ the fixed class lists of the VOC and ADE20K layouts, such classes are left out o
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from training.data.sources import (
@@ -27,6 +29,7 @@ from training.data.sources import (
 )
 
 MIN_TRAIN_IMAGES = 2  # batch norm needs two samples per training batch
+SCAN_THREADS = min(4, os.cpu_count() or 1)  # each holds one decoded image (<= max_image_pixels x 3 B)
 
 
 @dataclass(frozen=True)
@@ -76,9 +79,9 @@ def validate_dataset(
     """
     if not source.train:
         raise DataError(source.root, "no training images; every image is in the validation split")
-    num_classes = len(source.classes)
-    train_labels = tuple(_scan(sample, num_classes, source, max_image_pixels) for sample in source.train)
-    val_labels = tuple(_scan(sample, num_classes, source, max_image_pixels) for sample in source.val)
+    with ThreadPoolExecutor(max_workers=SCAN_THREADS) as pool:  # Pillow decodes outside the GIL
+        train_labels = _scan_all(pool, source.train, source, max_image_pixels)
+        val_labels = _scan_all(pool, source.val, source, max_image_pixels)
 
     class_list = source.class_file or source.root
     known = set(known_classes)
@@ -131,11 +134,22 @@ def validate_dataset(
     )
 
 
-def _scan(
-    sample: Sample, num_classes: int, source: SegmentationSource, max_pixels: int | None
-) -> frozenset[int]:
+def _scan_all(
+    pool: ThreadPoolExecutor, samples: Sequence[Sample], source: SegmentationSource, max_pixels: int | None
+) -> tuple[frozenset[int], ...]:
+    """Scans samples in parallel; the first bad one in list order raises, and the rest are cancelled."""
+    futures = [pool.submit(_scan, sample, source, max_pixels) for sample in samples]
+    try:
+        return tuple(future.result() for future in futures)
+    except BaseException:
+        for future in futures:
+            future.cancel()
+        raise
+
+
+def _scan(sample: Sample, source: SegmentationSource, max_pixels: int | None) -> frozenset[int]:
     """Decodes a sample's image and mask, checks them, and returns the mask's labels."""
     size = image_size(sample.image_path, max_pixels)
-    mask = load_mask(sample, num_classes, source.label_map, max_pixels)  # (H, W) dataset class indices
+    mask = load_mask(sample, len(source.classes), source.label_map, max_pixels)  # (H, W) class indices
     check_mask_size(sample, size, mask)
     return present_labels(mask)
