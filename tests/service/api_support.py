@@ -64,18 +64,6 @@ def png_bytes(height: int = 40, width: int = 56, seed: int = 0) -> bytes:
     return buffer.getvalue()
 
 
-def settings_env(settings: Settings) -> dict[str, str]:
-    """``INCSEG_*`` environment variables that make ``get_settings()`` in a subprocess equal ``settings``."""
-    env = {}
-    for name, value in settings.model_dump(mode="json").items():
-        if value is None:
-            continue
-        if name == "api_key":
-            value = settings.api_key.get_secret_value()
-        env[f"INCSEG_{name.upper()}"] = json.dumps(value) if isinstance(value, dict | list) else str(value)
-    return env
-
-
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -98,7 +86,7 @@ def service_process(
     command: list[str], settings: Settings, log_path: Path, url: str | None = None
 ) -> Iterator[None]:
     """Runs ``command`` with ``settings`` in its environment, waits for ``url``/health if given, stops it."""
-    env = {**os.environ, **settings_env(settings)}
+    env = {**os.environ, **settings.to_env()}
     with log_path.open("wb") as log:
         process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:

@@ -6,7 +6,6 @@ Base task -> done -> segment (v1) -> incremental task -> done -> segment answers
 from __future__ import annotations
 
 import io
-import sys
 from pathlib import Path
 
 import httpx
@@ -15,7 +14,7 @@ from PIL import Image
 
 from service.client import DemoOptions, write_demo_datasets
 from service.settings import Settings
-from tests.service.api_support import service_process, uvicorn_api, wait_until
+from tests.service.api_support import uvicorn_api, wait_until
 
 TINY_DEMO = DemoOptions(
     classes=4, new_classes=2, train_images=8, val_images=4, image_size=32, epochs=1, size=32, batch_size=2
@@ -51,14 +50,13 @@ def segment(client: httpx.Client, image: Path) -> tuple[str, dict]:
     return response.headers["X-Model-Version"], response.json()
 
 
-def test_full_loop_through_http(redis_settings: Settings, tmp_path: Path) -> None:
+def test_full_loop_through_http(redis_settings: Settings, start_worker, tmp_path: Path) -> None:
     settings = redis_settings.model_copy(update={"poll_interval_s": 0.2})
     base_zip, step_zip, image = write_demo_datasets(tmp_path / "demo", TINY_DEMO)
     base_names = (tmp_path / "demo" / "base" / "classes.txt").read_text().split()
     all_names = (tmp_path / "demo" / "step" / "classes.txt").read_text().split()
-    worker = [sys.executable, "-m", "incseg.cli", "worker"]
+    start_worker(settings)
     with (
-        service_process(worker, settings, tmp_path / "worker.log"),
         uvicorn_api(settings, tmp_path / "api.log") as url,
         httpx.Client(base_url=url, timeout=60) as client,
     ):
