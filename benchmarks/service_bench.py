@@ -52,6 +52,7 @@ from training.models.bisenet import BiSeNet, BiSeNetConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["background", *(f"class{i}" for i in range(1, 7))]
+API_KEY = "bench"
 DEMO_ARCHITECTURE = {"backbone": "resnet10", "context_channels": 64, "embed_channels": 128}
 
 
@@ -235,15 +236,7 @@ def free_port() -> int:
 
 def start_api(settings: Settings, log: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    env = {
-        **os.environ,
-        "INCSEG_DATA_DIR": str(settings.data_dir),
-        "INCSEG_SERVE_SIZE": str(settings.serve_size),
-    }
-    env |= {"INCSEG_ORT_THREADS": str(settings.ort_threads), "INCSEG_INSTANCE": settings.instance}
-    env |= {"INCSEG_POLL_INTERVAL_S": str(settings.poll_interval_s), "INCSEG_API_KEY": "bench"}
-    if settings.redis_url:
-        env["INCSEG_REDIS_URL"] = settings.redis_url
+    env = {**os.environ, **settings.to_env()}
     command = [
         sys.executable,
         "-m",
@@ -296,6 +289,7 @@ def main() -> None:
             serve_size=args.serve_size,
             poll_interval_s=args.poll_interval,
             redis_url=args.redis_url,
+            api_key=API_KEY,
         )
         registry = Registry(settings.registry_dir)
         print("exporting two demo-size versions ...", flush=True)
@@ -317,7 +311,7 @@ def main() -> None:
             steady_p99 = at_swap_clients[0]["p99_ms"]
             swap = swap_under_load(url, image, args.swap_clients, settings, registry, second, steady_p99)
             print(f"swap under load: {swap}", flush=True)
-            idle = api_activation(url, image, first, "bench")
+            idle = api_activation(url, image, first, API_KEY)
             print(f"activation through the API (idle): {idle}", flush=True)
         finally:
             process.terminate()
