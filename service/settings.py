@@ -7,6 +7,7 @@ reads it without the training stack.
 from __future__ import annotations
 
 import functools
+import json
 import os
 from pathlib import Path
 from typing import Any, Self
@@ -120,6 +121,12 @@ class Settings(BaseSettings):
     heartbeat_interval_s: float = Field(
         5.0, gt=0, description="How often a running task refreshes its heartbeat and checks for cancellation."
     )
+    line_wait_s: float = Field(
+        5.0,
+        gt=0,
+        description="A task delivered while another step holds the model line (or an older task waits) is "
+        "delivered again after this many seconds.",
+    )
     orphan_timeout_s: float = Field(
         60.0,
         gt=0,
@@ -140,6 +147,19 @@ class Settings(BaseSettings):
                 f"({self.heartbeat_interval_s}), or live tasks would look orphaned"
             )
         return self
+
+    def to_env(self) -> dict[str, str]:
+        """These settings as ``INCSEG_*`` environment variables (to start worker processes with them)."""
+        env = {}
+        for name, value in self.model_dump(mode="json").items():
+            if value is None:
+                continue
+            if name == "api_key":
+                value = self.api_key.get_secret_value()
+            elif name == "data_dir":
+                value = str(self.data_dir.resolve())  # the worker may start in another directory
+            env[f"INCSEG_{name.upper()}"] = value if isinstance(value, str) else json.dumps(value)
+        return env
 
     @property
     def registry_dir(self) -> Path:

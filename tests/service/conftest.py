@@ -7,16 +7,25 @@ Redis and PostgreSQL never see each other.
 
 from __future__ import annotations
 
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psycopg
 import pytest
 
-from service.db import TaskStore
+from service.archive import StagedDataset, receive_dataset
+from service.db import FINISHED_STATES, TaskStore, TaskView
 from service.registry import EXPORT_SUBDIR, MODEL_SUBDIR, Registry, VersionInfo
 from service.settings import Settings
+from service.worker import worker_argv
+from training.data import write_synthetic_dataset
 
 REDIS_URL = "redis://127.0.0.1:6379"
 POSTGRES_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/test"
@@ -126,3 +135,100 @@ def active_registry(registry: Registry) -> Registry:
     """The registry with one tiny published version (classes background, a, b), active."""
     registry.activate(publish_tiny_version(registry, ["background", "a", "b"]).name)
     return registry
+
+
+def make_dataset_archive(
+    out_dir: Path, num_classes: int, seed: int = 0, num_train: int = 8, num_val: int = 4, fmt: str = "zip"
+) -> Path:
+    """A zip or tar.gz of a synthetic dataset (32 px) in one top folder, as a user uploads it."""
+    root = out_dir / f"dataset-{num_classes}-{seed}"
+    write_synthetic_dataset(root / "data", num_classes, num_train, num_val, 32, seed)
+    archive = shutil.make_archive(str(root), "zip" if fmt == "zip" else "gztar", root_dir=root)
+    shutil.rmtree(root)
+    return Path(archive)
+
+
+def stage_dataset(settings: Settings, archive: Path, known: list[str] | None = None) -> StagedDataset:
+    """Checks and extracts an archive into the settings' staging directory (as POST /tasks does)."""
+    return receive_dataset(archive, archive.name, settings.staging_dir, settings, known or ["background"])
+
+
+def wait_for(
+    store: TaskStore, task_id: str, done: Callable[[TaskView], bool], timeout_s: float = 240
+) -> TaskView:
+    """Polls a task until ``done(task)`` holds; fails the test with the task's last state on timeout."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        task = store.get(task_id)
+        if done(task):
+            return task
+        assert time.monotonic() < deadline, f"timed out waiting on task {task_id}: {task}"
+        time.sleep(0.2)
+
+
+def finished(task: TaskView) -> bool:
+    return task.state in FINISHED_STATES
+
+
+def image_files(root: Path) -> list[Path]:
+    """Every image or mask file under ``root`` (what must not survive a finished task)."""
+    return sorted(p for p in root.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+
+
+class WorkerProcess:
+    """A real ``celery -A service.celery_app worker`` subprocess with the settings in its environment.
+
+    It runs in its own session, so :meth:`kill` takes down the main process and its pool process at once
+    (a machine or container dying), while killing only the pool process exercises the requeue path.
+    """
+
+    def __init__(self, settings: Settings, log_path: Path) -> None:
+        self.settings = settings
+        self.log_path = log_path
+        env = {**os.environ, **settings.to_env()}
+        self.log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "service.celery_app", *worker_argv(settings)],
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def wait_ready(self, timeout_s: float = 120) -> None:
+        deadline = time.monotonic() + timeout_s
+        while b" ready." not in self.log_path.read_bytes():
+            assert self.process.poll() is None, f"worker exited:\n{self.log_path.read_text()[-4000:]}"
+            assert time.monotonic() < deadline, f"worker not ready:\n{self.log_path.read_text()[-4000:]}"
+            time.sleep(0.2)
+
+    def kill(self) -> None:
+        """SIGKILL to the whole worker (main and pool processes)."""
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(timeout=30)
+
+    def stop(self) -> None:
+        """Warm shutdown, then SIGKILL if it does not end."""
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self.log.close()
+
+
+@pytest.fixture
+def start_worker(tmp_path: Path) -> Iterator[Callable[[Settings], WorkerProcess]]:
+    """Starts worker subprocesses (ready to consume) and stops them all after the test."""
+    workers: list[WorkerProcess] = []
+
+    def start(settings: Settings) -> WorkerProcess:
+        worker = WorkerProcess(settings, tmp_path / f"worker-{len(workers)}.log")
+        workers.append(worker)
+        worker.wait_ready()
+        return worker
+
+    yield start
+    for worker in workers:
+        worker.stop()

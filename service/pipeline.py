@@ -1,0 +1,320 @@
+"""One task from claim to published version: the library function the Celery task calls.
+
+``run_task`` claims the task in the task table (which enforces the model line's order, see
+:meth:`service.db.TaskStore.claim`), trains the step on the active version with
+``training.step.run_step``, exports ONNX at the serving size behind the parity gate, builds a TensorRT
+engine where TensorRT and a GPU exist, publishes the version into the registry, activates and announces
+it, and records metrics and the version in the task table. Whatever happens, the task's staged dataset
+(every extracted image and mask) is deleted once the task is finished, failed or cancelled.
+
+While it runs, a heartbeat thread refreshes the task's ``heartbeat_at`` (so a live task is never taken
+for an orphan, even in long phases without progress) and turns a cancel request into the trainer's
+``should_stop`` signal; progress is written to the task table at most every ``progress_interval_s``
+(phase changes at once).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import multiprocessing
+import threading
+import time
+from pathlib import Path
+
+from celery.exceptions import SoftTimeLimitExceeded
+
+from service.db import Claim, ClaimOutcome, TaskState, TaskStore, TaskView, worker_id
+from service.registry import EXPORT_SUBDIR, MODEL_SUBDIR, Registry
+from service.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+EXPORTING_PHASE = "exporting"
+ENGINE_PHASE = "tensorrt"
+PUBLISHING_PHASE = "publishing"
+
+
+class LostTask(RuntimeError):
+    """Another worker took the task over (this one looked dead); stop without touching it."""
+
+
+class Heartbeat:
+    """Background thread: refreshes the task's heartbeat, turns a cancel request into ``stop``.
+
+    Args:
+        store: The task table.
+        task_id: The held task.
+        worker: Its holder (this process).
+        interval_s: Seconds between two beats.
+    """
+
+    def __init__(self, store: TaskStore, task_id: str, worker: str, interval_s: float) -> None:
+        self.store, self.task_id, self.worker, self.interval_s = store, task_id, worker, interval_s
+        self.stop = threading.Event()  # set: the step must stop (cancel requested or task lost)
+        self.lost = False
+        self.cancel_requested = False
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{task_id}", daemon=True)
+
+    def _run(self) -> None:
+        while not self._done.wait(self.interval_s):
+            try:
+                beat = self.store.heartbeat(self.task_id, self.worker)
+            except Exception:  # a database hiccup must not kill the step; the next beat retries
+                logger.exception("heartbeat of task %s failed", self.task_id)
+                continue
+            if not beat.held:
+                self.lost = True
+                self.stop.set()
+            elif beat.cancel_requested:
+                self.cancel_requested = True
+                self.stop.set()
+
+    def check(self, phase: str) -> None:
+        """Raises when the step must stop before ``phase``.
+
+        Raises:
+            LostTask: Another worker holds the task now.
+            training.trainer.StepCancelled: Cancellation was requested.
+        """
+        from training.trainer import StepCancelled
+
+        if self.lost:
+            raise LostTask(f"task {self.task_id} was taken over by another worker")
+        if self.stop.is_set():
+            raise StepCancelled(f"cancelled before {phase}")
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join()
+
+
+class ProgressWriter:
+    """``on_progress`` callback writing to the task table: phase changes at once, iterations throttled."""
+
+    def __init__(self, store: TaskStore, task_id: str, worker: str, interval_s: float, heartbeat: Heartbeat):
+        self.store, self.task_id, self.worker, self.interval_s = store, task_id, worker, interval_s
+        self.heartbeat = heartbeat
+        self.phase: str | None = None
+        self.last_write = -math.inf
+
+    def __call__(self, progress: object) -> None:
+        """Takes a ``training.trainer.StepProgress``."""
+        phase = progress.phase
+        now = time.monotonic()
+        final = progress.iteration == progress.total_iterations
+        if phase == self.phase and not final and now - self.last_write < self.interval_s:
+            return
+        loss = progress.loss if math.isfinite(progress.loss) else None
+        self.write(phase, epoch=progress.epoch, fraction=progress.fraction, loss=loss)
+
+    def write(self, phase: str, state: TaskState | None = None, **values: float | int | None) -> None:
+        """Writes one progress record; notes a lost task for the next stop check."""
+        self.phase, self.last_write = phase, time.monotonic()
+        if not self.store.progress(self.task_id, self.worker, phase, state=state, **values):
+            self.heartbeat.lost = True
+            self.heartbeat.stop.set()
+
+
+def step_options(settings: Settings, task_options: dict) -> object:
+    """The task's ``StepOptions``: settings defaults < ``settings.step_options`` < the task's own options.
+
+    A Celery prefork child is a daemonic process and may not start DataLoader workers ("daemonic processes
+    are not allowed to have children"), so ``workers`` is forced to 0 there: loading then runs in the
+    training process, which costs little next to a step on these dataset sizes.
+    """
+    from training.trainer import StepOptions
+
+    options = StepOptions(
+        **{
+            "epochs": settings.default_epochs,
+            "size": settings.default_size,
+            "batch_size": settings.default_batch_size,
+            **settings.step_options,
+            **task_options,
+        }
+    )
+    if options.workers and multiprocessing.current_process().daemon:
+        logger.info("data loader workers %d -> 0: this worker process is daemonic", options.workers)
+        options = options.model_copy(update={"workers": 0})
+    return options
+
+
+def build_engine_if_possible(export_dir: Path) -> str:
+    """Builds the TensorRT engine next to the ONNX export where TensorRT and a GPU exist.
+
+    Returns:
+        What happened, for ``VersionInfo.engine``: ``"built: ..."`` or ``"not built: <reason>"``. A failed
+        build does not stop the version (ONNX Runtime serves it); the API rebuilds on its own GPU if needed.
+    """
+    from export.tensorrt_engine import ensure_engine, tensorrt_available
+
+    if not tensorrt_available():
+        return "not built: no CUDA GPU with TensorRT on the worker"
+    try:
+        build = ensure_engine(export_dir, precision="fp16")
+    except Exception as err:
+        logger.exception("TensorRT build failed for %s", export_dir)
+        return f"not built: {type(err).__name__}: {err}"
+    manifest = build.manifest
+    return (
+        f"built: {manifest['precision']} for {manifest['gpu_name']} "
+        f"(compute {manifest['compute_capability']}, TensorRT {manifest['tensorrt_version']}), "
+        f"{manifest['build_seconds']} s"
+    )
+
+
+def announce(settings: Settings, version: str) -> None:
+    """Announces a new active version (``service.announce``; the pointer file stays the truth)."""
+    try:
+        from service.announce import announce_active
+    except ImportError:  # pragma: no cover - the announcement only shortens the notice time
+        logger.warning("service.announce is not available; API processes notice %s by polling", version)
+        return
+    announce_active(settings, version)
+
+
+def remove_dataset(store: TaskStore, task_id: str) -> None:
+    """Deletes a task's staged dataset (archive contents: images and masks) and forgets its path."""
+    from service.archive import remove_staged
+
+    path = store.dataset_dir(task_id)
+    if path is not None:
+        remove_staged(path)
+        store.clear_dataset(task_id)
+
+
+def run_task(
+    task_id: str, settings: Settings, store: TaskStore, registry: Registry, worker: str | None = None
+) -> Claim:
+    """Claims a delivered task and, when it is its turn, runs it to a published, active version.
+
+    Args:
+        task_id: The task.
+        settings: Serving size, intervals, limits.
+        store: The task table.
+        registry: The model registry.
+        worker: Holder identity (default: this process, ``host:pid``).
+
+    Returns:
+        The claim's outcome with the task as it ended: RUN (it ran; its state says how it ended), WAIT
+        (not its turn: deliver again later), DROP (finished meanwhile) or GAVE_UP (too many deliveries).
+    """
+    worker = worker or worker_id()
+    claim = store.claim(
+        task_id, worker, settings.orphan_timeout_s, settings.max_deliveries, registry.active()
+    )
+    logger.info("task %s: %s (%s)", task_id, claim.outcome.value, claim.reason)
+    if claim.outcome in (ClaimOutcome.DROP, ClaimOutcome.GAVE_UP):
+        remove_dataset(store, task_id)
+    if claim.outcome != ClaimOutcome.RUN:
+        return claim
+    return Claim(ClaimOutcome.RUN, _run_claimed(claim.task, settings, store, registry, worker), claim.reason)
+
+
+def _run_claimed(
+    task: TaskView, settings: Settings, store: TaskStore, registry: Registry, worker: str
+) -> TaskView:
+    from export.onnx_export import export_onnx
+    from export.parity import ParityError
+    from training.data import DataError
+    from training.step import run_step
+    from training.trainer import StepCancelled
+
+    heartbeat = Heartbeat(store, task.id, worker, settings.heartbeat_interval_s)
+    writer = ProgressWriter(store, task.id, worker, settings.progress_interval_s, heartbeat)
+    started = time.monotonic()
+    try:
+        with heartbeat, registry.staging() as stage:
+            dataset = store.dataset_dir(task.id)
+            if dataset is None or not dataset.is_dir():
+                raise FileNotFoundError(f"the staged dataset of task {task.id} is gone ({dataset})")
+            base_dir = registry.model_dir(task.base_version) if task.base_version else None
+            options = step_options(settings, task.options)
+            bundle, scores = run_step(
+                base_dir,
+                dataset,
+                task.method,
+                options,
+                stage / MODEL_SUBDIR,
+                writer,
+                should_stop=heartbeat.stop.is_set,
+            )
+            metrics = scores.to_dict() if scores is not None else None
+            heartbeat.check(EXPORTING_PHASE)
+            writer.write(EXPORTING_PHASE, state=TaskState.EXPORTING, fraction=1.0)
+            size = (settings.serve_size, settings.serve_size)
+            export_onnx(bundle, stage / EXPORT_SUBDIR, size)  # raises ParityError: nothing published
+            heartbeat.check(ENGINE_PHASE)
+            writer.write(ENGINE_PHASE)
+            engine = build_engine_if_possible(stage / EXPORT_SUBDIR)
+            heartbeat.check(PUBLISHING_PHASE)
+            writer.write(PUBLISHING_PHASE)
+            return _publish(task, settings, store, registry, worker, stage, metrics, engine, heartbeat)
+    except LostTask as err:
+        logger.warning("task %s: %s; leaving it to its new holder", task.id, err)
+        return store.get(task.id)
+    except StepCancelled as err:
+        if heartbeat.lost:
+            return store.get(task.id)
+        return store.cancelled(task.id, worker, f"{err} on request; the active version is unchanged")
+    except ParityError as err:
+        return store.fail(task.id, worker, f"{err}; nothing was activated")
+    except SoftTimeLimitExceeded:
+        return store.fail(
+            task.id,
+            worker,
+            f"stopped after {time.monotonic() - started:.0f} s by the soft time limit "
+            f"({settings.task_soft_time_limit_s} s, INCSEG_TASK_SOFT_TIME_LIMIT_S); "
+            "the active version is unchanged",
+        )
+    except (DataError, ValueError, FileNotFoundError) as err:
+        return store.fail(task.id, worker, str(err))
+    except Exception as err:
+        logger.exception("task %s failed", task.id)
+        return store.fail(task.id, worker, f"{type(err).__name__}: {err}")
+    finally:
+        if not heartbeat.lost:
+            remove_dataset(store, task.id)
+
+
+def _publish(
+    task: TaskView,
+    settings: Settings,
+    store: TaskStore,
+    registry: Registry,
+    worker: str,
+    stage: Path,
+    metrics: dict | None,
+    engine: str,
+    heartbeat: Heartbeat,
+) -> TaskView:
+    """Publishes the staged version and activates it, fenced on the base still being the active one.
+
+    A version activated by hand while the step ran (a rollback through the API) wins: the new version is
+    published but not activated, and the task fails with a message saying which version to activate.
+    """
+    if not store.heartbeat(task.id, worker).held:
+        raise LostTask(f"task {task.id} was taken over by another worker before publishing")
+    info = registry.publish(
+        stage, metrics=metrics, task_id=task.id, base_version=task.base_version, engine=engine
+    )
+    active = registry.active()
+    if active != task.base_version:
+        return store.fail(
+            task.id,
+            worker,
+            f"the active version changed from {task.base_version} to {active} while the step ran; "
+            f"{info.name} was published but not activated (POST /models/{info.name}/activate to use it)",
+            model_version=info.name,
+            metrics=metrics,
+        )
+    registry.activate(info.name)
+    announce(settings, info.name)
+    logger.info("task %s: published and activated %s", task.id, info.name)
+    return store.finish(task.id, worker, info.name, metrics)

@@ -1,0 +1,175 @@
+"""The worker process: its task store and registry, start-up recovery, the orphan sweep, ``incseg worker``.
+
+Recovery (a task never stays "running" after its worker died):
+
+* On start (Celery's ``worker_ready``), a worker requeues orphaned tasks (running, and their holder's
+  process gone or their heartbeat older than ``orphan_timeout_s``) or fails those already started
+  ``max_deliveries`` times, deletes the staged data of the failed ones, removes staging directories a
+  crashed worker left in the registry, and sends a fresh message for every queued task (the embedded
+  broker loses a fetched message with its worker; with Redis, an unacknowledged message would otherwise
+  wait for the visibility timeout). Duplicate messages are harmless: claims drop them.
+* While it runs, a thread repeats the orphan sweep every ``orphan_timeout_s / 2``, so a task whose worker
+  host vanished is requeued by any live worker.
+
+Engines are per process: a pool process forked from the worker's main process drops the inherited
+connection pool (``os.register_at_fork``) and opens its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from typing import Any
+
+from celery import signals
+
+from service.db import TaskStore
+from service.registry import Registry
+from service.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+_stores: dict[str, TaskStore] = {}
+
+
+def _forget_inherited_stores() -> None:
+    """In a forked child: never touch the parent's pooled connections (close=False), open new ones."""
+    for store in _stores.values():
+        store.engine.dispose(close=False)
+    _stores.clear()
+
+
+os.register_at_fork(after_in_child=_forget_inherited_stores)
+
+
+def process_store(settings: Settings) -> TaskStore:
+    """This process's task store for the settings' database."""
+    url = settings.task_database_url
+    if url not in _stores:
+        _stores[url] = TaskStore(url)
+    return _stores[url]
+
+
+def process_registry(settings: Settings) -> Registry:
+    """The settings' registry."""
+    return Registry(settings.registry_dir)
+
+
+def prepare_data_dir(settings: Settings) -> None:
+    """Creates the data directory's parts (registry, staging, broker folder)."""
+    from service.celery_app import broker_queue_dir
+
+    for path in (settings.registry_dir, settings.staging_dir):
+        path.mkdir(parents=True, exist_ok=True)
+    if settings.embedded:
+        broker_queue_dir(settings).mkdir(parents=True, exist_ok=True)
+
+
+def sweep_orphans(settings: Settings) -> tuple[list[str], list[str]]:
+    """Requeues (and re-sends) orphaned tasks or fails them past the delivery cap (their data deleted).
+
+    Returns:
+        Ids requeued and ids failed.
+    """
+    from service.celery_app import send_train
+    from service.pipeline import remove_dataset
+
+    store = process_store(settings)
+    requeued, failed = store.requeue_orphans(settings.orphan_timeout_s, settings.max_deliveries)
+    for task_id in failed:
+        remove_dataset(store, task_id)
+        logger.warning("task %s failed: its worker died on the last allowed delivery", task_id)
+    for task_id in requeued:
+        send_train(settings, task_id)
+        logger.warning("task %s requeued: its worker died", task_id)
+    return requeued, failed
+
+
+def recover(settings: Settings) -> None:
+    """Start-up recovery (see the module docstring)."""
+    from service.celery_app import send_train
+    from service.db import TaskState
+
+    requeued, _ = sweep_orphans(settings)
+    store = process_store(settings)
+    for task_id in store.unfinished():
+        if task_id not in requeued and store.get(task_id).state == TaskState.QUEUED:
+            send_train(settings, task_id)
+    process_registry(settings).remove_stale_stages(older_than_s=settings.task_time_limit_s)
+
+
+class OrphanSweeper:
+    """Daemon thread of the worker's main process repeating :func:`sweep_orphans`."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="incseg-orphan-sweep", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.settings.orphan_timeout_s / 2):
+            try:
+                sweep_orphans(self.settings)
+            except Exception:  # the database may be briefly unreachable; the next sweep retries
+                logger.exception("orphan sweep failed")
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+_sweepers: list[OrphanSweeper] = []
+
+
+def _settings_of(sender: Any) -> Settings | None:
+    return getattr(getattr(sender, "app", None), "conf", {}).get("incseg_settings")
+
+
+@signals.worker_init.connect
+def _on_worker_init(sender: Any = None, **_: Any) -> None:
+    settings = _settings_of(sender)
+    if settings is not None:
+        prepare_data_dir(settings)
+
+
+@signals.worker_ready.connect
+def _on_worker_ready(sender: Any = None, **_: Any) -> None:
+    settings = _settings_of(sender)
+    if settings is None:
+        return
+    recover(settings)
+    sweeper = OrphanSweeper(settings)
+    sweeper.start()
+    _sweepers.append(sweeper)
+
+
+@signals.worker_shutdown.connect
+def _on_worker_shutdown(**_: Any) -> None:
+    while _sweepers:
+        _sweepers.pop().stop()
+
+
+def worker_argv(settings: Settings, loglevel: str = "INFO") -> list[str]:
+    """Arguments of ``celery worker`` for one training process on the settings' queue."""
+    return [
+        "worker",
+        "--pool=prefork",
+        "--concurrency=1",
+        f"--queues={settings.train_queue}",
+        f"--hostname={settings.instance}-{os.getpid()}@%h",
+        f"--loglevel={loglevel}",
+        "--without-gossip",
+        "--without-mingle",
+    ]
+
+
+def run_worker(settings: Settings, loglevel: str = "INFO") -> None:
+    """Runs a worker in this process until it is stopped (SIGTERM: finish the step; SIGQUIT: now)."""
+    from service.celery_app import celery_app_for
+
+    logging.basicConfig(level=loglevel, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    celery_app_for(settings).worker_main(worker_argv(settings, loglevel))
