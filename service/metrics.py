@@ -17,7 +17,7 @@ from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Met
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.db import FINISHED_STATES, TaskState, TaskStore
+from service.db import FINISHED_STATES, TaskState, TaskStore, TaskView
 
 REQUEST_LATENCY = Histogram(
     "incseg_http_request_duration_seconds",
@@ -69,7 +69,7 @@ class TaskCollector(Collector):
     def __init__(self, store: TaskStore) -> None:
         self.store = store
 
-    def _all_tasks(self) -> Iterator:
+    def _all_tasks(self) -> Iterator[TaskView]:
         offset = 0
         while True:
             tasks, total = self.store.list(offset, TASK_PAGE)

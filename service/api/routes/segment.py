@@ -82,7 +82,9 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
         ) from err
 
 
-def _encode(image: np.ndarray, labels: np.ndarray, classes: list[str], version: str, output: OutputFormat):
+def _encode(
+    image: np.ndarray, labels: np.ndarray, classes: list[str], version: str, output: OutputFormat
+) -> tuple[bytes, str]:
     """The answer body and its media type for an image (h, w, 3) and its label map (h, w)."""
     if output is OutputFormat.JSON:
         fractions = {name: area / 100.0 for name, area in class_areas(labels, classes).items()}

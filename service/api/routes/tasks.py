@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query, Request, Response, status
@@ -11,8 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from service.api.deps import ApiKeyDep, RegistryDep, SettingsDep, StoreDep
 from service.api.schemas import ErrorBody, TaskCreated, TaskPage
 from service.api.upload import stream_upload
-from service.archive import StagedDataset, receive_dataset
-from service.db import TaskView
+from service.archive import receive_dataset
+from service.db import TaskStore, TaskView
 from service.jobs import cancel_task, submit_task
 from service.registry import Registry
 from service.settings import Settings
@@ -105,13 +106,16 @@ def _known_classes(registry: Registry) -> list[str]:
 
 
 def _submit(
-    upload_path, filename: str, fields: dict[str, str], settings: Settings, store, registry: Registry
+    upload_path: Path,
+    filename: str,
+    fields: dict[str, str],
+    settings: Settings,
+    store: TaskStore,
+    registry: Registry,
 ) -> TaskView:
     """Validates options and archive, stages the dataset and queues the task (blocking: run in a thread)."""
     method, options = _form_options(fields, settings)
-    staged: StagedDataset = receive_dataset(
-        upload_path, filename, settings.staging_dir, settings, _known_classes(registry)
-    )
+    staged = receive_dataset(upload_path, filename, settings.staging_dir, settings, _known_classes(registry))
     return submit_task(store, settings, staged, method, options)  # it deletes the staged data if it fails
 
 
