@@ -116,6 +116,8 @@ class ActiveWatcher:
     def start(self) -> None:
         """Reports the current pointer (if any) at once, then starts the poller and the Redis listener."""
         self._stop.clear()
+        with self._report_lock:
+            self._reported = None  # a restarted watcher reports the pointer again
         self.check()
         self._threads = [threading.Thread(target=self._poll, name="incseg-active-poll", daemon=True)]
         if self._settings.redis_url is not None:

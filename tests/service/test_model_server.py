@@ -311,6 +311,11 @@ def test_stop_closes_the_runtime_after_the_last_lease(
         with pytest.raises(NoModelLoaded, match="stopped"):
             segment(server)
     assert runtime.closed
+    server.start()  # a restarted server loads the active version again
+    try:
+        assert server.wait_until_serving(timeout=30) and segment(server) == "v1"
+    finally:
+        server.stop()
 
 
 @pytest.mark.parametrize("use_redis", [True, False], ids=["redis", "poll-only"])
