@@ -7,7 +7,7 @@ import inspect
 import re
 from collections.abc import Callable
 
-from training.methods import alife, plop, sdr
+from training.methods import alife, plop, sdr, star
 from training.methods.base import Batch, LossTerm, Method, StepContext
 from training.methods.standard import ft, ilt, joint, lwf, mib
 
@@ -21,6 +21,7 @@ METHODS: dict[str, Callable[[], Method]] = {
     "sdr": sdr.sdr,
     "alife": alife.alife,
     "plop": plop.plop,
+    "star": star.star,
 }
 
 

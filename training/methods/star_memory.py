@@ -134,17 +134,13 @@ class MemoryBuilder:
     def build(self) -> ClassMemory:
         """The statistics of the accumulated classes (counts[0] = background positions seen).
 
-        Raises:
-            ValueError: A class never appeared in the data, so it has no prototype.
+        A class that never appeared keeps zeros and a count of 0: nothing of it is ever replayed.
         """
-        missing = [cls for cls, n in zip(self.classes, self.count.tolist(), strict=True) if n == 0]
-        if missing:
-            raise ValueError(f"classes {missing} have no pixel in the step's training data: no prototype")
-        n = self.count[:, None]
+        n = self.count.clamp_min(1)[:, None]
         prototypes = F.normalize(self.sum, dim=1)  # (K, D)
         mean = self.sum / n
         variance = self.sum_sq / n - 2 * prototypes * mean + prototypes**2
-        norm_mean = self.norm_sum / self.count
+        norm_mean = self.norm_sum / n[:, 0]
         # unbiased std of the norms, as torch.std in the reference (0 for a single position)
         norm_var = (self.norm_sum_sq - self.count * norm_mean**2) / (self.count - 1).clamp_min(1)
         return ClassMemory(

@@ -1,0 +1,269 @@
+"""STAR on DKD's framework: each loss against its formula, the memory, the sigmoid label rule, a tiny run."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.helpers import TINY_OPTIONS, TinySet
+from training.bench import memory_bytes
+from training.methods import build_method
+from training.methods.base import Batch, StepContext
+from training.methods.star import (
+    StarClassification,
+    class_bce,
+    old_region_mse,
+    prototype_separation,
+    sigmoid_distillation,
+    star,
+    use_sigmoid_outputs,
+)
+from training.methods.star_memory import STAR_MEMORY, ClassMemory, MemoryBuilder
+from training.model_dir import ModelBundle
+from training.models.bisenet import BiSeNet, BiSeNetConfig, SegmentationOutput
+from training.optim import ParamGroup
+from training.trainer import train_step
+
+
+def _bce(z: float, y: float, pos_weight: float = 1.0) -> float:
+    """-(pw * y * log sigmoid(z) + (1 - y) * log(1 - sigmoid(z))), written out."""
+    s = 1 / (1 + math.exp(-z))
+    return -(pos_weight * y * math.log(s) + (1 - y) * math.log(1 - s))
+
+
+def test_class_bce_weights_positives_and_treats_ignore_as_negative() -> None:
+    logits = torch.tensor([[[[0.5, -1.0]], [[2.0, 0.0]], [[-0.3, 1.5]]]])  # (1, 3, 1, 2)
+    labels = torch.tensor([[[2, 255]]])  # pixel 0: class 2, pixel 1: ignored
+    loss = class_bce(logits, labels, first=1, pos_weight=4.0)  # classes 1 and 2
+    expected_1 = (_bce(2.0, 0) + _bce(0.0, 0)) / 2
+    expected_2 = (_bce(-0.3, 1, 4.0) + _bce(1.5, 0)) / 2
+    assert torch.allclose(loss, torch.tensor([expected_1, expected_2]), atol=1e-6)
+
+
+def test_sigmoid_distillation_against_formula() -> None:
+    logits = torch.tensor([[[[1.0]], [[0.2]], [[-0.7]], [[3.0]]]])  # (1, 4, 1, 1): bg, old 1, old 2, new
+    old = torch.tensor([[[[0.0]], [[-1.0]], [[2.0]]]])  # (1, 3, 1, 1)
+    s = [1 / (1 + math.exp(1.0)), 1 / (1 + math.exp(-2.0))]
+    expected = sum(
+        -(t * math.log(1 / (1 + math.exp(-z))) + (1 - t) * math.log(1 - 1 / (1 + math.exp(-z))))
+        for z, t in zip([0.2, -0.7], s, strict=True)
+    )
+    assert sigmoid_distillation(logits, old, num_old=3).item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_old_region_mse_against_formula_and_empty_region() -> None:
+    features = torch.arange(8.0).reshape(1, 2, 2, 2)
+    old = torch.zeros(1, 2, 2, 2)
+    region = torch.tensor([[[[1.0, 0.0], [0.0, 1.0]]]])  # same size: the interpolation is the identity
+    # positions (0,0) and (1,1): squares 0, 9 (channel 0) and 16, 49 (channel 1), / (2 positions * 2 dims)
+    assert old_region_mse(features, old, region).item() == pytest.approx((0 + 9 + 16 + 49) / 4)
+    assert old_region_mse(features, old, torch.zeros_like(region)).item() == 0
+
+
+def test_prototype_separation_against_formula() -> None:
+    features = torch.tensor([[[[3.0, 0.0]], [[4.0, 1.0]]]])  # (1, D=2, 1, 2)
+    labels = torch.tensor([[[3, 0]]])  # class 3 at pixel 0 (new), background at pixel 1
+    prototypes = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    centre = torch.tensor([0.6, 0.8])  # normalised feature of class 3
+    nearest = min((centre - p).norm() for p in prototypes)
+    absent = 1.0  # class 4 is absent: a zero centre, distance 1 to a unit prototype
+    expected = (1 / nearest + 1 / absent) / 2
+    loss = prototype_separation(features, labels, first=3, num_classes=5, prototypes=prototypes)
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-5)
+
+
+def test_memory_builder_matches_the_reference_two_pass_statistics() -> None:
+    gen = torch.Generator().manual_seed(0)
+    features = torch.randn(2, 4, 3, 3, generator=gen) + 1  # (B, D, h, w)
+    labels = torch.randint(0, 3, (2, 3, 3), generator=gen)  # same size as the features
+    builder = MemoryBuilder([1, 2], 4, torch.device("cpu"))
+    builder.update(features[:1], labels[:1])
+    builder.update(features[1:], labels[1:])
+    memory = builder.build()
+    flat = features.permute(0, 2, 3, 1)
+    for row, cls in enumerate([1, 2]):
+        f = flat[labels == cls]
+        unit = F.normalize(f, dim=1)
+        prototype = F.normalize(unit.sum(0), dim=0)
+        assert torch.allclose(memory.prototypes[row], prototype, atol=1e-5)
+        noise = ((unit - prototype) ** 2).mean(0).sqrt()  # STAR compute_noise
+        assert torch.allclose(memory.noise[row], noise, atol=1e-5)
+        assert memory.norm_mean[row].item() == pytest.approx(f.norm(dim=1).mean().item(), abs=1e-5)
+        assert memory.norm_std[row].item() == pytest.approx(f.norm(dim=1).std().item(), abs=1e-5)
+        assert memory.counts[cls].item() == len(f)
+    assert memory.counts[0].item() == (labels == 0).sum().item()
+    absent = MemoryBuilder([5], 4, torch.device("cpu"))
+    absent.update(features, labels)
+    empty = absent.build()  # a class with no pixel: zeros, count 0, so it is never replayed
+    assert empty.counts[1] == 0 and not empty.prototypes.any() and torch.isfinite(empty.norm_std).all()
+
+
+def test_fake_features_follow_the_statistics() -> None:
+    memory = ClassMemory(
+        prototypes=torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.6, 0.8]]),
+        noise=torch.tensor([[0.1, 0.1, 0.1], [0.0, 0.0, 0.0]]),
+        norm_mean=torch.tensor([5.0, 2.0]),
+        norm_std=torch.tensor([0.5, 0.0]),
+        counts=torch.tensor([10.0, 4.0, 3.0]),
+    )
+    fakes = memory.sample(torch.tensor([4000, 3]), torch.Generator().manual_seed(0))
+    assert fakes.shape == (4003, 3)
+    first, second = fakes[:4000], fakes[4000:]
+    assert torch.allclose(first.mean(0), torch.tensor([5.0, 0.0, 0.0]), atol=0.05)
+    assert first[:, 1].std().item() == pytest.approx(0.5, rel=0.1)  # noise 0.1 x norm 5
+    assert torch.allclose(second, torch.tensor([0.0, 1.2, 1.6]).expand(3, 3))  # no noise: exact
+
+
+@pytest.mark.parametrize("dim", [16, 256])
+def test_memory_is_under_2kb_per_class_and_survives_the_model_directory(tmp_path: Path, dim: int) -> None:
+    k = 5
+    memory = ClassMemory(
+        F.normalize(torch.randn(k, dim), dim=1),
+        torch.rand(k, dim),
+        torch.rand(k),
+        torch.rand(k),
+        torch.rand(k + 1),
+    )
+    model = BiSeNet(BiSeNetConfig(k + 1, "resnet10", 16, dim, sigmoid_outputs=True), aux=False)
+    bundle = ModelBundle(model, [f"c{i}" for i in range(k + 1)], [], {STAR_MEMORY: memory.to_state()})
+    loaded = ModelBundle.load(bundle.save(tmp_path / "model"))
+    assert loaded.model.config.sigmoid_outputs
+    restored = ClassMemory.from_state(loaded.state[STAR_MEMORY], torch.device("cpu"))
+    assert torch.allclose(restored.prototypes, memory.prototypes, atol=1e-3)  # float16 storage
+    assert torch.equal(restored.counts, memory.counts)
+    per_class = sum(t.numel() * t.element_size() for t in loaded.state[STAR_MEMORY].values()) / k
+    assert per_class <= 2048
+    if dim == 256:
+        assert per_class == pytest.approx(2 * 256 * 2 + 3 * 4, abs=1)  # + background count / k
+    assert memory_bytes(loaded) == sum(
+        t.numel() * t.element_size() for t in loaded.state[STAR_MEMORY].values()
+    )
+
+
+def test_sigmoid_outputs_give_the_papers_label_map() -> None:
+    torch.manual_seed(0)
+    model = BiSeNet(BiSeNetConfig(4, "resnet10", 16, 16, sigmoid_outputs=True), aux=False).eval()
+    images = torch.randn(2, 3, 40, 56)
+    with torch.no_grad():
+        features = model.forward_features(images)  # (2, 16, 5, 7)
+        classifier = model.head.classifier
+        classifier.weight.normal_()
+        raw_small = classifier(features)
+        # each class passes 0.5 on its top 20 % of positions: about half the pixels are background
+        classifier.bias -= raw_small.transpose(0, 1).flatten(1).quantile(0.8, dim=1)
+        out = model(images)
+        raw = F.interpolate(classifier(features), size=(40, 56), mode="bilinear", align_corners=False)
+    assert torch.equal(out[:, 0], torch.zeros_like(out[:, 0]))
+    # the reference's rule (STAR trainer_voc.py:182-186) on the class logits
+    probabilities = raw[:, 1:].sigmoid()
+    reference = probabilities.argmax(1) + 1
+    reference[(probabilities > 0.5).sum(1) == 0] = 0
+    assert torch.equal(out.argmax(1), reference)
+    assert 0.2 < (reference == 0).float().mean() < 0.8  # both branches of the rule are exercised
+
+
+def test_a_softmax_teacher_converts_to_the_same_label_map() -> None:
+    torch.manual_seed(0)
+    teacher = BiSeNet(BiSeNetConfig(4, "resnet10", 16, 16), aux=False).eval()
+    images = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        classifier = teacher.head.classifier
+        classifier.weight.normal_()
+        classifier.bias.zero_()
+        raw = classifier(teacher.forward_features(images))  # (2, 4, 6, 6)
+        classifier.bias[0] = (raw[:, 1:].amax(1) - raw[:, 0]).median()  # background wins about half
+        before = teacher(images).argmax(1)
+        model = BiSeNet(BiSeNetConfig(4, "resnet10", 16, 16), aux=False)
+        use_sigmoid_outputs(model, teacher)
+        after = teacher(images).argmax(1)
+    assert teacher.config.sigmoid_outputs and model.config.sigmoid_outputs
+    assert 0 < (before == 0).float().mean() < 1
+    assert torch.equal(before, after)
+
+
+def _padded(rows: list[list[float]], dim: int = 8) -> torch.Tensor:
+    """Rows of 2 values padded with zeros to ``dim`` (the model's narrowest embedding is 8 wide)."""
+    return F.pad(torch.tensor(rows), (0, dim - 2))
+
+
+def _replay_context() -> tuple[StepContext, Batch]:
+    """A 4-class model (3 old, class 3 new) whose classifier reads two feature dimensions."""
+    model = BiSeNet(BiSeNetConfig(4, "resnet10", 8, 8, sigmoid_outputs=True), aux=False)
+    with torch.no_grad():
+        weight = _padded([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.5, -0.5]])
+        model.head.classifier.weight.copy_(weight[..., None, None])
+        model.head.classifier.bias.copy_(torch.tensor([0.0, 0.1, -0.2, 0.3]))
+    ctx = StepContext(1, model, model, 3, ["bg", "a", "b", "c"], None, torch.device("cpu"), {})
+    features = _padded([[1.0, 2.0], [-1.0, 0.5]]).T.reshape(1, 8, 1, 2)  # (1, D, 1, 2)
+    logits = model.forward_head(features, (1, 2))
+    old_logits = torch.tensor([[[[0.0, 0.0]], [[1.0, -1.0]], [[-1.0, -1.0]]]])  # pixel 1: background
+    labels = torch.tensor([[[3, 0]]])
+    out = SegmentationOutput(logits, features, [])
+    return ctx, Batch(torch.zeros(1, 3, 1, 2), labels, out, SegmentationOutput(old_logits, features, []))
+
+
+def test_replay_and_background_repetition_against_formula() -> None:
+    ctx, batch = _replay_context()
+    term = StarClassification(pos_weight=4.0)
+    term.memory = ClassMemory(
+        _padded([[1.0, 0.0], [0.0, 1.0]]),
+        torch.zeros(2, 8),
+        torch.tensor([2.0, 3.0]),
+        torch.zeros(2),
+        torch.tensor([5.0, 4.0, 4.0]),
+    )
+    term.fakes_per_iteration = torch.tensor([2, 1])
+    term.background_ratio = 1.5
+    loss = term(batch, ctx).item()
+    # new class 3: w = (0.5, -0.5), b = 0.3
+    z_pixels = [0.5 * 1 - 0.5 * 2 + 0.3, 0.5 * -1 - 0.5 * 0.5 + 0.3]  # classifier at both positions
+    real = (_bce(z_pixels[0], 1, 4.0) + _bce(z_pixels[1], 0)) / 2
+    fakes = [0.5 * 2 + 0.3, 0.5 * 2 + 0.3, -0.5 * 3 + 0.3]  # (2, 0) twice, (0, 3) once
+    fake = sum(_bce(z, 0) for z in fakes) / 3
+    repeated = _bce(z_pixels[1], 0)  # position 1: background for the label and the old model
+    w_fake, w_bg = 3 / 2, 1.5 * 1 / 2
+    expected = (real + w_fake * fake + w_bg * repeated) / (1 + w_fake + w_bg)
+    assert loss == pytest.approx(expected, abs=1e-5)
+    term.replay = term.background_repeat = False
+    assert term(batch, ctx).item() == pytest.approx(real, abs=1e-5)
+
+
+def test_star_states_stars_learning_rates_and_freezes_batchnorm() -> None:
+    method = build_method("star")
+    assert method.freeze_batchnorm
+    assert [t.name for t in method.terms] == ["bce", "aux_classifier", "old_region_mse", "sad"]
+    assert method.terms[0].lr_multipliers[ParamGroup.NEW_CLASSES] == 10.0
+    assert method.terms[0].lr_multipliers[ParamGroup.BACKBONE] == 0.1
+    assert [t.name for t in star(kd=5, sad=0).terms] == ["bce", "aux_classifier", "kd", "old_region_mse"]
+
+
+def test_tiny_step_0_and_step_1_learn_and_keep_the_memory(tmp_path: Path) -> None:
+    options = TINY_OPTIONS.model_copy(update={"epochs": 4, "min_iterations": 0})
+    base, _ = train_step(None, ["a", "b"], TinySet([1, 2], n=4), None, build_method("star"), options)
+    assert base.model.config.sigmoid_outputs
+    assert base.state[STAR_MEMORY]["prototypes"].shape == (2, 16)
+    base = ModelBundle.load(base.save(tmp_path / "v1"), aux=True)
+    base.state[STAR_MEMORY]["counts"] *= 100  # as after a larger step 0: the old classes lack pixels here
+    method = build_method("star(kd=5)")
+    grown, scores = train_step(
+        base,
+        ["c"],
+        TinySet([3], n=4),
+        TinySet([1, 2, 3], n=4),
+        method,
+        options.model_copy(update={"epochs": 3}),
+    )
+    replay = method.terms[0]
+    assert replay.background_ratio > 0
+    # capped at max_replay_ratio (4) fake vectors per feature position of a batch (2 x 4 x 4)
+    assert 0 < replay.fakes_per_iteration.sum() <= 4 * 2 * 4 * 4
+    memory = grown.state[STAR_MEMORY]
+    assert memory["prototypes"].shape == (3, 16) and memory["counts"].shape == (4,)
+    assert torch.equal(memory["prototypes"][:2], base.state[STAR_MEMORY]["prototypes"])
+    assert memory["counts"][3] > 0
+    assert grown.model.num_classes == 4 and scores.per_class_iou["c"] is not None
+    assert grown.history[-1]["method"] == "star(kd=5)"
