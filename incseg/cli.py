@@ -129,8 +129,13 @@ def _scores_line(old: float | None, new: float | None, all_: float | None) -> st
     return f"mIoU old {pct(old)} | new {pct(new)} | all {pct(all_)}"
 
 
-def _bench(args: argparse.Namespace, methods: list[str]) -> dict:
+def _bench(args: argparse.Namespace, methods: list[str], out: Path) -> dict:
+    """Runs the benchmark, writing ``out`` after each method (a long run keeps what it finished)."""
     started = time.monotonic()
+
+    def write_partial(results: dict) -> None:
+        write_results({**results, "seconds_total": round(time.monotonic() - started, 1)}, out)
+
     with progress_bar() as update:
         results = run_benchmark(
             args.data,
@@ -141,6 +146,7 @@ def _bench(args: argparse.Namespace, methods: list[str]) -> dict:
             args.save,
             log=lambda line: console.print(line, markup=False),
             on_progress=update,
+            on_method_done=write_partial,
         )
     results["seconds_total"] = round(time.monotonic() - started, 1)
     print(format_table(results))
@@ -149,7 +155,7 @@ def _bench(args: argparse.Namespace, methods: list[str]) -> dict:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     methods = split_top_level(args.methods, ",")
-    results = _bench(args, methods)
+    results = _bench(args, methods, args.out)
     write_results(results, args.out)
     plot = plot_results(results, args.plot or Path(args.out).with_suffix(".png"))
     console.print(f"results: {args.out}, plot: {plot}, total {results['seconds_total']:.0f} s")
@@ -168,7 +174,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if not (data / "classes.txt").exists():
         write_synthetic_dataset(data, 8, 240, 60, args.size, args.seed)
     args.data, args.protocol, args.setting, args.save = data, "6-2", "overlapped", out / "models"
-    results = _bench(args, ["ft", "mib"])
+    results = _bench(args, ["ft", "mib"], out / "results.json")
     write_results(results, out / "results.json")
     plot_results(results, out / "results.png")
     console.print(f"models in {out / 'models'}; results in {out / 'results.json'}")

@@ -178,8 +178,12 @@ def run_benchmark(
     save_dir: Path | None = None,
     log: Log = print,
     on_progress: ProgressCallback | None = None,
+    on_method_done: Callable[[dict], None] | None = None,
 ) -> dict:
     """Runs the protocol for each method; returns the ``results.json`` document.
+
+    ``on_method_done`` receives the document after each method (e.g. to write partial results
+    of a long run).
 
     Raises:
         ValueError: Bad protocol, setting or method name (before any training).
@@ -246,6 +250,8 @@ def run_benchmark(
             "final": {k: final[k] for k in ("miou_old", "miou_new", "miou_all", "hiou")},
             "seconds": round(time.monotonic() - started, 1),  # the shared step 0 is in base_seconds
         }
+        if on_method_done is not None:
+            on_method_done(results)
     return results
 
 

@@ -12,6 +12,7 @@ from training.model_dir import ModelBundle
 
 
 def test_small_bench_end_to_end(synth_dataset: Path, tmp_path: Path, tiny_options) -> None:
+    done = []
     results = run_benchmark(
         synth_dataset,
         "4-1",
@@ -20,7 +21,9 @@ def test_small_bench_end_to_end(synth_dataset: Path, tmp_path: Path, tiny_option
         tiny_options,
         save_dir=tmp_path / "models",
         log=lambda _: None,
+        on_method_done=lambda partial: done.append(list(partial["methods"])),
     )
+    assert done == [["ft"], ["ft", "mib"], ["ft", "mib", "joint"]]  # partial results after each method
     write_results(results, tmp_path / "results.json")
     loaded = json.loads((tmp_path / "results.json").read_text())
     assert loaded["protocol"] == "4-1" and loaded["setting"] == "overlapped"
