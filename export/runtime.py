@@ -475,10 +475,10 @@ class TensorRTRuntime(SegmentationRuntime):
     """
 
     def __init__(self, export_dir: Path, fp16: bool = True, max_batch: int = DEFAULT_MAX_BATCH) -> None:
-        from export.tensorrt_engine import EngineRunner, ensure_engine
+        from export.tensorrt_engine import EngineRunner, ensure_engine, serving_precision
 
         manifest = read_manifest(export_dir)
-        precision = "fp16" if fp16 else "fp32"
+        precision = serving_precision(export_dir, fp16)
         self.build = ensure_engine(export_dir, precision, max_batch)
         self.runner = EngineRunner(self.build.engine_path)
         super().__init__(

@@ -179,6 +179,18 @@ def engine_source(export_dir: Path, precision: str) -> Path:
     return path
 
 
+def serving_precision(export_dir: Path, fp16: bool) -> str:
+    """``fp16`` when asked for and buildable from this export on this TensorRT, else ``fp32``.
+
+    On TensorRT 11 an export without ``model_fp16.onnx`` (the service's worker may export FP32 only) is
+    served from an FP32 engine rather than not at all.
+    """
+    if not fp16:
+        return "fp32"
+    buildable = fp16_builder_flag_available() or (Path(export_dir) / ONNX_FP16_FILE).is_file()
+    return "fp16" if buildable else "fp32"
+
+
 def build_engine(
     onnx_path: Path,
     engine_path: Path,

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from export import tensorrt_engine
-from export.manifest import ONNX_FILE, InvalidExportError, file_sha256
+from export.manifest import ONNX_FILE, ONNX_FP16_FILE, InvalidExportError, file_sha256
 from export.onnx_export import export_onnx
 from export.parity import ParityError, run_onnx
 from export.tensorrt_engine import (
@@ -23,6 +23,7 @@ from export.tensorrt_engine import (
     engine_source,
     ensure_engine,
     profile_batches,
+    serving_precision,
     tensorrt_available,
     timing_cache_path,
 )
@@ -100,6 +101,18 @@ def test_engine_source_follows_the_tensorrt_generation(export_dir: Path, monkeyp
     assert engine_source(export_dir, "fp32") == export_dir / ONNX_FILE
     with pytest.raises(FileNotFoundError, match="--fp16"):
         engine_source(export_dir, "fp16")
+
+
+def test_serving_precision_falls_back_to_fp32_without_an_fp16_source(
+    export_dir: Path, tmp_path: Path, monkeypatch
+) -> None:
+    monkeypatch.setattr(tensorrt_engine, "fp16_builder_flag_available", lambda: True)  # TensorRT 10
+    assert serving_precision(export_dir, True) == "fp16" and serving_precision(export_dir, False) == "fp32"
+    monkeypatch.setattr(tensorrt_engine, "fp16_builder_flag_available", lambda: False)  # TensorRT 11
+    assert serving_precision(export_dir, True) == "fp32"  # the export has no model_fp16.onnx
+    with_fp16 = Path(shutil.copytree(export_dir, tmp_path / "export"))
+    (with_fp16 / ONNX_FP16_FILE).write_bytes(b"")
+    assert serving_precision(with_fp16, True) == "fp16"
 
 
 class _FakeRunner:
