@@ -51,7 +51,8 @@ def segment(client: httpx.Client, image: Path) -> tuple[str, dict]:
 
 
 def test_full_loop_through_http(redis_settings: Settings, start_worker, tmp_path: Path) -> None:
-    settings = redis_settings.model_copy(update={"poll_interval_s": 0.2})
+    # a generous orphan timeout: on a busy machine a 5 s heartbeat gap is not a dead worker
+    settings = redis_settings.model_copy(update={"poll_interval_s": 0.2, "orphan_timeout_s": 120.0})
     base_zip, step_zip, image = write_demo_datasets(tmp_path / "demo", TINY_DEMO)
     base_names = (tmp_path / "demo" / "base" / "classes.txt").read_text().split()
     all_names = (tmp_path / "demo" / "step" / "classes.txt").read_text().split()
