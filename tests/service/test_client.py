@@ -1,8 +1,7 @@
-"""``incseg demo --url`` against the embedded ``incseg serve`` (no Redis): both steps, new classes appear."""
+"""``incseg demo --url`` against a running service (embedded mode, no Redis): both steps and the versions."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import httpx
@@ -12,9 +11,9 @@ from PIL import Image
 from incseg.cli import main
 from service.client import DemoOptions, ServiceClient, ServiceError, run_demo, write_demo_datasets
 from service.settings import Settings
-from tests.service.api_support import free_port, service_process
+from tests.service.api_support import free_port, uvicorn_api
 
-TINY_DEMO = DemoOptions(train_images=12, val_images=6, image_size=48, epochs=2, size=48, batch_size=4)
+TINY_DEMO = DemoOptions(train_images=8, val_images=4, image_size=32, epochs=1, size=32, batch_size=2)
 
 
 def test_demo_datasets_split_the_classes(tmp_path: Path) -> None:
@@ -37,11 +36,11 @@ def test_an_unreachable_service_is_a_clear_error(tmp_path: Path) -> None:
     assert main(["demo", "--url", f"http://127.0.0.1:{free_port()}", "--out", str(tmp_path)]) == 1
 
 
-def test_demo_against_the_embedded_service(settings: Settings, tmp_path: Path) -> None:
-    url = f"http://127.0.0.1:{free_port()}"
-    command = [sys.executable, "-m", "incseg.cli", "serve", "--port", url.rsplit(":", 1)[1]]
-    command += ["--data-dir", str(settings.data_dir)]
-    with service_process(command, settings, tmp_path / "serve.log", url):
+def test_demo_against_the_embedded_service(settings: Settings, start_worker, tmp_path: Path) -> None:
+    """Embedded mode (filesystem broker, SQLite, pointer poll): a uvicorn API and a Celery worker."""
+    embedded = settings.model_copy(update={"poll_interval_s": 0.2, "orphan_timeout_s": 120.0})
+    start_worker(embedded)
+    with uvicorn_api(embedded, tmp_path / "api.log") as url:
         result = run_demo(url, tmp_path / "demo", TINY_DEMO)
         models = httpx.get(f"{url}/models").json()
     assert (result["before"].version, result["after"].version) == ("v1", "v2")
