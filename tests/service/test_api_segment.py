@@ -108,6 +108,7 @@ def test_a_body_that_is_not_an_image_type_is_415(client: TestClient, content_typ
     response = client.post("/segment", content=png_bytes(), headers=headers)
     assert response.status_code == 415
     assert "image/*" in response.json()["detail"]
+    assert response.headers["X-Model-Version"] == "v1"
 
 
 def _bomb_png() -> bytes:
@@ -130,6 +131,7 @@ def test_undecodable_or_oversized_images_are_422(client: TestClient, data: bytes
     response = post_png(client, data)
     assert response.status_code == 422
     assert message in response.json()["detail"]
+    assert response.headers["X-Model-Version"] == "v1"
 
 
 def test_multipart_without_the_image_field_is_422(client: TestClient) -> None:
@@ -148,3 +150,4 @@ def test_no_model_yet_is_409_with_what_to_do(empty_client: TestClient) -> None:
     response = post_png(empty_client, png_bytes())
     assert response.status_code == 409
     assert "/tasks" in response.json()["detail"]
+    assert "X-Model-Version" not in response.headers

@@ -163,9 +163,21 @@ async def _read_image_bytes(request: Request) -> bytes:
             "headers": VERSION_HEADER_DOC,
         },
         409: {"model": ErrorBody, "description": "No model is serving yet: post a base task first."},
-        413: {"model": ErrorBody, "description": "The image file is too large."},
-        415: {"model": ErrorBody, "description": "Neither multipart nor an image content type."},
-        422: {"model": ErrorBody, "description": "Not a decodable image, or too many pixels."},
+        413: {
+            "model": ErrorBody,
+            "description": "The image file is too large.",
+            "headers": VERSION_HEADER_DOC,
+        },
+        415: {
+            "model": ErrorBody,
+            "description": "Neither multipart nor an image content type.",
+            "headers": VERSION_HEADER_DOC,
+        },
+        422: {
+            "model": ErrorBody,
+            "description": "Not a decodable image, or too many pixels.",
+            "headers": VERSION_HEADER_DOC,
+        },
     },
 )
 async def segment(
@@ -177,5 +189,11 @@ async def segment(
     ] = OutputFormat.PNG,
 ) -> Response:
     """Segments the image with the serving model; the answer's X-Model-Version header names the version."""
-    data = await _read_image_bytes(request)
-    return await run_in_threadpool(_segment, server, data, output, settings.max_image_pixels)
+    try:
+        data = await _read_image_bytes(request)
+        return await run_in_threadpool(_segment, server, data, output, settings.max_image_pixels)
+    except HTTPException as err:  # refused input: still say which version serves
+        version = server.status().serving_version
+        if version is not None:
+            err.headers = {**(err.headers or {}), VERSION_HEADER: version}
+        raise
