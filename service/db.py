@@ -564,9 +564,15 @@ class TaskStore:
 
     @staticmethod
     def _orphaned(row: RowMapping, now: datetime, orphan_timeout_s: float) -> bool:
-        """A running task whose holder is gone: process dead on this host, or heartbeat too old."""
-        if holder_alive(row["worker"]) is False:
-            return True
+        """A running task whose holder is gone: its process is dead (known on the holder's host), or,
+        for a holder on another host, its heartbeat is older than ``orphan_timeout_s``.
+
+        A live local holder is never orphaned, however late its heartbeat (a loaded machine can starve
+        the heartbeat thread); a hung one is ended by the hard time limit, which kills its process.
+        """
+        alive = holder_alive(row["worker"])
+        if alive is not None:
+            return not alive
         beat = _utc(row["heartbeat_at"])
         return beat is None or now - beat > timedelta(seconds=orphan_timeout_s)
 

@@ -15,11 +15,13 @@ for an orphan, even in long phases without progress) and turns a cancel request 
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import multiprocessing
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from celery.exceptions import SoftTimeLimitExceeded
@@ -220,67 +222,97 @@ def run_task(
 def _run_claimed(
     task: TaskView, settings: Settings, store: TaskStore, registry: Registry, worker: str
 ) -> TaskView:
-    from export.onnx_export import export_onnx
+    heartbeat = Heartbeat(store, task.id, worker, settings.heartbeat_interval_s)
+    with heartbeat:  # beating before the slow imports below (torch), which may take seconds
+        return _run_beating(task, settings, store, registry, worker, heartbeat)
+
+
+def _run_beating(
+    task: TaskView,
+    settings: Settings,
+    store: TaskStore,
+    registry: Registry,
+    worker: str,
+    heartbeat: Heartbeat,
+) -> TaskView:
+    """Runs the step and records how it ended, deleting the staged data first (a task seen finished
+    has no images left), unless another worker took the task over."""
     from export.parity import ParityError
     from training.data import DataError
-    from training.step import run_step
     from training.trainer import StepCancelled
 
-    heartbeat = Heartbeat(store, task.id, worker, settings.heartbeat_interval_s)
-    writer = ProgressWriter(store, task.id, worker, settings.progress_interval_s, heartbeat)
     started = time.monotonic()
     try:
-        with heartbeat, registry.staging() as stage:
-            dataset = store.dataset_dir(task.id)
-            if dataset is None or not dataset.is_dir():
-                raise FileNotFoundError(f"the staged dataset of task {task.id} is gone ({dataset})")
-            base_dir = registry.model_dir(task.base_version) if task.base_version else None
-            options = step_options(settings, task.options)
-            bundle, scores = run_step(
-                base_dir,
-                dataset,
-                task.method,
-                options,
-                stage / MODEL_SUBDIR,
-                writer,
-                should_stop=heartbeat.stop.is_set,
-            )
-            metrics = scores.to_dict() if scores is not None else None
-            heartbeat.check(EXPORTING_PHASE)
-            writer.write(EXPORTING_PHASE, state=TaskState.EXPORTING, fraction=1.0)
-            size = (settings.serve_size, settings.serve_size)
-            export_onnx(bundle, stage / EXPORT_SUBDIR, size)  # raises ParityError: nothing published
-            heartbeat.check(ENGINE_PHASE)
-            writer.write(ENGINE_PHASE)
-            engine = build_engine_if_possible(stage / EXPORT_SUBDIR)
-            heartbeat.check(PUBLISHING_PHASE)
-            writer.write(PUBLISHING_PHASE)
-            return _publish(task, settings, store, registry, worker, stage, metrics, engine, heartbeat)
+        record = _train_and_publish(task, settings, store, registry, worker, heartbeat)
     except LostTask as err:
         logger.warning("task %s: %s; leaving it to its new holder", task.id, err)
         return store.get(task.id)
     except StepCancelled as err:
         if heartbeat.lost:
             return store.get(task.id)
-        return store.cancelled(task.id, worker, f"{err} on request; the active version is unchanged")
+        message = f"{err} on request; the active version is unchanged"
+        record = functools.partial(store.cancelled, task.id, worker, message)
     except ParityError as err:
-        return store.fail(task.id, worker, f"{err}; nothing was activated")
+        record = functools.partial(store.fail, task.id, worker, f"{err}; nothing was activated")
     except SoftTimeLimitExceeded:
-        return store.fail(
-            task.id,
-            worker,
+        message = (
             f"stopped after {time.monotonic() - started:.0f} s by the soft time limit "
             f"({settings.task_soft_time_limit_s} s, INCSEG_TASK_SOFT_TIME_LIMIT_S); "
-            "the active version is unchanged",
+            "the active version is unchanged"
         )
+        record = functools.partial(store.fail, task.id, worker, message)
     except (DataError, ValueError, FileNotFoundError) as err:
-        return store.fail(task.id, worker, str(err))
+        record = functools.partial(store.fail, task.id, worker, str(err))
     except Exception as err:
         logger.exception("task %s failed", task.id)
-        return store.fail(task.id, worker, f"{type(err).__name__}: {err}")
-    finally:
-        if not heartbeat.lost:
-            remove_dataset(store, task.id)
+        record = functools.partial(store.fail, task.id, worker, f"{type(err).__name__}: {err}")
+    remove_dataset(store, task.id)
+    return record()
+
+
+def _train_and_publish(
+    task: TaskView,
+    settings: Settings,
+    store: TaskStore,
+    registry: Registry,
+    worker: str,
+    heartbeat: Heartbeat,
+) -> Callable[[], TaskView]:
+    """Step, export, engine, publication and activation.
+
+    Returns:
+        What records the outcome in the task table (called once the staged data is deleted).
+    """
+    from export.onnx_export import export_onnx
+    from training.step import run_step
+
+    writer = ProgressWriter(store, task.id, worker, settings.progress_interval_s, heartbeat)
+    with registry.staging() as stage:
+        dataset = store.dataset_dir(task.id)
+        if dataset is None or not dataset.is_dir():
+            raise FileNotFoundError(f"the staged dataset of task {task.id} is gone ({dataset})")
+        base_dir = registry.model_dir(task.base_version) if task.base_version else None
+        options = step_options(settings, task.options)
+        bundle, scores = run_step(
+            base_dir,
+            dataset,
+            task.method,
+            options,
+            stage / MODEL_SUBDIR,
+            writer,
+            should_stop=heartbeat.stop.is_set,
+        )
+        metrics = scores.to_dict() if scores is not None else None
+        heartbeat.check(EXPORTING_PHASE)
+        writer.write(EXPORTING_PHASE, state=TaskState.EXPORTING, fraction=1.0)
+        size = (settings.serve_size, settings.serve_size)
+        export_onnx(bundle, stage / EXPORT_SUBDIR, size)  # raises ParityError: nothing published
+        heartbeat.check(ENGINE_PHASE)
+        writer.write(ENGINE_PHASE)
+        engine = build_engine_if_possible(stage / EXPORT_SUBDIR)
+        heartbeat.check(PUBLISHING_PHASE)
+        writer.write(PUBLISHING_PHASE)
+        return _publish(task, settings, store, registry, worker, stage, metrics, engine)
 
 
 def _publish(
@@ -292,12 +324,14 @@ def _publish(
     stage: Path,
     metrics: dict | None,
     engine: str,
-    heartbeat: Heartbeat,
-) -> TaskView:
+) -> Callable[[], TaskView]:
     """Publishes the staged version and activates it, fenced on the base still being the active one.
 
     A version activated by hand while the step ran (a rollback through the API) wins: the new version is
     published but not activated, and the task fails with a message saying which version to activate.
+
+    Raises:
+        LostTask: Another worker holds the task now (nothing is published).
     """
     if not store.heartbeat(task.id, worker).held:
         raise LostTask(f"task {task.id} was taken over by another worker before publishing")
@@ -306,15 +340,14 @@ def _publish(
     )
     active = registry.active()
     if active != task.base_version:
-        return store.fail(
-            task.id,
-            worker,
+        message = (
             f"the active version changed from {task.base_version} to {active} while the step ran; "
-            f"{info.name} was published but not activated (POST /models/{info.name}/activate to use it)",
-            model_version=info.name,
-            metrics=metrics,
+            f"{info.name} was published but not activated (POST /models/{info.name}/activate to use it)"
+        )
+        return functools.partial(
+            store.fail, task.id, worker, message, model_version=info.name, metrics=metrics
         )
     registry.activate(info.name)
     announce(settings, info.name)
     logger.info("task %s: published and activated %s", task.id, info.name)
-    return store.finish(task.id, worker, info.name, metrics)
+    return functools.partial(store.finish, task.id, worker, info.name, metrics)

@@ -65,7 +65,7 @@ def settings(tmp_path: Path, instance: str) -> Settings:
         step_options=TINY_STEP_OPTIONS,
         progress_interval_s=0.2,
         heartbeat_interval_s=0.5,
-        orphan_timeout_s=5.0,
+        orphan_timeout_s=15.0,
     )
 
 
