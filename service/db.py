@@ -352,7 +352,8 @@ class TaskStore:
             task_id: The delivered task.
             worker: Identity of the claiming process (:func:`worker_id`).
             orphan_timeout_s: Heartbeat age after which a holder counts as dead.
-            max_deliveries: Most starts of one task.
+            max_deliveries: Most starts of one task; past it the outcome is GAVE_UP with the error message
+                as ``reason``, and the caller deletes the task's data, then fails it (:meth:`fail`).
             base_version: The active model version now (recorded as the step's base).
 
         Raises:
@@ -394,18 +395,11 @@ class TaskStore:
                     )
             attempts = row["attempts"] + 1
             if attempts > max_deliveries:
-                conn.execute(
-                    update(tasks_table)
-                    .where(tasks_table.c.id == task_id)
-                    .values(
-                        state=TaskState.FAILED.value,
-                        phase="failed",
-                        finished_at=now,
-                        error=f"gave up after {row['attempts']} deliveries: the worker running the task died "
-                        f"each time (killed, out of memory or time limit); last holder {row['worker']}",
-                    )
+                message = (
+                    f"gave up after {row['attempts']} deliveries: the worker running the task died each "
+                    f"time (killed, out of memory or time limit); last holder {row['worker']}"
                 )
-                return Claim(ClaimOutcome.GAVE_UP, _view(self._row(conn, task_id)), "too many deliveries")
+                return Claim(ClaimOutcome.GAVE_UP, _view(row), message)
             conn.execute(
                 update(tasks_table)
                 .where(tasks_table.c.id == task_id)
@@ -489,14 +483,17 @@ class TaskStore:
         with self.engine.begin() as conn:
             conn.execute(update(tasks_table).where(tasks_table.c.id == task_id).values(dataset_dir=None))
 
-    def requeue_orphans(self, orphan_timeout_s: float, max_deliveries: int) -> tuple[list[str], list[str]]:
-        """Requeues running tasks whose worker died, or fails those already delivered too often.
+    def requeue_orphans(
+        self, orphan_timeout_s: float, max_deliveries: int
+    ) -> tuple[list[str], dict[str, str]]:
+        """Requeues running tasks whose worker died; lists those already delivered too often.
 
         Returns:
-            Ids requeued (the caller sends them a new message) and ids failed.
+            Ids requeued (the caller sends them a new message), and id -> error message of the exhausted
+            ones (the caller deletes their data, then fails them with :meth:`fail`).
         """
         now = _now()
-        requeued, failed = [], []
+        requeued, exhausted = [], {}
         with self.engine.begin() as conn:
             conn.execute(select(locks_table).where(locks_table.c.name == LINE_LOCK).with_for_update()).first()
             rows = (
@@ -511,18 +508,10 @@ class TaskStore:
                     continue
                 where = tasks_table.c.id == row["id"]
                 if row["attempts"] >= max_deliveries:
-                    conn.execute(
-                        update(tasks_table)
-                        .where(where)
-                        .values(
-                            state=TaskState.FAILED.value,
-                            phase="failed",
-                            finished_at=now,
-                            error=f"the worker running the task ({row['worker']}) died during attempt "
-                            f"{row['attempts']} of {max_deliveries}; not retried",
-                        )
+                    exhausted[row["id"]] = (
+                        f"the worker running the task ({row['worker']}) died during attempt "
+                        f"{row['attempts']} of {max_deliveries}; not retried"
                     )
-                    failed.append(row["id"])
                 else:
                     conn.execute(
                         update(tasks_table)
@@ -533,7 +522,7 @@ class TaskStore:
                         )
                     )
                     requeued.append(row["id"])
-        return requeued, failed
+        return requeued, exhausted
 
     def unfinished(self) -> list[str]:
         """Ids of queued, running and exporting tasks in the order posted."""

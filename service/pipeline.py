@@ -212,8 +212,11 @@ def run_task(
         task_id, worker, settings.orphan_timeout_s, settings.max_deliveries, registry.active()
     )
     logger.info("task %s: %s (%s)", task_id, claim.outcome.value, claim.reason)
-    if claim.outcome in (ClaimOutcome.DROP, ClaimOutcome.GAVE_UP):
+    if claim.outcome == ClaimOutcome.DROP:
         remove_dataset(store, task_id)
+    if claim.outcome == ClaimOutcome.GAVE_UP:
+        remove_dataset(store, task_id)  # before the task reads failed: a finished task has no images left
+        return Claim(claim.outcome, store.fail(task_id, None, claim.reason), claim.reason)
     if claim.outcome != ClaimOutcome.RUN:
         return claim
     return Claim(ClaimOutcome.RUN, _run_claimed(claim.task, settings, store, registry, worker), claim.reason)

@@ -76,14 +76,15 @@ def sweep_orphans(settings: Settings) -> tuple[list[str], list[str]]:
     from service.pipeline import remove_dataset
 
     store = process_store(settings)
-    requeued, failed = store.requeue_orphans(settings.orphan_timeout_s, settings.max_deliveries)
-    for task_id in failed:
-        remove_dataset(store, task_id)
-        logger.warning("task %s failed: its worker died on the last allowed delivery", task_id)
+    requeued, exhausted = store.requeue_orphans(settings.orphan_timeout_s, settings.max_deliveries)
+    for task_id, message in exhausted.items():
+        remove_dataset(store, task_id)  # before the task reads failed: a finished task has no images left
+        store.fail(task_id, None, message)
+        logger.warning("task %s failed: %s", task_id, message)
     for task_id in requeued:
         send_train(settings, task_id)
         logger.warning("task %s requeued: its worker died", task_id)
-    return requeued, failed
+    return requeued, list(exhausted)
 
 
 def recover(settings: Settings) -> None:

@@ -118,8 +118,8 @@ def test_orphan_taken_over_then_given_up(store: TaskStore) -> None:
     assert not store.heartbeat(task_id, "otherhost:1").held, "the old holder lost it"
     _age_heartbeat(store, task_id, ORPHAN_S + 1)
     claim = store.claim(task_id, "otherhost:3", ORPHAN_S, 2, None)
-    assert claim.outcome == ClaimOutcome.GAVE_UP
-    assert claim.task.state == TaskState.FAILED and "gave up after 2 deliveries" in claim.task.error
+    assert claim.outcome == ClaimOutcome.GAVE_UP and "gave up after 2 deliveries" in claim.reason
+    assert store.fail(task_id, None, claim.reason).state == TaskState.FAILED
 
 
 def test_dead_local_process_is_orphaned_at_once(store: TaskStore) -> None:
@@ -152,12 +152,12 @@ def test_requeue_orphans(store: TaskStore) -> None:
             )
     _age_heartbeat(store, retried, ORPHAN_S + 1)
     _age_heartbeat(store, exhausted, ORPHAN_S + 1)
-    requeued, failed = store.requeue_orphans(ORPHAN_S, 3)
-    assert (requeued, failed) == ([retried], [exhausted])
+    requeued, given_up = store.requeue_orphans(ORPHAN_S, 3)
+    assert requeued == [retried] and list(given_up) == [exhausted] and "not retried" in given_up[exhausted]
     assert store.get(retried).state == TaskState.QUEUED and "died" in store.get(retried).phase
-    assert "not retried" in store.get(exhausted).error
+    assert store.get(exhausted).state == TaskState.RUNNING, "the caller fails it after deleting its data"
     assert store.get(alive).state == TaskState.RUNNING
-    assert store.unfinished() == [retried, alive]
+    assert store.unfinished() == [retried, exhausted, alive]
 
 
 def test_two_stores_share_the_table(database_url: str) -> None:
