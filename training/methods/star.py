@@ -42,6 +42,7 @@ STAR's replay (STAR trainer_voc.py:390-465), with its weights (config_voc.json):
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -172,6 +173,7 @@ class StarClassification(LossTerm):
             reference replays a class's whole deficit every epoch, which on a small step after a
             large one means huge batches of fake features; STAR on VOC 15-1 has about 3 per
             position, so 4 keeps its behaviour and bounds a step's cost whatever the history.
+        lr_multipliers: Overrides of ``LR_MULTIPLIERS`` by group name, e.g. ``{"new_classes": 100}``.
     """
 
     name = "bce"
@@ -185,8 +187,13 @@ class StarClassification(LossTerm):
         background_repeat: bool = True,
         aux_init: bool = True,
         max_replay_ratio: float = 4.0,
+        lr_multipliers: Mapping[str, float] | None = None,
     ) -> None:
         super().__init__(1.0)
+        self.lr_multipliers = {
+            **LR_MULTIPLIERS,
+            **{ParamGroup(k): v for k, v in (lr_multipliers or {}).items()},
+        }
         self.pos_weight = pos_weight
         self.replay = replay
         self.background_repeat = background_repeat
@@ -403,13 +410,14 @@ def star(
     background_repeat: bool = True,
     aux_init: bool = True,
     max_replay_ratio: float = 4.0,
+    lr_multipliers: dict[str, float] | None = None,
 ) -> Method:
     """STAR on DKD's framework; weights of STAR's configs/config_voc.json (pkd 5, cont 0.05, pos_weight 4).
 
     A weight of 0 drops the term. ``kd`` is DKD's (5 there); STAR has none.
     """
     terms: list[LossTerm] = [
-        StarClassification(pos_weight, replay, background_repeat, aux_init, max_replay_ratio)
+        StarClassification(pos_weight, replay, background_repeat, aux_init, max_replay_ratio, lr_multipliers)
     ]
     for term, weight in (
         (AuxiliaryClassifier, aux_classifier),
