@@ -15,6 +15,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from rich.table import Table
 
 from export.cli import add_subcommands as add_export_subcommands
+from service.cli import add_subcommands as add_service_subcommands
 from training.bench import format_table, plot_results, run_benchmark, write_results
 from training.data import DataError, write_synthetic_dataset
 from training.methods import METHODS, split_top_level
@@ -270,6 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     add_export_subcommands(sub)
+    add_service_subcommands(sub)
     return parser
 
 
