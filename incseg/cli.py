@@ -28,7 +28,7 @@ console = Console(stderr=True)
 
 @contextmanager
 def progress_bar() -> Iterator:
-    """A rich progress bar fed by the trainer's per-iteration callback (restarts for each step)."""
+    """A rich progress bar fed by the trainer's progress callback: iterations, then the phase names."""
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -45,7 +45,8 @@ def progress_bar() -> Iterator:
         def update(p: StepProgress) -> None:
             if p.iteration == 1:
                 progress.reset(task, total=p.total_iterations, loss=p.loss)
-            progress.update(task, completed=p.iteration, loss=p.loss, description=f"epoch {p.epoch + 1}")
+            description = f"epoch {p.epoch + 1}" if p.phase == "training" else p.phase
+            progress.update(task, completed=p.iteration, loss=p.loss, description=description)
 
         yield update
 
