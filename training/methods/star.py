@@ -37,6 +37,10 @@ STAR's replay (STAR trainer_voc.py:390-465), with its weights (config_voc.json):
   between the new and old embedding there, weight ``pkd`` 5 (STAR loss.py:94-107).
 - SAD: the new classes' mean features are pushed away from the nearest old prototype,
   1 / distance, weight ``cont`` 0.05 (STAR loss.py:110-133).
+
+A base trained by a softmax method (``incseg bench`` shares one ``ft`` step 0) is converted exactly
+at the first star step (``use_sigmoid_outputs``); its memory comes from star's end-of-step hook,
+which the bench runs on the shared base. A base with no star memory is refused with a clear error.
 """
 
 from __future__ import annotations
