@@ -226,7 +226,11 @@ def test_two_step_mib_sdr_run_keeps_and_grows_prototypes() -> None:
     protos0 = step0.state[PROTOTYPES]
     assert protos0["prototypes"].shape == (3, 512) and (protos0["counts"] > 0).all()
     step1, scores = train_step(
-        step0, ["c"], quadrant_set([3]), quadrant_set([1, 3], seed=1), build_method("mib(kd=100)+sdr"),
+        step0,
+        ["c"],
+        quadrant_set([3]),
+        quadrant_set([1, 3], seed=1),
+        build_method("mib(kd=100)+sdr"),
         options,
     )
     protos1 = step1.state[PROTOTYPES]
