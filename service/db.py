@@ -110,6 +110,9 @@ class TaskView(BaseModel):
     started_at: datetime | None = None
     finished_at: datetime | None = None
     attempts: int = Field(0, description="times a worker started the task")
+    cancel_requested: bool = Field(
+        False, description="DELETE was called; a running task stops at its next iteration or phase"
+    )
 
 
 class TaskNotFound(KeyError):
@@ -125,8 +128,8 @@ class ClaimOutcome(enum.StrEnum):
 
     RUN = "run"  # the worker now holds the task: run it
     WAIT = "wait"  # the line is busy or an older task goes first: deliver again later
-    DROP = "drop"  # finished, cancelled or failed meanwhile (a duplicate message): acknowledge and forget
-    GAVE_UP = "gave_up"  # delivered more than max_deliveries times: marked failed
+    DROP = "drop"  # finished meanwhile, or running under a live holder (a duplicate message): forget it
+    GAVE_UP = "gave_up"  # started max_deliveries times already: the caller deletes its data and fails it
 
 
 @dataclass(frozen=True)
@@ -197,6 +200,7 @@ def _view(row: RowMapping) -> TaskView:
         started_at=_utc(row["started_at"]),
         finished_at=_utc(row["finished_at"]),
         attempts=row["attempts"],
+        cancel_requested=row["cancel_requested"],
     )
 
 
@@ -343,10 +347,11 @@ class TaskStore:
         """Decides, in one serialised transaction, whether ``worker`` runs a delivered task now.
 
         The model line is a lock held by the running task: a queued task starts only when no task
-        older than it (in the order posted) is unfinished and no other task is running or exporting. A
-        running task whose holder died (heartbeat older than ``orphan_timeout_s``, or its process gone
-        on this host) is taken over. Each start counts one attempt; past ``max_deliveries`` the task is
-        failed instead.
+        older than it (in the order posted) is unfinished and no other task is running or exporting
+        (else WAIT). A message for a finished task, or for a running one whose holder lives, is a
+        duplicate (DROP). A running task whose holder died (its process gone, on the holder's host; its
+        heartbeat older than ``orphan_timeout_s``, elsewhere) is taken over. Each start counts one
+        attempt; past ``max_deliveries`` the outcome is GAVE_UP.
 
         Args:
             task_id: The delivered task.
@@ -367,7 +372,9 @@ class TaskStore:
             if state in FINISHED_STATES:
                 return Claim(ClaimOutcome.DROP, _view(row), f"already {state.value}")
             if state in ACTIVE_STATES and not self._orphaned(row, now, orphan_timeout_s):
-                return Claim(ClaimOutcome.WAIT, _view(row), f"held by {row['worker']}")
+                # a duplicate message: the holder finishes the task, and should it die, its message is
+                # requeued (reject on worker lost) or the orphan sweep sends a new one
+                return Claim(ClaimOutcome.DROP, _view(row), f"held by {row['worker']}")
             if state == TaskState.QUEUED:
                 blocker = (
                     conn.execute(

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from celery.exceptions import SoftTimeLimitExceeded
 
-from service.db import Claim, ClaimOutcome, TaskState, TaskStore, TaskView, worker_id
+from service.db import FINISHED_STATES, Claim, ClaimOutcome, TaskState, TaskStore, TaskView, worker_id
 from service.registry import EXPORT_SUBDIR, MODEL_SUBDIR, Registry
 from service.settings import Settings
 
@@ -212,8 +212,8 @@ def run_task(
         task_id, worker, settings.orphan_timeout_s, settings.max_deliveries, registry.active()
     )
     logger.info("task %s: %s (%s)", task_id, claim.outcome.value, claim.reason)
-    if claim.outcome == ClaimOutcome.DROP:
-        remove_dataset(store, task_id)
+    if claim.outcome == ClaimOutcome.DROP and claim.task.state in FINISHED_STATES:
+        remove_dataset(store, task_id)  # e.g. cancelled while queued: its data may still be there
     if claim.outcome == ClaimOutcome.GAVE_UP:
         remove_dataset(store, task_id)  # before the task reads failed: a finished task has no images left
         return Claim(claim.outcome, store.fail(task_id, None, claim.reason), claim.reason)

@@ -101,7 +101,7 @@ class Settings(BaseSettings):
     task_soft_time_limit_s: int = Field(
         6 * 3600,
         ge=1,
-        description="A step running longer is cancelled (SoftTimeLimitExceeded; staged data removed).",
+        description="A step running longer is stopped and its task failed (Celery's soft time limit).",
     )
     task_time_limit_s: int = Field(
         6 * 3600 + 600, ge=1, description="Hard limit: the worker process of a longer step is killed."
@@ -130,8 +130,9 @@ class Settings(BaseSettings):
     orphan_timeout_s: float = Field(
         60.0,
         gt=0,
-        description="A running task whose heartbeat is older than this is orphaned (its worker died): "
-        "requeued, or failed after max_deliveries.",
+        description="A running task whose worker runs on another host and whose heartbeat is older than this "
+        "is orphaned (requeued, or failed after max_deliveries); on the worker's own host a dead process is "
+        "noticed at once.",
     )
 
     @model_validator(mode="after")

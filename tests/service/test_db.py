@@ -63,6 +63,7 @@ def test_fifo_order_and_one_at_a_time(store: TaskStore) -> None:
     assert wait.outcome == ClaimOutcome.WAIT and first in wait.reason
     assert store.claim(first, "host:1", ORPHAN_S, 3, None).outcome == ClaimOutcome.RUN
     assert store.claim(second, "host:2", ORPHAN_S, 3, None).outcome == ClaimOutcome.WAIT
+    assert store.claim(first, "host:3", ORPHAN_S, 3, None).outcome == ClaimOutcome.DROP, "a duplicate"
     store.fail(first, "host:1", "boom")
     assert store.claim(second, "host:2", ORPHAN_S, 3, None).outcome == ClaimOutcome.RUN
 
@@ -91,7 +92,8 @@ def test_cancel(store: TaskStore) -> None:
     assert view.state == TaskState.CANCELLED and view.finished_at is not None
     assert store.claim(running, "host:1", ORPHAN_S, 3, None).outcome == ClaimOutcome.RUN
     assert store.heartbeat(running, "host:1").cancel_requested is False
-    assert store.request_cancel(running).state == TaskState.RUNNING
+    asked = store.request_cancel(running)
+    assert asked.state == TaskState.RUNNING and asked.cancel_requested
     beat = store.heartbeat(running, "host:1")
     assert beat.held and beat.cancel_requested
     assert store.cancelled(running, "host:1", "cancelled on request").state == TaskState.CANCELLED
@@ -111,7 +113,8 @@ def _age_heartbeat(store: TaskStore, task_id: str, seconds: float) -> None:
 def test_orphan_taken_over_then_given_up(store: TaskStore) -> None:
     task_id = _create(store)
     assert store.claim(task_id, "otherhost:1", ORPHAN_S, 2, None).outcome == ClaimOutcome.RUN
-    assert store.claim(task_id, "otherhost:2", ORPHAN_S, 2, None).outcome == ClaimOutcome.WAIT, "live holder"
+    duplicate = store.claim(task_id, "otherhost:2", ORPHAN_S, 2, None)
+    assert duplicate.outcome == ClaimOutcome.DROP and "held by otherhost:1" in duplicate.reason
     _age_heartbeat(store, task_id, ORPHAN_S + 1)
     claim = store.claim(task_id, "otherhost:2", ORPHAN_S, 2, None)
     assert claim.outcome == ClaimOutcome.RUN and claim.task.attempts == 2

@@ -53,6 +53,7 @@ def test_step0_then_incremental_step(
     assert registry.active() == "v1" and task.metrics["miou_all"] is not None
     phases = [phase for phase, _ in store.writes]
     expected = [
+        "checking-data",
         "preparing",
         "training",
         "end-of-step",
