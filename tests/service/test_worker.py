@@ -48,8 +48,7 @@ def test_two_workers_run_the_line_in_order(
     """Step 0 and an incremental step posted at once to two workers: one after the other, in order."""
     settings = redis_settings
     store, registry = TaskStore(settings.task_database_url), Registry(settings.registry_dir)
-    start_worker(settings)
-    start_worker(settings)
+    workers = [start_worker(settings), start_worker(settings)]
     first = _submit(settings, store, make_dataset_archive(tmp_path, 2, seed=1), ["background"])
     second = _submit(settings, store, make_dataset_archive(tmp_path, 3, seed=2), ["background"])
     first_done = wait_for(store, first.id, finished)
@@ -63,6 +62,8 @@ def test_two_workers_run_the_line_in_order(
     )
     assert registry.active() == "v2" and registry.get("v2").classes[-1] == "lime_triangle_dotted"
     assert first_done.attempts == second_done.attempts == 1
+    logs = "".join(worker.log_path.read_text() for worker in workers)
+    assert f"task {second.id}: wait (after task {first.id} (running))" in logs, "the idle worker waited"
     assert image_files(settings.data_dir) == [], "no image or mask of a finished task remains"
 
 
