@@ -58,6 +58,7 @@ def broker_options(settings: Settings) -> dict:
         "broker_transport_options": {
             "data_folder_in": str(queue_dir),
             "data_folder_out": str(queue_dir),
+            "control_folder": str(settings.broker_dir / "control"),  # kombu default: ./control in the cwd
             "store_processed": False,
             "polling_interval": 0.5,
         },
