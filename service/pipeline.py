@@ -123,8 +123,21 @@ class ProgressWriter:
             self.heartbeat.stop.set()
 
 
+# The model a step 0 builds on a machine without CUDA: BENCHMARKS.md's CPU configuration (ResNet-10 context
+# path, narrow heads). The default ResNet-18 with 128/256 channels trains several times slower on a CPU.
+CPU_MODEL_OPTIONS = {"backbone": "resnet10", "context_channels": 64, "embed_channels": 128}
+
+
+def machine_options() -> dict:
+    """Step options sized for this machine: :data:`CPU_MODEL_OPTIONS` without CUDA, none with it."""
+    import torch
+
+    return {} if torch.cuda.is_available() else dict(CPU_MODEL_OPTIONS)
+
+
 def step_options(settings: Settings, task_options: dict) -> object:
-    """The task's ``StepOptions``: settings defaults < ``settings.step_options`` < the task's own options.
+    """The task's ``StepOptions``: settings defaults < :func:`machine_options` < ``settings.step_options``
+    < the task's own options.
 
     A Celery prefork child is a daemonic process and may not start DataLoader workers ("daemonic processes
     are not allowed to have children"), so ``workers`` is forced to 0 there: loading then runs in the
@@ -137,6 +150,7 @@ def step_options(settings: Settings, task_options: dict) -> object:
             "epochs": settings.default_epochs,
             "size": settings.default_size,
             "batch_size": settings.default_batch_size,
+            **machine_options(),
             **settings.step_options,
             **task_options,
         }

@@ -11,7 +11,7 @@ import pytest
 
 import export.onnx_export
 from service.db import ClaimOutcome, TaskState, TaskStore
-from service.pipeline import run_task
+from service.pipeline import CPU_MODEL_OPTIONS, run_task, step_options
 from service.registry import Registry
 from service.settings import Settings
 from tests.service.conftest import image_files, make_dataset_archive, stage_dataset, wait_for
@@ -134,3 +134,24 @@ def test_missing_dataset_and_duplicate_delivery(
     assert task.state == TaskState.FAILED and "staged dataset" in task.error and "is gone" in task.error
     again = run_task(task_id, settings, store, registry)
     assert again.outcome == ClaimOutcome.DROP and again.task.state == TaskState.FAILED
+
+
+@pytest.mark.parametrize("cuda", [False, True])
+def test_step_options_are_sized_for_the_machine(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, cuda: bool
+) -> None:
+    """Without CUDA a step 0 builds the CPU model; settings' and the task's own options still win."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    plain = Settings(_env_file=None, data_dir=tmp_path)
+    options = step_options(plain, {})
+    expected = {"backbone": "resnet18", "context_channels": 128, "embed_channels": 256}
+    if not cuda:
+        expected = CPU_MODEL_OPTIONS
+    assert {k: getattr(options, k) for k in expected} == expected
+    assert options.epochs == plain.default_epochs and options.size == plain.default_size
+    pinned = Settings(_env_file=None, data_dir=tmp_path, step_options={"backbone": "resnet50"})
+    assert step_options(pinned, {}).backbone == "resnet50"
+    assert step_options(pinned, {"backbone": "resnet18", "epochs": 3}).model_dump()["epochs"] == 3
+    assert step_options(pinned, {"backbone": "resnet18"}).backbone == "resnet18"
