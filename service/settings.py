@@ -85,7 +85,8 @@ class Settings(BaseSettings):
     step_options: dict[str, Any] = Field(
         default_factory=dict,
         description="Further training options every task uses (JSON object of `incseg step` options, "
-        'e.g. {"backbone": "resnet10", "context_channels": 64}); a task\'s own options win.',
+        'e.g. {"backbone": "resnet18"}); a task\'s own options win. Without CUDA a step 0 builds the CPU '
+        "model of BENCHMARKS.md (resnet10, 64/128 channels) unless these options say otherwise.",
     )
     max_upload_bytes: int = Field(2 << 30, ge=1, description="Largest accepted dataset archive (bytes).")
     max_archive_entries: int = Field(100_000, ge=1, description="Most members in a dataset archive.")
