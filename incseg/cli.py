@@ -253,7 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="generate data, train a base and one incremental step, print the table")
     p.add_argument("--out", type=Path, default=Path("runs/demo"))
     p.add_argument(
-        "--url", default=None, help="run the demo against the service at this URL (e.g. http://127.0.0.1:8000)"
+        "--url",
+        default=None,
+        help="run the demo against the service at this URL (e.g. http://127.0.0.1:8000)",
     )
     p.add_argument(
         "--api-key",
