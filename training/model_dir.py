@@ -77,6 +77,11 @@ class ModelFile(BaseModel):
             raise ValueError(
                 f"{len(self.classes)} class names for config.num_classes = {self.config['num_classes']}"
             )
+        repeated = sorted({name for name in self.classes if self.classes.count(name) > 1})
+        if repeated:
+            raise ValueError(
+                f"classes repeat {repeated}; class names must be unique (they key the per-class IoU)"
+            )
         return self
 
     def bisenet_config(self) -> BiSeNetConfig:

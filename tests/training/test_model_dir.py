@@ -82,6 +82,7 @@ def test_directories_readable_and_no_leftovers_with_concurrent_writers(tmp_path)
         (lambda m: m.update(format=7), r"model\.json: format: Input should be 1"),
         (lambda m: m["classes"].append("extra"), r"model\.json: .*4 class names for config\.num_classes = 3"),
         (lambda m: m["config"].update(backbone="vgg"), r"model\.json: config: unknown backbone 'vgg'"),
+        (lambda m: m["classes"].__setitem__(2, m["classes"][1]), r"model\.json: .*classes repeat \["),
     ],
 )
 def test_damaged_model_json_names_the_file(tmp_path, damage, message) -> None:
