@@ -37,7 +37,8 @@ class TaskForm(BaseModel):
         None,
         min_length=1,
         max_length=200,
-        description="Method spec: ft, lwf, ilt, mib, alife, plop, mib+sdr...",
+        description="Method spec: ft, lwf, ilt, mib, alife, plop, star, mib+sdr, mib(kd=100)... "
+        "(default: INCSEG_DEFAULT_METHOD)",
     )
     epochs: int | None = Field(None, ge=1, le=1000)
     size: int | None = Field(None, ge=32, le=2048, description="Training crop and evaluation size in pixels.")
