@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -63,6 +64,13 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
         default=fields["min_iterations"].default,
         help="iteration floor of an incremental step: a small dataset runs more epochs to reach it",
     )
+    parser.add_argument(
+        "--lr-multipliers",
+        type=json.loads,
+        default=None,
+        help="JSON object overriding the learning-rate multiple of parameter groups (backbone, head, "
+        'classifier, new_classes), e.g. \'{"head": 1, "classifier": 1, "new_classes": 1}\'',
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     parser.add_argument("--no-amp", action="store_true", help="disable mixed precision on CUDA")
@@ -85,6 +93,7 @@ def _options(args: argparse.Namespace, **extra) -> StepOptions:
         batch_size=args.batch_size,
         lr=args.lr,
         min_iterations=args.min_iterations,
+        lr_multipliers=args.lr_multipliers,
         seed=args.seed,
         device=args.device,
         amp=not args.no_amp,

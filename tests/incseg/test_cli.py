@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from incseg.cli import main
+from incseg.cli import _options, build_parser, main
 from training.model_dir import ModelBundle
 
 TINY = [
@@ -57,3 +57,43 @@ def test_synth_and_steps(tmp_path: Path, capsys) -> None:
 def test_bad_data_dir_is_a_clear_error(tmp_path: Path, capsys) -> None:
     code = main(["step", "--base", "none", "--data", str(tmp_path), "--out", str(tmp_path / "m"), *TINY])
     assert code == 2 and "error" in capsys.readouterr().err
+
+
+def test_lr_multipliers_reach_the_step_options() -> None:
+    args = build_parser().parse_args(
+        [
+            "step",
+            "--base",
+            "none",
+            "--data",
+            "d",
+            "--out",
+            "o",
+            "--lr-multipliers",
+            '{"head": 1, "new_classes": 5}',
+        ]
+    )
+    assert _options(args).lr_multipliers == {"head": 1.0, "new_classes": 5.0}
+    assert (
+        _options(
+            build_parser().parse_args(["step", "--base", "none", "--data", "d", "--out", "o"])
+        ).lr_multipliers
+        is None
+    )
+
+
+def test_unknown_lr_multiplier_group_is_a_clear_error(tmp_path: Path, capsys) -> None:
+    code = main(
+        [
+            "step",
+            "--base",
+            "none",
+            "--data",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "m"),
+            "--lr-multipliers",
+            '{"heads": 1}',
+        ]
+    )
+    assert code == 2 and "unknown parameter groups ['heads']" in capsys.readouterr().err
