@@ -62,5 +62,6 @@ def test_api_sigkill_mid_swap_then_restart_serves_the_active_version(stack: Faul
     assert models["active"] == models["serving"] == v2 and models["swap_failures"] == 0, models
     assert [v.name for v in registry.list()] == ["v1", v2] and registry.active() == v2
     print(
-        f"\nAPI SIGKILL {moment} (loading={kill_status['loading']}): restarted API ready on {v2} in {ready_s:.1f} s"
+        f"\nAPI SIGKILL {moment} (loading={kill_status['loading']}): "
+        f"restarted API ready on {v2} in {ready_s:.1f} s"
     )
