@@ -1,7 +1,8 @@
 """``incseg export``, ``incseg predict`` and ``incseg bench-runtime`` subcommands.
 
 ``add_subcommands`` registers them on the main CLI's subparsers; each handler takes the parsed namespace
-and returns the process exit code (0 ok, 1 failed check or run, 2 bad input).
+and returns the process exit code (0 ok, 1 failed check or run, 2 bad input). ``predict`` on an export
+directory runs without PyTorch; the other handlers import the training stack when they run.
 """
 
 from __future__ import annotations
@@ -15,13 +16,11 @@ import numpy as np
 from PIL import Image
 from rich.console import Console
 
-from export.benchmark import benchmark_runtimes
 from export.manifest import is_export_dir
-from export.onnx_export import export_onnx
-from export.parity import ParityError
 from export.processing import class_areas, mask_image, overlay
 from export.runtime import BACKEND_CHOICES, BACKENDS, ensure_export, open_runtime, resolve_backend
 from training.data import DataError, load_image
+from training.extra import require_train_extra
 
 PREDICT_CHUNK = 8
 
@@ -101,6 +100,10 @@ def _fail(message: str, code: int) -> int:
 
 def run_export(args: argparse.Namespace) -> int:
     """Handler of ``incseg export``."""
+    require_train_extra("incseg export")
+    from export.onnx_export import export_onnx
+    from export.parity import ParityError
+
     console = Console()
     try:
         result = export_onnx(args.model, args.out, args.size, fp16=args.fp16, opset=args.opset)
@@ -134,6 +137,8 @@ def run_predict(args: argparse.Namespace) -> int:
     missing = [str(path) for path in args.images if not path.is_file()]
     if missing:
         return _fail(f"no such image: {', '.join(missing)}", 2)
+    if args.model.exists() and not is_export_dir(args.model):
+        require_train_extra("incseg predict on a model directory (not an export directory)")
     try:
         model = args.model
         if not is_export_dir(model) and resolve_backend(args.backend) != "torch":
@@ -168,6 +173,9 @@ def run_predict(args: argparse.Namespace) -> int:
 
 def run_bench_runtime(args: argparse.Namespace) -> int:
     """Handler of ``incseg bench-runtime``."""
+    require_train_extra("incseg bench-runtime")
+    from export.benchmark import benchmark_runtimes
+
     try:
         report = benchmark_runtimes(args.model, args.size, args.iters, tuple(args.batches), args.backends)
     except (FileNotFoundError, ValueError) as error:

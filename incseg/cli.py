@@ -1,4 +1,9 @@
-"""The ``incseg`` command line: thin wrappers over the library functions the service also calls."""
+"""The ``incseg`` command line: thin wrappers over the library functions the service also calls.
+
+The parser and the service commands import no PyTorch: an install with only the ``api`` extra runs
+``incseg api`` and ``incseg demo --url``; the training commands import the training stack when they run
+and say which extra to install when it is missing.
+"""
 
 from __future__ import annotations
 
@@ -10,19 +15,22 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from export.cli import add_subcommands as add_export_subcommands
 from service.cli import add_subcommands as add_service_subcommands
-from training.bench import format_table, plot_results, run_benchmark, write_results
 from training.data import DataError, write_synthetic_dataset
-from training.methods import METHODS, split_top_level
-from training.models.bisenet import BACKBONES
-from training.step import run_step
-from training.trainer import StepOptions, StepProgress
+from training.extra import MissingExtraError, require_train_extra
+from training.method_spec import METHOD_NAMES, split_top_level
+from training.options import BACKBONE_NAMES, StepOptions
+
+if TYPE_CHECKING:
+    from training.trainer import StepProgress
 
 console = Console(stderr=True)
 
@@ -75,7 +83,7 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     parser.add_argument("--no-amp", action="store_true", help="disable mixed precision on CUDA")
     parser.add_argument("--workers", type=int, default=0, help="data loader processes")
-    parser.add_argument("--backbone", default="resnet18", choices=sorted(BACKBONES), help="step 0 only")
+    parser.add_argument("--backbone", default="resnet18", choices=sorted(BACKBONE_NAMES), help="step 0 only")
     parser.add_argument("--context-channels", type=int, default=128, help="step 0 only (BiSeNet width)")
     parser.add_argument("--embed-channels", type=int, default=256, help="step 0 only (embedding width)")
     parser.add_argument(
@@ -113,6 +121,9 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_step(args: argparse.Namespace) -> int:
+    require_train_extra("incseg step")
+    from training.step import run_step
+
     base = None if args.base.lower() == "none" else Path(args.base)
     started = time.monotonic()
     with progress_bar() as update:
@@ -142,6 +153,8 @@ def _scores_line(old: float | None, new: float | None, all_: float | None) -> st
 
 def _bench(args: argparse.Namespace, methods: list[str], out: Path) -> dict:
     """Runs the benchmark, writing ``out`` after each method (a long run keeps what it finished)."""
+    from training.bench import format_table, run_benchmark, write_results
+
     started = time.monotonic()
 
     def write_partial(results: dict) -> None:
@@ -165,6 +178,9 @@ def _bench(args: argparse.Namespace, methods: list[str], out: Path) -> dict:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    require_train_extra("incseg bench")
+    from training.bench import plot_results, write_results
+
     methods = split_top_level(args.methods, ",")
     results = _bench(args, methods, args.out)
     write_results(results, args.out)
@@ -181,6 +197,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if args.url:
         return _demo_service(args, out)
+    require_train_extra("incseg demo without --url")
+    from training.bench import plot_results, write_results
+
     data = out / "data"
     if not (data / "classes.txt").exists():
         write_synthetic_dataset(data, 8, 240, 60, args.size, args.seed)
@@ -202,7 +221,7 @@ def _demo_service(args: argparse.Namespace, out: Path) -> int:
     try:
         run_demo(args.url, out, options, args.api_key)
     except ServiceError as err:
-        console.print(f"[red]error:[/red] {err}")
+        console.print(f"[red]error:[/red] {escape(str(err))}")
         return 1
     return 0
 
@@ -228,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--method",
         default="mib",
-        help=f"one of {', '.join(METHODS)}, a combination like mib+sdr, or mib(kd=100)",
+        help=f"one of {', '.join(METHOD_NAMES)}, a combination like mib+sdr, or mib(kd=100)",
     )
     p.add_argument(
         "--setting",
@@ -249,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--methods",
         default="ft,lwf,ilt,mib,joint",
-        help=f"comma-separated: {', '.join(METHODS)}, combinations like mib+sdr, weights like mib(kd=100)",
+        help=f"comma-separated: {', '.join(METHOD_NAMES)}; combinations like mib+sdr; weights: mib(kd=100)",
     )
     p.add_argument("--out", type=Path, default=Path("results.json"))
     p.add_argument("--plot", type=Path, default=None, help="PNG path (default: next to --out)")
@@ -291,8 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (DataError, ValueError, FileNotFoundError) as err:
-        console.print(f"[red]error:[/red] {err}")
+    except (DataError, ValueError, FileNotFoundError, MissingExtraError) as err:
+        console.print(f"[red]error:[/red] {escape(str(err))}")
         return 2
 
 

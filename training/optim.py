@@ -28,23 +28,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from enum import StrEnum
 
 import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from training.models.bisenet import BiSeNet
-
-
-class ParamGroup(StrEnum):
-    """Parts of the model that train at their own learning rate (a multiple of the step's ``lr``)."""
-
-    BACKBONE = "backbone"
-    HEAD = "head"
-    CLASSIFIER = "classifier"
-    NEW_CLASSES = "new_classes"
-
+from training.options import ParamGroup
 
 # Step 0 trains everything at the step's lr (0.01 by default), as MiB does.
 BASE_STEP_MULTIPLIERS: dict[ParamGroup, float] = {group: 1.0 for group in ParamGroup}

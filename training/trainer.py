@@ -12,76 +12,18 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, Field, field_validator
 from torch.utils.data import DataLoader, Dataset
 
 from training.methods import Method, StepContext
 from training.methods.base import Batch
 from training.metrics import ConfusionMatrix, SegmentationScores
 from training.model_dir import ModelBundle
-from training.models.bisenet import BACKBONES, BiSeNet, BiSeNetConfig
-from training.optim import ParamGroup, build_optimizer, epochs_for, resolve_multipliers, scale_new_rows
-
-# Iteration floor of an incremental step (see ``training.optim``): a user's step may hold 30 images.
-# On the demo's step the new classes win their pixels after about 40 iterations at the group rates
-# (pixel accuracy 0.73 at 40, 0.96 at 80); the floor leaves room for the poly decay.
-MIN_ITERATIONS = 100
-
-
-class StepOptions(BaseModel):
-    """Hyper-parameters of one step (validated; the service accepts the same fields as JSON)."""
-
-    epochs: int = Field(30, ge=1, le=1000)
-    batch_size: int = Field(8, ge=1, le=512)
-    size: int = Field(512, ge=32, le=4096, description="training crop and evaluation size (pixels)")
-    lr: float | None = Field(None, gt=0, description="default: 0.01 at step 0, 0.001 later (MiB)")
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(1e-4, ge=0)
-    seed: int = 0
-    device: str = "auto"
-    amp: bool = Field(True, description="mixed precision on CUDA (ignored on CPU)")
-    workers: int = Field(0, ge=0, le=64)
-    backbone: str = Field("resnet18", description=f"step 0 only: one of {sorted(BACKBONES)}")
-    context_channels: int = Field(128, ge=8)
-    embed_channels: int = Field(256, ge=8)
-    backbone_weights: Path | None = Field(None, description="step 0 only: local torchvision ImageNet weights")
-    setting: Literal["disjoint", "overlapped", "sequential"] = "overlapped"
-    lr_multipliers: dict[str, float] | None = Field(
-        None,
-        description="incremental steps: learning rate of each parameter group (backbone, head, classifier, "
-        "new_classes) as a multiple of lr; unset groups keep the method's or the defaults",
-    )
-    min_iterations: int = Field(
-        MIN_ITERATIONS,
-        ge=0,
-        le=1_000_000,
-        description="iteration floor of an incremental step: a small dataset runs more epochs to reach it",
-    )
-
-    @field_validator("lr_multipliers")
-    @classmethod
-    def _known_groups(cls, value: dict[str, float] | None) -> dict[str, float] | None:
-        unknown = sorted(set(value or {}) - set(ParamGroup))
-        if unknown:
-            raise ValueError(f"unknown parameter groups {unknown}; use {[g.value for g in ParamGroup]}")
-        bad = {group: rate for group, rate in (value or {}).items() if not rate > 0}
-        if bad:
-            raise ValueError(f"learning-rate multipliers must be > 0, got {bad}")
-        return value
-
-    def learning_rate(self, step: int) -> float:
-        return self.lr if self.lr is not None else (0.01 if step == 0 else 0.001)
-
-    def torch_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
-
+from training.models.bisenet import BiSeNet, BiSeNetConfig
+from training.optim import build_optimizer, epochs_for, resolve_multipliers, scale_new_rows
+from training.options import ParamGroup, StepOptions
 
 PREPARING_PHASE = "preparing"  # growing the model, the methods' step-start work (e.g. PLOP's pseudo-labels)
 TRAINING_PHASE = "training"

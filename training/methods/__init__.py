@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import ast
 import inspect
-import re
 from collections.abc import Callable
 
+from training.method_spec import parse_method_spec, split_top_level
 from training.methods import alife, plop, sdr, star
 from training.methods.base import Batch, LossTerm, Method, StepContext
 from training.methods.standard import ft, ilt, joint, lwf, mib
@@ -25,37 +24,6 @@ METHODS: dict[str, Callable[[], Method]] = {
 }
 
 
-def split_top_level(text: str, separator: str) -> list[str]:
-    """Splits on ``separator`` outside parentheses: ``"mib(kd=1,x=2),ft"`` -> ``["mib(kd=1,x=2)", "ft"]``."""
-    parts, depth, current = [], 0, []
-    for char in text:
-        depth += {"(": 1, ")": -1}.get(char, 0)
-        if char == separator and depth == 0:
-            parts.append("".join(current))
-            current = []
-        else:
-            current.append(char)
-    parts.append("".join(current))
-    return [part.strip() for part in parts if part.strip()]
-
-
-def _parse_part(part: str) -> tuple[str, dict]:
-    """``"mib(kd=100)"`` -> ``("mib", {"kd": 100})``; arguments must be Python literals."""
-    match = re.fullmatch(r"([A-Za-z_]+)\s*(?:\((.*)\))?", part.strip(), flags=re.DOTALL)
-    if match is None:
-        raise ValueError(f"bad method {part!r}: write a name, optionally with arguments, e.g. mib(kd=100)")
-    name, arguments = match.group(1).lower(), match.group(2)
-    if not arguments or not arguments.strip():
-        return name, {}
-    try:
-        call = ast.parse(f"f({arguments})", mode="eval").body
-        if call.args:
-            raise ValueError("positional")
-        return name, {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords}
-    except (SyntaxError, ValueError) as err:
-        raise ValueError(f"bad arguments in {part!r}: use keyword=literal pairs, e.g. mib(kd=100)") from err
-
-
 def build_method(spec: str) -> Method:
     """Builds ``name``, ``name(arg=value, ...)`` or combinations ``a+b``: the terms of each part are summed.
 
@@ -65,10 +33,7 @@ def build_method(spec: str) -> Method:
     Raises:
         ValueError: Unknown name or argument, or a combination with no or two classification losses.
     """
-    parsed = [_parse_part(part) for part in split_top_level(spec, "+")]
-    unknown = [name for name, _ in parsed if name not in METHODS]
-    if not parsed or unknown:
-        raise ValueError(f"unknown method {spec!r}; choose from {', '.join(METHODS)} or combine with '+'")
+    parsed = parse_method_spec(spec)
     parts = []
     for name, kwargs in parsed:
         try:

@@ -17,6 +17,8 @@ from service.db import TaskStore, TaskView
 from service.jobs import cancel_task, submit_task
 from service.registry import Registry
 from service.settings import Settings
+from training.extra import train_extra_installed
+from training.method_spec import parse_method_spec
 
 router = APIRouter(prefix="/tasks", tags=["tasks"])
 
@@ -89,11 +91,19 @@ def _form_options(fields: dict[str, str], settings: Settings) -> tuple[str, dict
 
 
 def _check_method(method: str) -> None:
-    """Refuses an unknown method spec now rather than in the worker (imports the methods on first use)."""
-    from training.methods import build_method
+    """Refuses a bad method spec now rather than in the worker.
 
+    With the training stack installed the spec is built (names, arguments, combination rules; the
+    methods are imported on first use); an API-only install checks its syntax and names, and the worker
+    fails a task whose arguments its builder refuses, with the same message.
+    """
     try:
-        build_method(method)
+        if train_extra_installed():
+            from training.methods import build_method
+
+            build_method(method)
+        else:
+            parse_method_spec(method)
     except ValueError as err:
         raise HTTPException(
             status.HTTP_422_UNPROCESSABLE_CONTENT, detail=f"form field method: {err}"

@@ -1,0 +1,58 @@
+"""Method specs (``mib``, ``mib(kd=100)``, ``mib+sdr``) parsed without PyTorch.
+
+``training.methods.build_method`` builds a spec into loss terms (that needs torch); the API of an
+install without the ``train`` extra checks with :func:`parse_method_spec` what it can: the syntax and
+the method names. The names here are the keys of ``training.methods.METHODS`` (a test keeps them equal).
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+
+METHOD_NAMES = ("ft", "joint", "lwf", "ilt", "mib", "sdr", "alife", "plop", "star")
+
+
+def split_top_level(text: str, separator: str) -> list[str]:
+    """Splits on ``separator`` outside parentheses: ``"mib(kd=1,x=2),ft"`` -> ``["mib(kd=1,x=2)", "ft"]``."""
+    parts, depth, current = [], 0, []
+    for char in text:
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        if char == separator and depth == 0:
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    parts.append("".join(current))
+    return [part.strip() for part in parts if part.strip()]
+
+
+def parse_part(part: str) -> tuple[str, dict]:
+    """``"mib(kd=100)"`` -> ``("mib", {"kd": 100})``; arguments must be Python literals."""
+    match = re.fullmatch(r"([A-Za-z_]+)\s*(?:\((.*)\))?", part.strip(), flags=re.DOTALL)
+    if match is None:
+        raise ValueError(f"bad method {part!r}: write a name, optionally with arguments, e.g. mib(kd=100)")
+    name, arguments = match.group(1).lower(), match.group(2)
+    if not arguments or not arguments.strip():
+        return name, {}
+    try:
+        call = ast.parse(f"f({arguments})", mode="eval").body
+        if call.args:
+            raise ValueError("positional")
+        return name, {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords}
+    except (SyntaxError, ValueError) as err:
+        raise ValueError(f"bad arguments in {part!r}: use keyword=literal pairs, e.g. mib(kd=100)") from err
+
+
+def parse_method_spec(spec: str) -> list[tuple[str, dict]]:
+    """The ``(name, arguments)`` of each ``+``-separated part of ``spec``.
+
+    Raises:
+        ValueError: Empty spec, bad syntax or an unknown method name.
+    """
+    parsed = [parse_part(part) for part in split_top_level(spec, "+")]
+    unknown = [name for name, _ in parsed if name not in METHOD_NAMES]
+    if not parsed or unknown:
+        choices = ", ".join(METHOD_NAMES)
+        raise ValueError(f"unknown method {spec!r}; choose from {choices} or combine with '+'")
+    return parsed
