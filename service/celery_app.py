@@ -86,8 +86,12 @@ def make_celery(settings: Settings) -> Celery:
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
+        # a step keeps running when the broker connection drops (Redis restarted): the task table, not the
+        # message, is its record; Celery 6 would cancel it by default
+        worker_cancel_long_running_tasks_on_connection_loss=False,
     )
     app.conf.incseg_settings = settings
+    app.steps["consumer"].add(worker.ResendQueuedOnReconnect)
 
     @app.task(name=TRAIN_TASK, bind=True, max_retries=None, acks_late=True, reject_on_worker_lost=True)
     def train(self: Task, task_id: str) -> str:
@@ -116,10 +120,18 @@ def celery_app_for(settings: Settings) -> Celery:
 
 
 def send_train(settings: Settings, task_id: str) -> None:
-    """Queues the train message of a task on ``INSTANCE.train``."""
+    """Queues the train message of a task on ``INSTANCE.train``.
+
+    ``ignore_result``: ``send_task`` does not know the task's own setting and would otherwise subscribe the
+    sender to the task's result on the Redis result backend, one subscription per task, never used (the task
+    table is the record); after a Redis restart that subscription's reconnection gives up and every later
+    ``send_task`` of the process fails with "the Celery application must be restarted".
+    """
     if settings.embedded:
         broker_queue_dir(settings).mkdir(parents=True, exist_ok=True)
-    celery_app_for(settings).send_task(TRAIN_TASK, args=[task_id], queue=settings.train_queue)
+    celery_app_for(settings).send_task(
+        TRAIN_TASK, args=[task_id], queue=settings.train_queue, ignore_result=True
+    )
 
 
 app = make_celery(get_settings())

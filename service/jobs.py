@@ -7,12 +7,18 @@ from __future__ import annotations
 
 import logging
 
+from kombu.exceptions import OperationalError
+
 from service.archive import StagedDataset, remove_staged
 from service.celery_app import send_train
 from service.db import TaskState, TaskStore, TaskView
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
+
+
+class QueueUnavailable(RuntimeError):
+    """The broker could not be reached to queue a task (Redis down or restarting); the message says so."""
 
 
 def submit_task(
@@ -31,15 +37,22 @@ def submit_task(
         The queued task.
 
     Raises:
-        Exception: When the broker refuses the message; the task is then failed and its data deleted.
+        QueueUnavailable: The broker cannot be reached; the task is then failed and its data deleted.
+        Exception: Any other refusal of the message, with the same clean-up.
     """
     task = store.create(method, options, staged.new_classes, staged.path)
     try:
         send_train(settings, task.id)
     except Exception as err:
-        store.fail(task.id, None, f"could not queue the task ({type(err).__name__}: {err}); post it again")
+        message = f"could not queue the task ({type(err).__name__}: {err}); post it again"
+        store.fail(task.id, None, message)
         remove_staged(staged.path)
         store.clear_dataset(task.id)
+        if isinstance(err, OperationalError):
+            raise QueueUnavailable(
+                f"the task queue (broker) is unreachable: {err}; nothing was queued, post the task again "
+                "in a moment"
+            ) from err
         raise
     logger.info("task %s queued: %s + %s", task.id, method, ", ".join(staged.new_classes))
     return task

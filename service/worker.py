@@ -10,6 +10,10 @@ Recovery (a task never stays "running" after its worker died):
   wait for the visibility timeout). Duplicate messages are harmless: claims drop them.
 * While it runs, a thread repeats the orphan sweep every ``orphan_timeout_s / 2``, so a task whose worker
   host vanished is requeued by any live worker.
+* When its broker connection comes back after a loss (Redis restarted), a worker sends a fresh message for
+  every queued task again: a Redis restarted without persistence has lost the messages of queued tasks,
+  which would otherwise stay queued until a worker restarts. Running steps are not interrupted by the loss
+  (``worker_cancel_long_running_tasks_on_connection_loss`` is off); the duplicates are dropped by claims.
 
 Engines are per process: a pool process forked from the worker's main process drops the inherited
 connection pool (``os.register_at_fork``) and opens its own.
@@ -22,7 +26,7 @@ import os
 import threading
 from typing import Any
 
-from celery import signals
+from celery import bootsteps, signals
 
 from service.db import TaskStore
 from service.registry import Registry
@@ -87,17 +91,47 @@ def sweep_orphans(settings: Settings) -> tuple[list[str], list[str]]:
     return requeued, list(exhausted)
 
 
-def recover(settings: Settings) -> None:
-    """Start-up recovery (see the module docstring)."""
+def resend_queued(settings: Settings, skip: frozenset[str] = frozenset()) -> list[str]:
+    """Sends a fresh message for every queued task (but those in ``skip``); returns their ids."""
     from service.celery_app import send_train
     from service.db import TaskState
 
-    requeued, _ = sweep_orphans(settings)
     store = process_store(settings)
+    sent = []
     for task_id in store.unfinished():
-        if task_id not in requeued and store.get(task_id).state == TaskState.QUEUED:
+        if task_id not in skip and store.get(task_id).state == TaskState.QUEUED:
             send_train(settings, task_id)
+            sent.append(task_id)
+    return sent
+
+
+def recover(settings: Settings) -> None:
+    """Start-up recovery (see the module docstring)."""
+    requeued, _ = sweep_orphans(settings)
+    resend_queued(settings, skip=frozenset(requeued))
     process_registry(settings).remove_stale_stages(older_than_s=settings.task_time_limit_s)
+
+
+class ResendQueuedOnReconnect(bootsteps.StartStopStep):
+    """Consumer step: after a lost broker connection is re-established, re-sends the queued tasks.
+
+    Celery starts the consumer's steps again after each reconnection; ``restart_count`` is 0 on the first
+    start (whose recovery :func:`recover` does) and counts the reconnections after it.
+    """
+
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+
+    def start(self, consumer: Any) -> None:
+        settings = consumer.app.conf.get("incseg_settings")
+        if settings is None or consumer.restart_count < 1:
+            return
+        try:
+            sent = resend_queued(settings)
+        except Exception:  # the broker or the database may be gone again; the next reconnection retries
+            logger.exception("re-sending the queued tasks after the broker reconnection failed")
+            return
+        if sent:
+            logger.warning("broker connection re-established: re-sent %d queued task(s) %s", len(sent), sent)
 
 
 class OrphanSweeper:

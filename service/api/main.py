@@ -20,12 +20,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from service.api.routes import models, segment, system, tasks
 from service.archive import UploadError
 from service.db import TaskConflict, TaskNotFound, TaskStore
+from service.jobs import QueueUnavailable
 from service.metrics import RequestMetricsMiddleware, task_registry
 from service.model_server import ModelServer, NoModelLoaded
 from service.registry import Registry
 from service.settings import Settings, get_settings
 
 logger = logging.getLogger(__name__)
+
+QUEUE_RETRY_AFTER_S = 5  # Retry-After of a 503 while the broker is unreachable (Redis restarts in seconds)
 
 
 def _error(status_code: int, detail: str, **extra: object) -> JSONResponse:
@@ -47,6 +50,12 @@ async def _task_conflict(request: Request, err: TaskConflict) -> JSONResponse:
 
 async def _no_model(request: Request, err: NoModelLoaded) -> JSONResponse:
     return _error(status.HTTP_409_CONFLICT, str(err) or "no model is serving yet: post a base task to /tasks")
+
+
+async def _queue_unavailable(request: Request, err: QueueUnavailable) -> JSONResponse:
+    response = _error(status.HTTP_503_SERVICE_UNAVAILABLE, str(err))
+    response.headers["Retry-After"] = str(QUEUE_RETRY_AFTER_S)
+    return response
 
 
 async def _validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
@@ -103,6 +112,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(TaskNotFound, _task_not_found)
     app.add_exception_handler(TaskConflict, _task_conflict)
     app.add_exception_handler(NoModelLoaded, _no_model)
+    app.add_exception_handler(QueueUnavailable, _queue_unavailable)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _internal_error)

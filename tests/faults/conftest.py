@@ -192,6 +192,7 @@ def fault_settings(data_dir: Path, redis_url: str) -> Settings:
         progress_interval_s=0.2,
         heartbeat_interval_s=0.5,
         orphan_timeout_s=120.0,
+        line_wait_s=1.0,
     )
 
 

@@ -142,6 +142,7 @@ def _submit(
         413: {"model": ErrorBody, "description": "Upload, entry count or uncompressed size over the limits."},
         415: {"model": ErrorBody, "description": "Not multipart/form-data, or not a zip / tar.gz archive."},
         422: {"model": ErrorBody, "description": "Invalid options or dataset content (named entry)."},
+        503: {"model": ErrorBody, "description": "The task queue (Redis) is unreachable; post again later."},
     },
 )
 async def create_task(
