@@ -15,13 +15,16 @@ for an orphan, even in long phases without progress) and turns a cancel request 
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import math
 import multiprocessing
+import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from celery.exceptions import SoftTimeLimitExceeded
@@ -37,8 +40,60 @@ ENGINE_PHASE = "tensorrt"
 PUBLISHING_PHASE = "publishing"
 
 
+# errors of a write that found no room: no space, quota exceeded, file larger than allowed
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+# a failed write with less than this left on its file system is taken for a full disk (see disk_full_guard)
+NEARLY_FULL_BYTES = 1 << 20
+
+
 class LostTask(RuntimeError):
     """Another worker took the task over (this one looked dead); stop without touching it."""
+
+
+class DiskFull(RuntimeError):
+    """The registry's file system ran out of space while a new version was written; the message says where."""
+
+
+def _has_disk_full_errno(error: BaseException) -> bool:
+    """Whether an OSError with a no-space errno is in the exception's chain."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in DISK_FULL_ERRNOS:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+@contextmanager
+def disk_full_guard(directory: Path, active: str | None) -> Iterator[None]:
+    """Turns a write that failed for want of space under ``directory`` into :class:`DiskFull`.
+
+    An OSError with ENOSPC, EDQUOT or EFBIG in the chain is a full disk. ``torch.save`` reports one as a
+    RuntimeError without an errno ("unexpected pos ..."), so an OSError or RuntimeError also counts when
+    fewer than :data:`NEARLY_FULL_BYTES` are left on the file system at the moment of the failure (checked
+    here, before the staging directory is removed and its space returned).
+
+    Args:
+        directory: The staging directory of the version being written (inside the registry).
+        active: The active version, named in the message as unchanged.
+    """
+    try:
+        yield
+    except LostTask:
+        raise
+    except (OSError, RuntimeError) as error:
+        try:
+            usage = shutil.disk_usage(directory)
+        except OSError:
+            usage = None
+        if usage is None or not (_has_disk_full_errno(error) or usage.free < NEARLY_FULL_BYTES):
+            raise
+        raise DiskFull(
+            f"the disk of the model registry is full: {usage.free} bytes free of {usage.total} on the file "
+            f"system of {directory.parent} while the new version was written ({type(error).__name__}: "
+            f"{error}); free space there or enlarge the volume, then post the task again; nothing was "
+            f"published and the active version ({active or 'none'}) is unchanged"
+        ) from error
 
 
 class Heartbeat:
@@ -271,6 +326,9 @@ def _run_beating(
         record = functools.partial(store.cancelled, task.id, worker, message)
     except ParityError as err:
         record = functools.partial(store.fail, task.id, worker, f"{err}; nothing was activated")
+    except DiskFull as err:
+        logger.error("task %s: %s", task.id, err)
+        record = functools.partial(store.fail, task.id, worker, str(err))
     except SoftTimeLimitExceeded:
         message = (
             f"stopped after {time.monotonic() - started:.0f} s by the soft time limit "
@@ -304,7 +362,7 @@ def _train_and_publish(
     from training.step import run_step
 
     writer = ProgressWriter(store, task.id, worker, settings.progress_interval_s, heartbeat)
-    with registry.staging() as stage:
+    with registry.staging() as stage, disk_full_guard(stage, task.base_version):
         dataset = store.dataset_dir(task.id)
         if dataset is None or not dataset.is_dir():
             raise FileNotFoundError(f"the staged dataset of task {task.id} is gone ({dataset})")
