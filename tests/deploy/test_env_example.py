@@ -20,9 +20,13 @@ def example_lines() -> list[tuple[str, str]]:
     ]
 
 
-def compose_variables() -> set[str]:
+def compose_texts() -> list[str]:
     files = [ROOT / "docker-compose.yml", *sorted((ROOT / "deploy").glob("compose.*.yml"))]
-    return {name for file in files for name in re.findall(r"\$\{([A-Z][A-Z0-9_]*)", file.read_text())}
+    return [file.read_text() for file in files]
+
+
+def compose_variables() -> set[str]:
+    return {name for text in compose_texts() for name in re.findall(r"\$\{([A-Z][A-Z0-9_]*)", text)}
 
 
 def test_every_setting_and_compose_variable_is_listed_once() -> None:
@@ -42,3 +46,15 @@ def test_settings_lines_are_valid_and_show_the_defaults(tmp_path: Path) -> None:
     for name, field in Settings.model_fields.items():
         if field.default is not PydanticUndefined and field.default is not None:
             assert getattr(loaded, name) == field.default, name
+
+
+def test_compose_variables_show_the_compose_defaults() -> None:
+    """A variable with one default in every compose file (``${NAME:-default}``) shows that default."""
+    defaults: dict[str, set[str]] = {}
+    for text in compose_texts():
+        for name, value in re.findall(r"\$\{([A-Z][A-Z0-9_]*):?-([^}]*)\}", text):
+            defaults.setdefault(name, set()).add(value)
+    shown = dict(example_lines())
+    single = {name: values.pop() for name, values in defaults.items() if len(values) == 1}
+    assert single
+    assert {name: shown[name] for name in single} == single
