@@ -3,6 +3,7 @@ progress phases, cancellation and the deletion of the staged data."""
 
 from __future__ import annotations
 
+import errno
 import functools
 import threading
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 
 import export.onnx_export
 from service.db import ClaimOutcome, TaskState, TaskStore
-from service.pipeline import CPU_MODEL_OPTIONS, run_task, step_options
+from service.pipeline import CPU_MODEL_OPTIONS, DiskFull, LostTask, disk_full_guard, run_task, step_options
 from service.registry import Registry
 from service.settings import Settings
 from tests.service.conftest import image_files, make_dataset_archive, stage_dataset, wait_for
@@ -155,3 +156,20 @@ def test_step_options_are_sized_for_the_machine(
     assert step_options(pinned, {}).backbone == "resnet50"
     assert step_options(pinned, {"backbone": "resnet18", "epochs": 3}).model_dump()["epochs"] == 3
     assert step_options(pinned, {"backbone": "resnet18"}).backbone == "resnet18"
+
+
+def test_disk_full_guard_names_a_full_disk_and_lets_other_errors_through(tmp_path: Path) -> None:
+    """ENOSPC anywhere in the chain is a full disk; other errors, with room left, pass unchanged (the
+    errno-less torch error on a really full file system: tests/faults/test_disk_full.py)."""
+    with pytest.raises(
+        DiskFull, match=r"disk of the model registry is full: \d+ bytes free .*\(v3\) is unchanged"
+    ):
+        with disk_full_guard(tmp_path, "v3"):
+            try:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            except OSError as error:
+                raise RuntimeError("writer failed") from error
+    for error in (RuntimeError("unexpected pos 10 vs 8"), OSError(errno.EACCES, "denied"), LostTask("taken")):
+        with pytest.raises(type(error)) as raised, disk_full_guard(tmp_path, "v3"):
+            raise error
+        assert raised.value is error
