@@ -11,6 +11,7 @@ import argparse
 from pathlib import Path
 
 from service.settings import Settings, get_settings
+from training.extra import require_train_extra
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -20,6 +21,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    require_train_extra("incseg serve (it runs a training worker)")
     from service.embedded import serve
 
     return serve(_settings(args), args.host, args.port)
@@ -35,6 +37,7 @@ def cmd_api(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    require_train_extra("incseg worker")
     from service.worker import run_worker
 
     run_worker(_settings(args), args.loglevel.upper())

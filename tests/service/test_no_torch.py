@@ -128,13 +128,18 @@ def test_api_serves_segment_and_takes_tasks_without_torch(api_without_torch: str
             assert "method" in answer.json()["detail"]
 
 
-def test_training_commands_name_the_extra_to_install(tmp_path: Path) -> None:
-    code = (
-        "from incseg.cli import main; sys.exit(main(['step', '--base', 'none', '--data', 'd', '--out', 'o']))"
-    )
-    result = run_without_torch(code, tmp_path)
+@pytest.mark.parametrize(
+    ("argv", "command"),
+    [
+        (["step", "--base", "none", "--data", "d", "--out", "o"], "incseg step"),
+        (["worker"], "incseg worker"),
+        (["export", "--model", "m", "--out", "o"], "incseg export"),
+    ],
+)
+def test_training_commands_name_the_extra_to_install(argv: list[str], command: str, tmp_path: Path) -> None:
+    result = run_without_torch(f"from incseg.cli import main; sys.exit(main({argv!r}))", tmp_path)
     assert result.returncode == 2
-    assert "incseg step needs the train extra: pip install 'incseg[train]'" in " ".join(result.stderr.split())
+    assert f"{command} needs the train extra: pip install 'incseg[train]'" in " ".join(result.stderr.split())
 
 
 def test_torch_free_names_match_the_builders() -> None:
