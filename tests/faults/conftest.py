@@ -98,13 +98,14 @@ class RedisServer:
 class ApiProcess:
     """``incseg api`` in its own process group, with the settings in its environment."""
 
-    def __init__(self, settings: Settings, log_path: Path) -> None:
+    def __init__(self, settings: Settings, log_path: Path, cwd: Path | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         with log_path.open("ab") as log:
             self.process = subprocess.Popen(
                 [str(INCSEG_SCRIPT), "api", "--host", "127.0.0.1", "--port", str(self.port)],
+                cwd=cwd,
                 env={**os.environ, **settings.to_env()},
                 stdout=log,
                 stderr=subprocess.STDOUT,
