@@ -24,6 +24,7 @@ from training.methods.plop import (
     window_bounds,
 )
 from training.models.bisenet import BiSeNet, BiSeNetConfig
+from training.optim import ParamGroup, resolve_multipliers
 from training.trainer import train_step
 
 
@@ -203,3 +204,15 @@ def test_two_step_plop_run() -> None:
     )
     assert step1.model.num_classes == 4 and scores is not None
     assert [h["method"] for h in step1.history] == ["plop", "plop"]
+
+
+def test_plop_keeps_heads_and_old_rows_at_the_steps_rate() -> None:
+    method = build_method("plop")
+    rates = resolve_multipliers(True, *(term.lr_multipliers for term in method.terms))
+    assert rates == {
+        ParamGroup.BACKBONE: 1.0,
+        ParamGroup.HEAD: 1.0,
+        ParamGroup.CLASSIFIER: 1.0,
+        ParamGroup.NEW_CLASSES: 100.0,
+    }
+    assert resolve_multipliers(False, *(term.lr_multipliers for term in method.terms))[ParamGroup.HEAD] == 1.0
