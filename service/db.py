@@ -155,7 +155,11 @@ def worker_id() -> str:
 
 
 def holder_alive(holder: str | None) -> bool | None:
-    """Whether the process named ``host:pid`` is alive: known only on the same host (None elsewhere)."""
+    """Whether the process named ``host:pid`` is alive: known only on the same host (None elsewhere).
+
+    A zombie (exited, not yet reaped: a pool process whose worker was SIGKILLed with it waits for init to
+    reap it, which can take seconds on a loaded machine) is dead.
+    """
     if not holder or ":" not in holder:
         return None
     host, _, pid = holder.rpartition(":")
@@ -167,7 +171,17 @@ def holder_alive(holder: str | None) -> bool | None:
         return False
     except PermissionError:
         return True
-    return True
+    return not _exited(int(pid))
+
+
+def _exited(pid: int) -> bool:
+    """Whether ``/proc`` shows the process as a zombie or dead (False where there is no ``/proc``)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    fields = stat.rpartition(")")[2].split()  # the command name in parentheses may hold spaces
+    return bool(fields) and fields[0] in ("Z", "X")
 
 
 def _utc(value: datetime | None) -> datetime | None:

@@ -16,6 +16,7 @@ from service.db import (
     TaskNotFound,
     TaskState,
     TaskStore,
+    holder_alive,
     tasks_table,
     worker_id,
 )
@@ -136,6 +137,24 @@ def test_dead_local_process_is_orphaned_at_once(store: TaskStore) -> None:
     dead = f"{socket.gethostname()}:{child.pid}"
     assert store.claim(task_id, dead, ORPHAN_S, 3, None).outcome == ClaimOutcome.RUN
     assert store.claim(task_id, worker_id(), ORPHAN_S, 3, None).outcome == ClaimOutcome.RUN
+
+
+def test_unreaped_holder_is_dead() -> None:
+    """A holder that exited but is not reaped yet (a zombie: SIGKILLed with its worker, waiting for init)
+    is dead; a running one is alive."""
+    import socket
+    import subprocess
+
+    child = subprocess.Popen(["sleep", "30"])
+    holder = f"{socket.gethostname()}:{child.pid}"
+    try:
+        assert holder_alive(holder) is True
+        child.kill()
+        time.sleep(0.5)  # exited; this process has not called wait(), so it stays a zombie
+        assert Path(f"/proc/{child.pid}").exists() and holder_alive(holder) is False
+    finally:
+        child.kill()
+        child.wait()
 
 
 def test_requeue_orphans(store: TaskStore) -> None:
