@@ -46,7 +46,9 @@ def test_worker_sigkill_mid_step_then_a_new_worker_finishes_it(stack: FaultStack
         assert registry.active() == "v1" and [v.name for v in registry.list()] == ["v1"]
         assert segment(client, image) == (200, "v1")
 
-        stack.start_worker()  # start-up recovery: the holder is dead, the task is requeued and runs again
+        new_worker = stack.start_worker()
+        # start-up recovery, before the worker reports ready: the holder is dead, the task is requeued
+        assert f"task {task_id} requeued: its worker died" in new_worker.log_path.read_text()
         done = wait_task(client, task_id, lambda task: task["state"] in FINISHED, 240, "to finish")
         finished = time.monotonic()
         assert done["state"] == "done", done["error"]
