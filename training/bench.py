@@ -1,9 +1,11 @@
 """``incseg bench``: a whole class-incremental protocol for several methods, scored like the papers.
 
-Every method starts from one shared step-0 model trained with plain cross-entropy (all methods
+The softmax methods start from one shared step-0 model trained with plain cross-entropy (they all
 train step 0 the same way; MiB's authors also reused one step-0 model), on which each method's
-end-of-step hooks then run (e.g. SDR's prototypes, ALIFE's feature memory). Joint training, the
-upper bound, learns every class in one step.
+end-of-step hooks then run (e.g. SDR's prototypes, ALIFE's feature memory). A method whose step 0
+is its own (``Method.needs_own_base``: STAR's per-class sigmoids, trained with BCE at step 0 as in
+STAR and DKD) trains it itself; its step-0 scores are in its first step. Joint training, the upper
+bound, learns every class in one step.
 
 Scores follow the papers' tables: old = background + the base classes ("0-15"), new = the
 classes added after step 0, all = every class seen so far; mIoU as fractions in [0, 1].
@@ -213,7 +215,8 @@ def run_benchmark(
 
     shared_base: ModelBundle | None = None
     for spec, method in built.items():
-        if shared_base is None and not method.trains_all_classes_at_once:
+        shares_base = not (method.trains_all_classes_at_once or method.needs_own_base)
+        if shared_base is None and shares_base:
             log(f"[base] step 0: {len(data.step_names(0))} classes, shared by the incremental methods")
             started = time.monotonic()
             shared_base, _ = train_step(
@@ -231,8 +234,16 @@ def run_benchmark(
             steps.append(_record(last, data, bundle, score(bundle, last), data.image_bytes(last), seconds))
             _save(save_dir, spec, last, bundle)
         else:
-            bundle = run_end_of_step_hooks(shared_base, method, data.train_set(0), options)
-            steps.append(_record(0, data, bundle, score(bundle, 0), data.image_bytes(0)))
+            base_seconds = None
+            if shares_base:
+                bundle = run_end_of_step_hooks(shared_base, method, data.train_set(0), options)
+            else:
+                log(f"[{spec}] step 0: {len(data.step_names(0))} classes, its own")
+                bundle, _ = train_step(
+                    None, data.step_names(0), data.train_set(0), None, method, options, on_progress
+                )
+                base_seconds = round(time.monotonic() - started, 1)
+            steps.append(_record(0, data, bundle, score(bundle, 0), data.image_bytes(0), base_seconds))
             _save(save_dir, spec, 0, bundle)
             for step in range(1, protocol.num_steps):
                 log(f"[{spec}] step {step}: + {', '.join(data.step_names(step))}")
@@ -248,7 +259,8 @@ def run_benchmark(
         results["methods"][spec] = {
             "steps": steps,
             "final": {k: final[k] for k in ("miou_old", "miou_new", "miou_all", "hiou")},
-            "seconds": round(time.monotonic() - started, 1),  # the shared step 0 is in base_seconds
+            # the shared step 0 is in base_seconds; a method's own step 0 is in here and in steps[0]
+            "seconds": round(time.monotonic() - started, 1),
         }
         if on_method_done is not None:
             on_method_done(results)

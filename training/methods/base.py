@@ -87,7 +87,9 @@ class LossTerm:
 
     Subclasses implement ``__call__`` and set ``name``; ``needs_old_model`` terms are skipped at
     step 0 (distillation has nothing to distil from); a method has exactly one ``classifies`` term
-    (the supervised loss on the step's labels). ``lr_multipliers`` (group -> multiple of the
+    (the supervised loss on the step's labels). A ``needs_own_base`` term cannot start from a step 0
+    trained by another method (e.g. STAR's per-class sigmoids): a benchmark trains that method's step 0
+    with the method itself. ``lr_multipliers`` (group -> multiple of the
     step's lr, see ``training.optim``) changes the learning rates of incremental steps for a
     method that needs its own; the trainer merges them over the method's terms.
     """
@@ -95,6 +97,7 @@ class LossTerm:
     name: str = "loss"
     needs_old_model: bool = False
     classifies: bool = False
+    needs_own_base: bool = False
     lr_multipliers: ClassVar[Mapping[ParamGroup, float]] = {}
 
     def __init__(self, weight: float = 1.0) -> None:
@@ -151,6 +154,11 @@ class Method:
             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
         }
         return list(layers.values())
+
+    @property
+    def needs_own_base(self) -> bool:
+        """True when step 0 must be trained by this method itself, not shared with other methods."""
+        return any(term.needs_own_base for term in self.terms)
 
     def active_terms(self, ctx: StepContext) -> Iterable[LossTerm]:
         return [t for t in self.terms if ctx.old_model is not None or not t.needs_old_model]

@@ -38,9 +38,14 @@ STAR's replay (STAR trainer_voc.py:390-465), with its weights (config_voc.json):
 - SAD: the new classes' mean features are pushed away from the nearest old prototype,
   1 / distance, weight ``cont`` 0.05 (STAR loss.py:110-133).
 
-A base trained by a softmax method (``incseg bench`` shares one ``ft`` step 0) is converted exactly
-at the first star step (``use_sigmoid_outputs``); its memory comes from star's end-of-step hook,
-which the bench runs on the shared base. A base with no star memory is refused with a clear error.
+Step 0 is star's own, trained with per-class BCE as STAR and DKD train theirs (``needs_own_base``:
+``incseg bench`` trains it instead of sharing the softmax ``ft`` base). A softmax base is refused:
+its label map converts exactly to sigmoids (the class-vs-background log-odds), but measured on the
+15-1 probe (BENCHMARKS.md, "STAR: why it collapsed at its first step") the features of a
+cross-entropy base put the old-region feature loss past the stability limit of SGD at STAR's rates
+(top eigenvalue of the rate-scaled Hessian 2.3-3.2 against 1.36 for Nesterov momentum 0.9; 1.0-1.3
+for a star base): the embedding diverges, its ReLUs die and every pixel becomes background.
+A base with no star memory is refused as well.
 """
 
 from __future__ import annotations
@@ -56,10 +61,6 @@ from training.methods.base import Batch, LossTerm, Method, StepContext
 from training.methods.star_memory import STAR_MEMORY, ClassMemory, MemoryBuilder, labels_at
 from training.models.bisenet import BiSeNet
 from training.optim import ParamGroup
-
-# A classifier converted from a softmax model has no trained auxiliary row: it starts at
-# sigmoid 0.01 everywhere (weights 0) until the auxiliary loss trains it during the step.
-CONVERTED_AUX_BIAS = -4.595
 
 # STAR train_voc.py:123-142 and scripts/voc/overlapped/train_voc_15-1.sh: base lr 1e-3 at step 0,
 # 1e-4 later; ASPP and classifier x10, new classifier x100. Our step lr is 0.01 at step 0 and 0.001
@@ -182,6 +183,7 @@ class StarClassification(LossTerm):
 
     name = "bce"
     classifies = True
+    needs_own_base = True
     lr_multipliers = LR_MULTIPLIERS
 
     def __init__(
@@ -211,10 +213,15 @@ class StarClassification(LossTerm):
 
     # ----- step hooks -------------------------------------------------------------------------
     def on_step_start(self, ctx: StepContext) -> None:
-        use_sigmoid_outputs(ctx.model, ctx.old_model)
         self.memory, self.fakes_per_iteration, self.background_ratio = None, None, 0.0
         if ctx.old_model is None:
+            ctx.model.config = dataclasses.replace(ctx.model.config, sigmoid_outputs=True)
             return
+        if not ctx.old_model.config.sigmoid_outputs:
+            raise ValueError(
+                "star needs a base model trained with star (per-class sigmoids); this one has a softmax "
+                "classifier: train step 0 with star"
+            )
         init_new_rows(ctx.model, ctx.old_model, self.aux_init)
         if STAR_MEMORY not in ctx.state:
             raise ValueError(
@@ -366,25 +373,6 @@ class PrototypeSeparation(LossTerm):
         return prototype_separation(
             batch.out.features, batch.labels, ctx.num_old_classes, ctx.num_classes, prototypes
         )
-
-
-@torch.no_grad()
-def use_sigmoid_outputs(model: BiSeNet, old_model: BiSeNet | None) -> None:
-    """Switches the models to per-class sigmoids; a softmax teacher's classifier is converted exactly.
-
-    A softmax's class-vs-background log-odds ``z_c - z_0`` become the class logits, so the converted
-    teacher predicts the same label map; its row 0 (now the auxiliary classifier) starts with zero
-    weights at ``CONVERTED_AUX_BIAS``. The grown model's old rows are then copied from the teacher
-    (``init_new_rows``); at step 0 the model is fresh and only changes mode.
-    """
-    if old_model is not None and not old_model.config.sigmoid_outputs:
-        classifier = old_model.head.classifier
-        classifier.weight[1:] -= classifier.weight[:1].clone()
-        classifier.bias[1:] -= classifier.bias[:1].clone()
-        classifier.weight[0] = 0
-        classifier.bias[0] = CONVERTED_AUX_BIAS
-        old_model.config = dataclasses.replace(old_model.config, sigmoid_outputs=True)
-    model.config = dataclasses.replace(model.config, sigmoid_outputs=True)
 
 
 @torch.no_grad()

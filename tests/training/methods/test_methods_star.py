@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from tests.helpers import TINY_OPTIONS, TinySet
-from training.bench import memory_bytes
+from training.bench import memory_bytes, run_benchmark
 from training.methods import build_method
 from training.methods.base import Batch, StepContext
 from training.methods.star import (
@@ -20,7 +20,6 @@ from training.methods.star import (
     prototype_separation,
     sigmoid_distillation,
     star,
-    use_sigmoid_outputs,
 )
 from training.methods.star_memory import STAR_MEMORY, ClassMemory, MemoryBuilder
 from training.model_dir import ModelBundle
@@ -166,23 +165,26 @@ def test_sigmoid_outputs_give_the_papers_label_map() -> None:
     assert 0.2 < (reference == 0).float().mean() < 0.8  # both branches of the rule are exercised
 
 
-def test_a_softmax_teacher_converts_to_the_same_label_map() -> None:
-    torch.manual_seed(0)
-    teacher = BiSeNet(BiSeNetConfig(4, "resnet10", 16, 16), aux=False).eval()
-    images = torch.randn(2, 3, 48, 48)
-    with torch.no_grad():
-        classifier = teacher.head.classifier
-        classifier.weight.normal_()
-        classifier.bias.zero_()
-        raw = classifier(teacher.forward_features(images))  # (2, 4, 6, 6)
-        classifier.bias[0] = (raw[:, 1:].amax(1) - raw[:, 0]).median()  # background wins about half
-        before = teacher(images).argmax(1)
-        model = BiSeNet(BiSeNetConfig(4, "resnet10", 16, 16), aux=False)
-        use_sigmoid_outputs(model, teacher)
-        after = teacher(images).argmax(1)
-    assert teacher.config.sigmoid_outputs and model.config.sigmoid_outputs
-    assert 0 < (before == 0).float().mean() < 1
-    assert torch.equal(before, after)
+def test_a_softmax_base_is_refused_with_what_to_do() -> None:
+    ft = build_method("ft")
+    softmax_base, _ = train_step(None, ["a", "b"], TinySet([1, 2], n=4), None, ft, TINY_OPTIONS)
+    with pytest.raises(ValueError, match="trained with star"):
+        train_step(softmax_base, ["c"], TinySet([3], n=4), None, build_method("star"), TINY_OPTIONS)
+
+
+def test_bench_trains_stars_own_sigmoid_base(synth_dataset: Path, tmp_path: Path, tiny_options) -> None:
+    assert build_method("star").needs_own_base and build_method("star(sad=0)").needs_own_base
+    assert not build_method("mib").needs_own_base and not build_method("mib+sdr").needs_own_base
+    results = run_benchmark(
+        synth_dataset, "4-2", "overlapped", ["star"], tiny_options, tmp_path / "models", log=lambda _: None
+    )
+    assert "base_seconds" not in results  # no shared softmax base was trained
+    base = ModelBundle.load(tmp_path / "models" / "star" / "step0")
+    assert base.model.config.sigmoid_outputs and base.history[0]["method"] == "star"
+    assert base.state[STAR_MEMORY]["prototypes"].shape == (4, 16)
+    steps = results["methods"]["star"]["steps"]
+    assert [s["step"] for s in steps] == [0, 1] and steps[0]["seconds"] > 0
+    assert steps[0]["miou_all"] is not None and steps[1]["memory_bytes"] > steps[0]["memory_bytes"]
 
 
 def _padded(rows: list[list[float]], dim: int = 8) -> torch.Tensor:
