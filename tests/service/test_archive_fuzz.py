@@ -2,7 +2,8 @@
 
 Archives are built from a valid two-image dataset, mutated and mixed with hostile members: names with
 ``..`` and absolute paths aimed inside the sandbox, backslashes, NUL and control characters, long and
-unicode names, symbolic and hard links, devices and FIFOs, duplicates, random and truncated image bytes,
+unicode names, symbolic and hard links, devices and FIFOs, duplicates, incompressible padding (past the
+upload limit), random and truncated image bytes,
 masks of random sizes and labels, random class lists, truncated or random archive bytes. The property:
 ``receive_dataset`` either returns a :class:`StagedDataset` inside the staging root, or raises an
 :class:`UploadError` with a 4xx status and a message; never another exception; nothing is written outside
@@ -44,7 +45,7 @@ PROFILE = settings.get_profile(os.environ.get("INCSEG_FUZZ_PROFILE", "ci"))
 # small limits, so that random archives reach every limit
 LIMITS = Settings(
     _env_file=None,
-    max_upload_bytes=256 << 10,
+    max_upload_bytes=64 << 10,
     max_archive_entries=16,
     max_uncompressed_bytes=512 << 10,
     max_compression_ratio=50.0,
@@ -141,7 +142,8 @@ def hostile_members(draw: st.DrawFn, sandbox: str) -> Member:
     name = draw(hostile_names(sandbox))
     kind = draw(st.sampled_from(["file", "file", "dir", "symlink", "hardlink", "fifo", "device"]))
     link = draw(st.sampled_from([f"{sandbox}/linked", "../../../linked", "classes.txt", "/etc/passwd"]))
-    return Member(name, kind, draw(st.binary(max_size=64)), link)
+    incompressible = st.integers(0, 100_000).map(lambda size: np.random.default_rng(size).bytes(size))
+    return Member(name, kind, draw(st.binary(max_size=64) | incompressible), link)
 
 
 @st.composite
