@@ -3,14 +3,14 @@
 Archives are built from a valid two-image dataset, mutated and mixed with hostile members: names with
 ``..`` and absolute paths aimed inside the sandbox, backslashes, NUL and control characters, long and
 unicode names, symbolic and hard links, devices and FIFOs, duplicates, incompressible padding (past the
-upload limit), random and truncated image bytes,
-masks of random sizes and labels, random class lists, truncated or random archive bytes. The property:
+upload limit), random and truncated image bytes, masks of random sizes and labels, random class lists,
+truncated or random archive bytes. The property:
 ``receive_dataset`` either returns a :class:`StagedDataset` inside the staging root, or raises an
 :class:`UploadError` with a 4xx status and a message; never another exception; nothing is written outside
 the staging root, and nothing is left in it after a refusal.
 
 The CI run takes ``ci`` (a modest number of examples); ``INCSEG_FUZZ_PROFILE=thorough`` runs many more
-(README, "Bad input").
+(README, "Set up and run").
 """
 
 from __future__ import annotations
