@@ -109,7 +109,8 @@ class ScaledSetup:
         self.worker.wait_ready()
         self.api = ApiProcess(self.settings, logs / "api.log", cwd=sandbox)
         self.api.wait_healthy()
-        wait_until(lambda: httpx.get(f"{self.api.url}/ready").status_code == 200, 60, "v1 to be ready")
+        # /models, not /ready: a 503 of /ready while v1 loads would count among the answers checked at the end
+        wait_until(lambda: httpx.get(f"{self.api.url}/models").json()["serving"] == "v1", 60, "v1 to serve")
         self.outside = self.files_outside_data_dir()
 
     def files_outside_data_dir(self) -> set[str]:
