@@ -74,13 +74,19 @@ log "pip configuration of the builds: $(grep -v '^\[' "$workdir/pip.conf" | tr '
 build() {
     local name="$1" image="$2" dockerfile="$3"
     shift 3
-    local started=$SECONDS
+    local started=$SECONDS previous
+    previous="$(podman image inspect --format '{{.Id}}' "$image" 2> /dev/null || true)"
     log "building $image from $dockerfile (base $base_image)"
     podman build --format docker --network host "${mounts[@]}" \
         --build-arg "BASE_IMAGE=$base_image" --build-arg PYTHON=python3 "$@" \
         -f "$repo/$dockerfile" -t "$image" "$repo" > "$workdir/$name.log" 2>&1 \
         || { tail -n 60 "$workdir/$name.log" >&2; log "building $image failed"; exit 1; }
     echo "$image $((SECONDS - started)) $(podman image inspect --format '{{.Size}}' "$image")"
+    # The image this tag named before (several GB for the worker) and its cache layers that no other
+    # image uses; one still used by a container stays.
+    if [ -n "$previous" ] && [ "$previous" != "$(podman image inspect --format '{{.Id}}' "$image")" ]; then
+        podman rmi "$previous" > /dev/null 2>&1 || log "kept the previous $image ($previous): in use"
+    fi
 }
 
 targets=("$@")
