@@ -237,7 +237,7 @@ def timings() -> Iterator[Timings]:
 
 @pytest.fixture(scope="module")
 def images(timings: Timings) -> None:
-    """The machine set up and the three images built (layers cached between runs)."""
+    """The machine set up and the base, Redis, API and worker images built (layers cached between runs)."""
     if os.geteuid() != 0:
         pytest.fail("the podman stack test runs rootful podman and installs it: run it as root")
     timings.seconds["setup.sh (podman, base and redis images)"], _ = run_timed(
