@@ -150,19 +150,28 @@ class Heartbeat:
 
 
 def worker_id() -> str:
-    """Identity of this process as a task holder: ``host:pid``."""
-    return f"{socket.gethostname()}:{os.getpid()}"
+    """Identity of this process as a task holder: ``host:start:pid``.
+
+    ``start`` is the process's start time (``/proc``, clock ticks since boot; empty where there is no
+    ``/proc``): a worker container restarted with the same hostname gets a fresh PID namespace, and its
+    new pool process often has the PID of the old one, which a bare ``host:pid`` would take as alive.
+    """
+    return f"{socket.gethostname()}:{_start_time(os.getpid()) or ''}:{os.getpid()}"
 
 
 def holder_alive(holder: str | None) -> bool | None:
-    """Whether the process named ``host:pid`` is alive: known only on the same host (None elsewhere).
+    """Whether the process named ``host:start:pid`` (or ``host:pid``) is alive: known only on its host.
 
-    A zombie (exited, not yet reaped: a pool process whose worker was SIGKILLed with it waits for init to
-    reap it, which can take seconds on a loaded machine) is dead.
+    None on another host. A process with that PID but another start time is a different process (the
+    PID was reused): the holder is dead. A zombie (exited, not yet reaped: a pool process whose worker was
+    SIGKILLed with it waits for init to reap it, which can take seconds on a loaded machine) is dead.
     """
     if not holder or ":" not in holder:
         return None
-    host, _, pid = holder.rpartition(":")
+    rest, _, pid = holder.rpartition(":")
+    host, sep, start = rest.rpartition(":")
+    if not sep:
+        host, start = rest, ""
     if host != socket.gethostname() or not pid.isdigit():
         return None
     try:
@@ -171,16 +180,29 @@ def holder_alive(holder: str | None) -> bool | None:
         return False
     except PermissionError:
         return True
+    if start and _start_time(int(pid)) not in (None, start):
+        return False
     return not _exited(int(pid))
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    """Fields of ``/proc/PID/stat`` from the state on (field 3), or None where it cannot be read."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rpartition(")")[2].split()  # the command name in parentheses may hold spaces
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (field 22 of ``/proc/PID/stat``), or None."""
+    fields = _stat_fields(pid)
+    return fields[19] if fields and len(fields) > 19 else None
 
 
 def _exited(pid: int) -> bool:
     """Whether ``/proc`` shows the process as a zombie or dead (False where there is no ``/proc``)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    fields = stat.rpartition(")")[2].split()  # the command name in parentheses may hold spaces
+    fields = _stat_fields(pid)
     return bool(fields) and fields[0] in ("Z", "X")
 
 

@@ -157,6 +157,19 @@ def test_unreaped_holder_is_dead() -> None:
         child.wait()
 
 
+def test_holder_with_a_reused_pid_is_dead() -> None:
+    """A restarted worker container keeps its hostname and may give its new pool process the old PID:
+    the holder's start time tells the two apart; this process's own id is alive."""
+    import os
+
+    assert holder_alive(worker_id()) is True
+    host, start, pid = worker_id().split(":")
+    assert pid == str(os.getpid()) and start.isdigit()
+    assert holder_alive(f"{host}:{int(start) - 1}:{pid}") is False  # same PID, an earlier process
+    assert holder_alive(f"{host}:{pid}") is True  # rows written before the start time was recorded
+    assert holder_alive(f"elsewhere-{host}:{start}:{pid}") is None
+
+
 def test_requeue_orphans(store: TaskStore) -> None:
     retried, exhausted, alive = _create(store, "a"), _create(store, "b"), _create(store, "c")
     # the line allows one running task; put rows into the states directly as a crashed fleet leaves them
