@@ -19,7 +19,12 @@ DKD's framework:
   STAR, whose trainer has no such term; ``star(kd=5)`` adds it.
 - Learning rates per group, STAR train_voc.py:123-142: backbone x1, head x10, old rows x10,
   new rows x100 of a base rate 1e-4 (1e-3 at step 0, where the classifier is x10): see
-  ``LR_MULTIPLIERS`` (stated on the classification term, applied by ``training.optim``).
+  ``LR_MULTIPLIERS`` (stated on the classification term, applied by ``training.optim``). In
+  incremental steps BiSeNet's spatial path (three stride-2 convolutions reading the image: a feature
+  extractor, as STAR's backbone) trains at the backbone's rate, not the heads' (``training.optim``
+  puts it with the heads): at the heads' 1e-3 it alone gives the old-region MSE a rate-scaled Hessian
+  eigenvalue of 2.0, past SGD's stability limit of 1.36, and that loss then diverges instead of
+  holding the old features (measured, BENCHMARKS.md "STAR: why it collapsed at its first step").
 
 STAR's replay (STAR trainer_voc.py:390-465), with its weights (config_voc.json):
 - BCE on the new classes with ``pos_weight`` 4 (mbce 1), averaged over all pixels per class and
@@ -51,11 +56,12 @@ A base with no star memory is refused as well.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from training.methods.base import Batch, LossTerm, Method, StepContext
 from training.methods.star_memory import STAR_MEMORY, ClassMemory, MemoryBuilder, labels_at
@@ -183,6 +189,9 @@ class StarClassification(LossTerm):
             large one means huge batches of fake features; STAR on VOC 15-1 has about 3 per
             position, so 4 keeps its behaviour and bounds a step's cost whatever the history.
         lr_multipliers: Overrides of ``LR_MULTIPLIERS`` by group name, e.g. ``{"new_classes": 100}``.
+        spatial_path_at_backbone_rate: In incremental steps, scale the spatial path's gradient by
+            the backbone / head ratio of these multipliers (a gradient hook, as the trainer scales
+            the new rows; the step's recorded rates list it with the heads). False: the heads' rate.
     """
 
     name = "bce"
@@ -198,6 +207,7 @@ class StarClassification(LossTerm):
         aux_init: bool = True,
         max_replay_ratio: float = 4.0,
         lr_multipliers: Mapping[str, float] | None = None,
+        spatial_path_at_backbone_rate: bool = True,
     ) -> None:
         super().__init__(1.0)
         self.lr_multipliers = {
@@ -209,6 +219,8 @@ class StarClassification(LossTerm):
         self.background_repeat = background_repeat
         self.aux_init = aux_init
         self.max_replay_ratio = max_replay_ratio
+        self.spatial_path_at_backbone_rate = spatial_path_at_backbone_rate
+        self.gradient_hooks: list[RemovableHandle] = []
         self.memory: ClassMemory | None = None
         self.fakes_per_iteration: Tensor | None = None
         self.background_ratio = 0.0
@@ -227,6 +239,9 @@ class StarClassification(LossTerm):
                 "classifier: train step 0 with star"
             )
         init_new_rows(ctx.model, ctx.old_model, self.aux_init)
+        if self.spatial_path_at_backbone_rate:
+            factor = self.lr_multipliers[ParamGroup.BACKBONE] / self.lr_multipliers[ParamGroup.HEAD]
+            self.gradient_hooks = scale_gradients(ctx.model.spatial_path.parameters(), factor)
         if STAR_MEMORY not in ctx.state:
             raise ValueError(
                 "star needs the prototype statistics of the old classes: train the base model with "
@@ -271,6 +286,9 @@ class StarClassification(LossTerm):
     @torch.no_grad()
     def on_step_end(self, ctx: StepContext) -> None:
         """Adds the new classes' statistics to the memory (STAR base_trainer.py:117-122)."""
+        for hook in self.gradient_hooks:
+            hook.remove()
+        self.gradient_hooks = []
         first = max(ctx.num_old_classes, 1)
         builder = MemoryBuilder(list(range(first, ctx.num_classes)), ctx.model.embed_dim, ctx.device)
         was_training = ctx.model.training
@@ -379,6 +397,13 @@ class PrototypeSeparation(LossTerm):
         )
 
 
+def scale_gradients(parameters: Iterable[nn.Parameter], factor: float) -> list[RemovableHandle]:
+    """Multiplies the gradient of each parameter by ``factor`` (with SGD: its learning rate); none for 1."""
+    if factor == 1.0:
+        return []
+    return [p.register_hook(lambda grad: grad * factor) for p in parameters]
+
+
 @torch.no_grad()
 def init_new_rows(model: BiSeNet, old_model: BiSeNet, aux_init: bool) -> None:
     """Old rows from the teacher (undoing ``add_classes``' MiB rewrite of row 0), new rows as DKD or STAR."""
@@ -407,13 +432,22 @@ def star(
     aux_init: bool = True,
     max_replay_ratio: float = 4.0,
     lr_multipliers: dict[str, float] | None = None,
+    spatial_path_at_backbone_rate: bool = True,
 ) -> Method:
     """STAR on DKD's framework; weights of STAR's configs/config_voc.json (pkd 5, cont 0.05, pos_weight 4).
 
     A weight of 0 drops the term. ``kd`` is DKD's (5 there); STAR has none.
     """
     terms: list[LossTerm] = [
-        StarClassification(pos_weight, replay, background_repeat, aux_init, max_replay_ratio, lr_multipliers)
+        StarClassification(
+            pos_weight,
+            replay,
+            background_repeat,
+            aux_init,
+            max_replay_ratio,
+            lr_multipliers,
+            spatial_path_at_backbone_rate,
+        )
     ]
     for term, weight in (
         (AuxiliaryClassifier, aux_classifier),

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader
 
 from tests.helpers import TINY_OPTIONS, TinySet
 from training.bench import memory_bytes, run_benchmark
 from training.methods import build_method
 from training.methods.base import Batch, StepContext
 from training.methods.star import (
+    LR_MULTIPLIERS,
     StarClassification,
     class_bce,
     old_region_mse,
@@ -270,3 +273,36 @@ def test_tiny_step_0_and_step_1_learn_and_keep_the_memory(tmp_path: Path) -> Non
     assert memory["counts"][3] > 0
     assert grown.model.num_classes == 4 and scores.per_class_iou["c"] is not None
     assert grown.history[-1]["method"] == "star(kd=5)"
+
+
+def test_spatial_path_trains_at_the_backbone_rate_in_incremental_steps() -> None:
+    base, _ = train_step(None, ["a", "b"], TinySet([1, 2], n=4), None, build_method("star"), TINY_OPTIONS)
+    model = copy.deepcopy(base.model)
+    model.add_classes(1)
+    reference = copy.deepcopy(model)  # no hooks: the heads' rate
+    teacher = copy.deepcopy(base.model).eval()
+    loader = DataLoader(TinySet([3], n=4), batch_size=2)
+    classes = ["bg", "a", "b", "c"]
+    ctx = StepContext(1, model, teacher, 3, classes, loader, torch.device("cpu"), copy.deepcopy(base.state))
+    term = StarClassification()
+    term.on_step_start(ctx)
+    reference.head.classifier.load_state_dict(model.head.classifier.state_dict())  # the new rows' init
+    images = TinySet([3], n=2).images
+
+    def gradients(net: BiSeNet) -> tuple[torch.Tensor, torch.Tensor]:
+        net.zero_grad()
+        net.forward_train(images).features.square().mean().backward()
+        return net.spatial_path.blocks[0][0].weight.grad.clone(), net.fusion.conv[0].weight.grad.clone()
+
+    (spatial, fusion), (spatial_ref, fusion_ref) = gradients(model), gradients(reference)
+    ratio = LR_MULTIPLIERS[ParamGroup.BACKBONE] / LR_MULTIPLIERS[ParamGroup.HEAD]  # STAR: 1e-4 / 1e-3
+    assert ratio == pytest.approx(0.1)
+    assert torch.allclose(spatial, ratio * spatial_ref, rtol=1e-4, atol=1e-9) and spatial_ref.abs().sum() > 0
+    assert torch.allclose(fusion, fusion_ref, rtol=1e-4, atol=1e-9)  # the other heads keep their rate
+    term.on_step_end(ctx)  # removes the hooks
+    assert torch.allclose(gradients(model)[0], spatial_ref, rtol=1e-4, atol=1e-9)
+    unscaled = StarClassification(spatial_path_at_backbone_rate=False)
+    unscaled.on_step_start(
+        StepContext(1, model, teacher, 3, classes, loader, torch.device("cpu"), base.state)
+    )
+    assert not unscaled.gradient_hooks
