@@ -22,9 +22,10 @@ DKD's framework:
   ``LR_MULTIPLIERS`` (stated on the classification term, applied by ``training.optim``). In
   incremental steps BiSeNet's spatial path (three stride-2 convolutions reading the image: a feature
   extractor, as STAR's backbone) trains at the backbone's rate, not the heads' (``training.optim``
-  puts it with the heads): at the heads' 1e-3 it alone gives the old-region MSE a rate-scaled Hessian
-  eigenvalue of 2.0, past SGD's stability limit of 1.36, and that loss then diverges instead of
-  holding the old features (measured, BENCHMARKS.md "STAR: why it collapsed at its first step").
+  puts it with the heads): at the heads' 1e-3 the old-region MSE's rate-scaled Hessian has a top
+  eigenvalue past the stability limit of SGD with Nesterov momentum 0.9 (1.36), 2.0 of it from the
+  spatial path alone, and that loss then diverges instead of holding the old features (measured,
+  BENCHMARKS.md "STAR: why it collapsed at its first step").
 
 STAR's replay (STAR trainer_voc.py:390-465), with its weights (config_voc.json):
 - BCE on the new classes with ``pos_weight`` 4 (mbce 1), averaged over all pixels per class and
@@ -44,13 +45,12 @@ STAR's replay (STAR trainer_voc.py:390-465), with its weights (config_voc.json):
   1 / distance, weight ``cont`` 0.05 (STAR loss.py:110-133).
 
 Step 0 is star's own, trained with per-class BCE as STAR and DKD train theirs (``needs_own_base``:
-``incseg bench`` trains it instead of sharing the softmax ``ft`` base). A softmax base is refused:
-its label map converts exactly to sigmoids (the class-vs-background log-odds), but measured on the
-15-1 probe (BENCHMARKS.md, "STAR: why it collapsed at its first step") the features of a
-cross-entropy base put the old-region feature loss past the stability limit of SGD at STAR's rates
-(top eigenvalue of the rate-scaled Hessian 2.3-3.2 against 1.36 for Nesterov momentum 0.9; 1.0-1.3
-for a star base): the embedding diverges, its ReLUs die and every pixel becomes background.
-A base with no star memory is refused as well.
+``incseg bench`` trains it instead of sharing the softmax ``ft`` base; on the 15-1 probe of
+BENCHMARKS.md it scores 60.5 against the ``ft`` base's 56.8). A softmax base is refused rather than
+converted: the conversion (class-vs-background log-odds as the class logits) is exact for the label
+map, but it is the path on which star collapsed (all old classes to 0) before the spatial path got
+the backbone's rate, and a base trained with BCE is the reference's. A base with no star memory is
+refused as well.
 """
 
 from __future__ import annotations
