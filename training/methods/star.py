@@ -398,10 +398,14 @@ class PrototypeSeparation(LossTerm):
 
 
 def scale_gradients(parameters: Iterable[nn.Parameter], factor: float) -> list[RemovableHandle]:
-    """Multiplies the gradient of each parameter by ``factor`` (with SGD: its learning rate); none for 1."""
+    """Multiplies the gradient of each trained parameter by ``factor`` (with SGD: its learning rate).
+
+    Parameters that do not require a gradient (e.g. BatchNorm frozen by an earlier step) are skipped;
+    no hooks for a factor of 1.
+    """
     if factor == 1.0:
         return []
-    return [p.register_hook(lambda grad: grad * factor) for p in parameters]
+    return [p.register_hook(lambda grad: grad * factor) for p in parameters if p.requires_grad]
 
 
 @torch.no_grad()
