@@ -2,18 +2,15 @@
 
 Every test gets its own ``redis-server`` on a free port (never the shared one at 6379: restarting that
 would break every other test and session using it), the API as a separate ``incseg api`` process on a
-free port, and Celery workers as separate processes (:class:`tests.service.conftest.WorkerProcess`).
+free port, and Celery workers as separate processes (:class:`tests.service.api_support.WorkerProcess`).
 The task table is SQLite in the test's data directory; the settings are the tiny ones of the service
 tests (resnet10 with 16 channels, 32 px, exported at 32 x 32).
 """
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -27,10 +24,9 @@ import pytest
 
 from service.registry import Registry
 from service.settings import Settings
-from tests.service.api_support import free_port, png_bytes, wait_until
-from tests.service.conftest import TINY_STEP_OPTIONS, WorkerProcess
+from tests.service.api_support import ApiProcess, WorkerProcess, free_port, png_bytes, wait_until
+from tests.service.conftest import TINY_STEP_OPTIONS
 
-INCSEG_SCRIPT = Path(sys.executable).with_name("incseg")
 FINISHED = ("done", "failed", "cancelled")
 
 
@@ -93,53 +89,6 @@ class RedisServer:
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
             self.process.wait(timeout=20)
-
-
-class ApiProcess:
-    """``incseg api`` in its own process group, with the settings in its environment."""
-
-    def __init__(self, settings: Settings, log_path: Path, cwd: Path | None = None) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        with log_path.open("ab") as log:
-            self.process = subprocess.Popen(
-                [str(INCSEG_SCRIPT), "api", "--host", "127.0.0.1", "--port", str(self.port)],
-                cwd=cwd,
-                env={**os.environ, **settings.to_env()},
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def wait_healthy(self, timeout_s: float = 90) -> None:
-        def healthy() -> bool:
-            assert self.process.poll() is None, f"the API exited:\n{self.log()[-4000:]}"
-            try:
-                return httpx.get(f"{self.url}/health", timeout=2).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_until(healthy, timeout_s, f"{self.url}/health", poll_s=0.2)
-
-    def alive(self) -> bool:
-        return self.process.poll() is None
-
-    def kill(self) -> None:
-        """SIGKILL: no shutdown handler runs."""
-        os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait(timeout=30)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.kill()
 
 
 @dataclass

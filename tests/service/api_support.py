@@ -1,10 +1,11 @@
-"""Builders shared by the API tests: registry versions of a tiny model, images, a real uvicorn process."""
+"""Builders shared by the service tests: registry versions of a tiny model, images, real service processes."""
 
 from __future__ import annotations
 
 import io
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -20,9 +21,11 @@ from PIL import Image
 from export.onnx_export import export_onnx
 from service.registry import EXPORT_SUBDIR, MANIFEST_JSON, MODEL_SUBDIR, Registry
 from service.settings import Settings
+from service.worker import worker_argv
 from tests.helpers import save_tiny_model
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+INCSEG_SCRIPT = Path(sys.executable).with_name("incseg")
 SERVE_SIZE = 32  # the conftest settings' serve_size
 
 
@@ -81,36 +84,104 @@ def wait_until(condition, timeout_s: float, what: str, poll_s: float = 0.1):
     raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
-@contextmanager
-def service_process(
-    command: list[str], settings: Settings, log_path: Path, url: str | None = None
-) -> Iterator[None]:
-    """Runs ``command`` with ``settings`` in its environment, waits for ``url``/health if given, stops it."""
-    env = {**os.environ, **settings.to_env()}
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        if url is not None:
+class ServiceProcess:
+    """A service command in its own session, with ``settings`` in its environment and its output in a log.
 
-            def healthy() -> bool:
-                if process.poll() is not None:
-                    raise AssertionError(
-                        f"{command} exited with {process.returncode}: {log_path.read_text()}"
-                    )
-                try:
-                    return httpx.get(f"{url}/health", timeout=1).status_code == 200
-                except httpx.HTTPError:
-                    return False
+    Its own session lets :meth:`kill` take down the command and every process it started at once (a
+    machine or container dying); :meth:`stop` is the orderly SIGTERM (uvicorn and Celery shut down
+    cleanly), then SIGKILL after ``grace_s``.
+    """
 
-            wait_until(healthy, 60, f"{url}/health to answer")
-        yield
-    finally:
-        process.terminate()  # SIGTERM: uvicorn and Celery shut down cleanly
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    def __init__(
+        self, command: list[str], settings: Settings, log_path: Path, cwd: Path | None = REPO_ROOT
+    ) -> None:
+        self.settings = settings
+        self.log_path = log_path
+        with log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                command,
+                cwd=cwd,
+                env={**os.environ, **settings.to_env()},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def _check_alive(self) -> None:
+        assert self.alive(), (
+            f"{self.process.args[:3]} exited with {self.process.returncode}:\n{self.log()[-4000:]}"
+        )
+
+    def wait_log(self, marker: str, timeout_s: float) -> None:
+        """Waits until the log holds ``marker``; fails at once if the process exits."""
+
+        def logged() -> bool:
+            self._check_alive()
+            return marker in self.log()
+
+        wait_until(logged, timeout_s, f"{marker!r} in {self.log_path}", poll_s=0.2)
+
+    def wait_healthy(self, url: str, timeout_s: float = 90) -> None:
+        """Waits until ``url``/health answers 200; fails at once if the process exits."""
+
+        def healthy() -> bool:
+            self._check_alive()
+            try:
+                return httpx.get(f"{url}/health", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_until(healthy, timeout_s, f"{url}/health", poll_s=0.2)
+
+    def kill(self) -> None:
+        """SIGKILL to the whole session: no shutdown handler runs."""
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(timeout=30)
+
+    def stop(self, grace_s: float = 60) -> None:
+        """SIGTERM to the whole session, then SIGKILL if it has not ended after ``grace_s``."""
+        if self.alive():
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+class ApiProcess(ServiceProcess):
+    """``incseg api`` on a free port."""
+
+    def __init__(self, settings: Settings, log_path: Path, cwd: Path | None = None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        command = [str(INCSEG_SCRIPT), "api", "--host", "127.0.0.1", "--port", str(self.port)]
+        super().__init__(command, settings, log_path, cwd)
+
+    def wait_healthy(self, url: str | None = None, timeout_s: float = 90) -> None:
+        super().wait_healthy(url or self.url, timeout_s)
+
+
+class WorkerProcess(ServiceProcess):
+    """A real ``celery -A service.celery_app worker`` with the settings' queue and concurrency.
+
+    Killing only its pool process (not :meth:`kill`) exercises the requeue path.
+    """
+
+    def __init__(self, settings: Settings, log_path: Path) -> None:
+        super().__init__(
+            [sys.executable, "-m", "celery", "-A", "service.celery_app", *worker_argv(settings)],
+            settings,
+            log_path,
+        )
+
+    def wait_ready(self, timeout_s: float = 120) -> None:
+        self.wait_log(" ready.", timeout_s)
 
 
 @contextmanager
@@ -119,5 +190,9 @@ def uvicorn_api(settings: Settings, log_path: Path) -> Iterator[str]:
     url = f"http://127.0.0.1:{free_port()}"
     command = [sys.executable, "-m", "uvicorn", "service.api.main:create_app", "--factory"]
     command += ["--host", "127.0.0.1", "--port", url.rsplit(":", 1)[1], "--log-level", "warning"]
-    with service_process(command, settings, log_path, url):
+    api = ServiceProcess(command, settings, log_path)
+    try:
+        api.wait_healthy(url, 60)
         yield url
+    finally:
+        api.stop(30)

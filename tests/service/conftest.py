@@ -7,11 +7,7 @@ Redis and PostgreSQL never see each other.
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -24,7 +20,7 @@ from service.archive import StagedDataset, receive_dataset
 from service.db import FINISHED_STATES, TaskStore, TaskView
 from service.registry import EXPORT_SUBDIR, MODEL_SUBDIR, Registry, VersionInfo
 from service.settings import Settings
-from service.worker import worker_argv
+from tests.service.api_support import WorkerProcess
 from training.data import write_synthetic_dataset
 
 REDIS_URL = "redis://127.0.0.1:6379"
@@ -173,49 +169,6 @@ def finished(task: TaskView) -> bool:
 def image_files(root: Path) -> list[Path]:
     """Every image or mask file under ``root`` (what must not survive a finished task)."""
     return sorted(p for p in root.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
-
-
-class WorkerProcess:
-    """A real ``celery -A service.celery_app worker`` subprocess with the settings in its environment.
-
-    It runs in its own session, so :meth:`kill` takes down the main process and its pool process at once
-    (a machine or container dying), while killing only the pool process exercises the requeue path.
-    """
-
-    def __init__(self, settings: Settings, log_path: Path) -> None:
-        self.settings = settings
-        self.log_path = log_path
-        env = {**os.environ, **settings.to_env()}
-        self.log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "service.celery_app", *worker_argv(settings)],
-            env=env,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-    def wait_ready(self, timeout_s: float = 120) -> None:
-        deadline = time.monotonic() + timeout_s
-        while b" ready." not in self.log_path.read_bytes():
-            assert self.process.poll() is None, f"worker exited:\n{self.log_path.read_text()[-4000:]}"
-            assert time.monotonic() < deadline, f"worker not ready:\n{self.log_path.read_text()[-4000:]}"
-            time.sleep(0.2)
-
-    def kill(self) -> None:
-        """SIGKILL to the whole worker (main and pool processes)."""
-        os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait(timeout=30)
-
-    def stop(self) -> None:
-        """Warm shutdown, then SIGKILL if it does not end."""
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        self.log.close()
 
 
 @pytest.fixture

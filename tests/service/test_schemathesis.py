@@ -26,9 +26,8 @@ from schemathesis.checks import not_a_server_error
 from service.api.main import create_app
 from service.registry import Registry
 from service.settings import Settings
-from tests.faults.conftest import ApiProcess
-from tests.service.api_support import SERVE_SIZE, publish_version, wait_until
-from tests.service.conftest import REDIS_URL, WorkerProcess
+from tests.service.api_support import SERVE_SIZE, ApiProcess, WorkerProcess, publish_version, wait_until
+from tests.service.conftest import REDIS_URL
 
 pytestmark = pytest.mark.badinput
 
