@@ -26,7 +26,7 @@ from export.cli import add_subcommands as add_export_subcommands
 from service.cli import add_subcommands as add_service_subcommands
 from training.data import DataError, write_synthetic_dataset
 from training.extra import MissingExtraError, require_train_extra
-from training.method_spec import METHOD_NAMES, split_top_level
+from training.method_spec import BENCH_METHODS, DEFAULT_METHOD, METHOD_NAMES, split_top_level
 from training.options import BACKBONE_NAMES, StepOptions
 
 if TYPE_CHECKING:
@@ -190,7 +190,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Synthetic data -> base step -> one incremental step (FT vs MiB) -> metric table.
+    """Synthetic data -> base step -> one incremental step (FT vs the default method) -> metric table.
 
     With ``--url`` the same story runs against a running service instead, through HTTP only.
     """
@@ -204,7 +204,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if not (data / "classes.txt").exists():
         write_synthetic_dataset(data, 8, 240, 60, args.size, args.seed)
     args.data, args.protocol, args.setting, args.save = data, "6-2", "overlapped", out / "models"
-    results = _bench(args, ["ft", "mib"], out / "results.json")
+    results = _bench(args, ["ft", DEFAULT_METHOD], out / "results.json")
     write_results(results, out / "results.json")
     plot_results(results, out / "results.png")
     console.print(f"models in {out / 'models'}; results in {out / 'results.json'}")
@@ -246,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, required=True, help="dataset folder (project format, VOC or ADE20K)")
     p.add_argument(
         "--method",
-        default="mib",
+        default=DEFAULT_METHOD,
         help=f"one of {', '.join(METHOD_NAMES)}, a combination like mib+sdr, or mib(kd=100)",
     )
     p.add_argument(
@@ -267,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--setting", default="overlapped", choices=["disjoint", "overlapped", "sequential"])
     p.add_argument(
         "--methods",
-        default="ft,lwf,ilt,mib,joint",
+        default=",".join(BENCH_METHODS),
         help=f"comma-separated: {', '.join(METHOD_NAMES)}; combinations like mib+sdr; weights: mib(kd=100)",
     )
     p.add_argument("--out", type=Path, default=Path("results.json"))

@@ -12,6 +12,12 @@ import re
 
 METHOD_NAMES = ("ft", "joint", "lwf", "ilt", "mib", "sdr", "alife", "plop", "star")
 
+# The method of `incseg step`, of the demo's incremental step, of a service task posted without one,
+# and the first of `incseg bench`. MiB: no other method beat it in every protocol of BENCHMARKS.md
+# (STAR leads 15-1, MiB leads 10-2; "Which method is the default").
+DEFAULT_METHOD = "mib"
+BENCH_METHODS = (DEFAULT_METHOD, "star", "alife", "plop", "mib(kd=100)+sdr", "ft", "joint")
+
 
 def split_top_level(text: str, separator: str) -> list[str]:
     """Splits on ``separator`` outside parentheses: ``"mib(kd=1,x=2),ft"`` -> ``["mib(kd=1,x=2)", "ft"]``."""

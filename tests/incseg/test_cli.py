@@ -97,3 +97,26 @@ def test_unknown_lr_multiplier_group_is_a_clear_error(tmp_path: Path, capsys) ->
         ]
     )
     assert code == 2 and "unknown parameter groups ['heads']" in capsys.readouterr().err
+
+
+def test_one_default_method_for_step_bench_demo_and_service(monkeypatch) -> None:
+    """`incseg step`, `incseg bench`'s first method, the demo's incremental step and the service agree."""
+    from incseg import cli
+    from service.settings import Settings
+    from training.method_spec import DEFAULT_METHOD, split_top_level
+
+    parser = build_parser()
+    step = parser.parse_args(["step", "--base", "none", "--data", "d", "--out", "o"])
+    bench = parser.parse_args(["bench", "--data", "d"])
+    assert step.method == DEFAULT_METHOD
+    assert split_top_level(bench.methods, ",")[0] == DEFAULT_METHOD
+    assert Settings(_env_file=None).default_method == DEFAULT_METHOD
+
+    demo_methods: list[list[str]] = []
+    monkeypatch.setattr(cli, "require_train_extra", lambda what: None)
+    monkeypatch.setattr(cli, "write_synthetic_dataset", lambda *args: None)
+    monkeypatch.setattr(cli, "_bench", lambda args, methods, out: demo_methods.append(methods) or {})
+    monkeypatch.setattr("training.bench.write_results", lambda results, out: None)
+    monkeypatch.setattr("training.bench.plot_results", lambda results, out: None)
+    assert main(["demo", "--out", "unused"]) == 0
+    assert demo_methods == [["ft", DEFAULT_METHOD]]
