@@ -142,6 +142,11 @@ def train_step(
             model.load_backbone_weights(options.backbone_weights)
         history, state = [], {}
     else:
+        if base.model.config.sigmoid_outputs and not method.needs_own_base:
+            raise ValueError(
+                f"the base model has per-class sigmoid outputs (its steps were trained with star); "
+                f"{method.name} needs a softmax model: continue this model with star"
+            )
         model, num_old = copy.deepcopy(base.model), base.model.num_classes
         old_model = _frozen_teacher(base.model).to(device)
         model.add_classes(len(new_classes))

@@ -175,6 +175,15 @@ def test_a_softmax_base_is_refused_with_what_to_do() -> None:
         train_step(softmax_base, ["c"], TinySet([3], n=4), None, build_method("star"), TINY_OPTIONS)
 
 
+@pytest.mark.parametrize("method", ["mib", "ft", "plop", "mib+sdr"])
+def test_a_sigmoid_base_is_refused_by_softmax_methods_with_what_to_do(method: str) -> None:
+    star_base, _ = train_step(
+        None, ["a", "b"], TinySet([1, 2], n=4), None, build_method("star"), TINY_OPTIONS
+    )
+    with pytest.raises(ValueError, match=r"sigmoid outputs .* continue this model with star"):
+        train_step(star_base, ["c"], TinySet([3], n=4), None, build_method(method), TINY_OPTIONS)
+
+
 def test_bench_trains_stars_own_sigmoid_base(synth_dataset: Path, tmp_path: Path, tiny_options) -> None:
     assert build_method("star").needs_own_base and build_method("star(sad=0)").needs_own_base
     assert not build_method("mib").needs_own_base and not build_method("mib+sdr").needs_own_base
