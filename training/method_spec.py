@@ -12,6 +12,10 @@ import re
 
 METHOD_NAMES = ("ft", "joint", "lwf", "ilt", "mib", "sdr", "alife", "plop", "star")
 
+# Methods whose models have per-class sigmoid outputs and their own step 0 (``Method.needs_own_base``;
+# a test keeps the two equal). A model continues only with a method of its own family.
+SIGMOID_METHODS = ("star",)
+
 # The method of `incseg step`, of the demo's incremental step, of a service task posted without one,
 # and the first of `incseg bench`. MiB: no other method beat it in every protocol of BENCHMARKS.md
 # (STAR leads 15-1, MiB leads 10-2; "Which method is the default").
@@ -62,3 +66,12 @@ def parse_method_spec(spec: str) -> list[tuple[str, dict]]:
         choices = ", ".join(METHOD_NAMES)
         raise ValueError(f"unknown method {spec!r}; choose from {choices} or combine with '+'")
     return parsed
+
+
+def sigmoid_family(spec: str) -> bool:
+    """Whether a method spec trains per-class sigmoids (``star``) rather than a softmax.
+
+    Raises:
+        ValueError: The spec does not parse.
+    """
+    return any(parse_part(part)[0] in SIGMOID_METHODS for part in split_top_level(spec, "+"))

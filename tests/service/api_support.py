@@ -30,7 +30,12 @@ SERVE_SIZE = 32  # the conftest settings' serve_size
 
 
 def publish_version(
-    registry: Registry, classes: list[str], *, parity_passed: bool = True, truncate_onnx: bool = False
+    registry: Registry,
+    classes: list[str],
+    *,
+    parity_passed: bool = True,
+    truncate_onnx: bool = False,
+    history: list[dict] | None = None,
 ) -> str:
     """Publishes a tiny randomly initialised model with its real ONNX export; returns the version name.
 
@@ -39,9 +44,10 @@ def publish_version(
         classes: Class names, background first.
         parity_passed: False records a failed parity gate in the export manifest (cannot be activated).
         truncate_onnx: Cuts ``model.onnx`` in half after the export, so loading the version fails.
+        history: The model's step records (e.g. ``[{"method": "star"}]``); none by default.
     """
     with registry.staging() as stage:
-        save_tiny_model(stage / MODEL_SUBDIR, classes)
+        save_tiny_model(stage / MODEL_SUBDIR, classes, history=history)
         export_onnx(
             stage / MODEL_SUBDIR, stage / EXPORT_SUBDIR, (SERVE_SIZE, SERVE_SIZE), parity_batches=(1,)
         )

@@ -19,7 +19,9 @@ from PIL import Image
 
 from service.api.main import create_app
 from service.db import TaskStore
+from service.registry import Registry
 from service.settings import Settings
+from tests.service.api_support import publish_version
 from training.data import write_synthetic_dataset
 
 
@@ -99,6 +101,40 @@ def test_defaults_fill_the_options_left_out(client: TestClient, settings: Settin
     task = client.get(f"/tasks/{response.json()['task_id']}").json()
     assert task["method"] == settings.default_method
     assert task["options"]["epochs"] == settings.default_epochs
+
+
+@pytest.mark.parametrize(
+    ("active_method", "posted", "status_code", "queued_or_detail"),
+    [
+        ("star", None, 202, "star"),  # the default (mib) cannot continue a star model: star's own method
+        ("star(sad=0)", None, 202, "star(sad=0)"),
+        ("star", "star", 202, "star"),
+        ("star", "mib", 422, "trained with star (per-class sigmoids); mib cannot continue it"),
+        ("mib", "star", 422, "trained with mib (a softmax); star cannot continue it"),
+        ("mib", None, 202, "mib"),
+    ],
+)
+def test_a_task_continues_the_active_model_with_a_method_of_its_kind(
+    client: TestClient,
+    settings: Settings,
+    dataset: Path,
+    active_method: str,
+    posted: str | None,
+    status_code: int,
+    queued_or_detail: str,
+) -> None:
+    registry = Registry(settings.registry_dir)
+    registry.activate(
+        publish_version(registry, ["background", "unrelated"], history=[{"method": active_method}])
+    )
+    fields = {} if posted is None else {"method": posted}
+    response = post_dataset(client, "data.zip", zip_bytes(dataset_files(dataset)), **fields)
+    assert response.status_code == status_code, response.text
+    if status_code == 202:
+        assert client.get(f"/tasks/{response.json()['task_id']}").json()["method"] == queued_or_detail
+    else:
+        assert queued_or_detail in response.json()["detail"]
+        assert staging_leftovers(settings) == []
 
 
 def _mask_of_wrong_size(root: Path) -> dict[str, bytes]:

@@ -15,10 +15,10 @@ from service.api.upload import stream_upload
 from service.archive import receive_dataset
 from service.db import TaskStore, TaskView
 from service.jobs import cancel_task, submit_task
-from service.registry import Registry
+from service.registry import Registry, VersionInfo
 from service.settings import Settings
 from training.extra import train_extra_installed
-from training.method_spec import parse_method_spec
+from training.method_spec import parse_method_spec, sigmoid_family
 
 router = APIRouter(prefix="/tasks", tags=["tasks"])
 
@@ -71,8 +71,14 @@ UPLOAD_BODY = {
 }
 
 
-def _form_options(fields: dict[str, str], settings: Settings) -> tuple[str, dict]:
-    """Validates the form fields; returns the method and the step options with the defaults filled in."""
+def _form_options(fields: dict[str, str], settings: Settings, active: VersionInfo | None) -> tuple[str, dict]:
+    """Validates the form fields; returns the method and the step options with the defaults filled in.
+
+    A task continues the active model, so its method must be of that model's family: per-class sigmoids
+    (star) or a softmax (every other method). Left out, the method is the default, or the active model's
+    own method when the default cannot continue it; given, a method of the other family is refused here
+    rather than failing in the worker.
+    """
     try:
         form = TaskForm.model_validate({name: value for name, value in fields.items() if value != ""})
     except ValidationError as err:
@@ -80,8 +86,20 @@ def _form_options(fields: dict[str, str], settings: Settings) -> tuple[str, dict
         raise HTTPException(
             status.HTTP_422_UNPROCESSABLE_CONTENT, detail=f"invalid form field: {problems}"
         ) from err
+    _check_method(form.method or settings.default_method)
+    trained_with = active.history[-1].get("method") if active is not None and active.history else None
     method = form.method or settings.default_method
-    _check_method(method)
+    if trained_with is not None and sigmoid_family(trained_with) != sigmoid_family(method):
+        if form.method is None:
+            method = trained_with
+        else:
+            family = "per-class sigmoids" if sigmoid_family(trained_with) else "a softmax"
+            raise HTTPException(
+                status.HTTP_422_UNPROCESSABLE_CONTENT,
+                detail=f"form field method: the active model {active.name} was trained with {trained_with} "
+                f"({family}); {method} cannot continue it: post a method of the same kind "
+                f"({'star' if sigmoid_family(trained_with) else 'e.g. mib'})",
+            )
     options = {
         "epochs": form.epochs or settings.default_epochs,
         "size": form.size or settings.default_size,
@@ -125,7 +143,8 @@ def _submit(
     registry: Registry,
 ) -> TaskView:
     """Validates options and archive, stages the dataset and queues the task (blocking: run in a thread)."""
-    method, options = _form_options(fields, settings)
+    active = registry.active()
+    method, options = _form_options(fields, settings, registry.get(active) if active is not None else None)
     staged = receive_dataset(upload_path, filename, settings.staging_dir, settings, _known_classes(registry))
     return submit_task(store, settings, staged, method, options)  # it deletes the staged data if it fails
 

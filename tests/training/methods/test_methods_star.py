@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 
 from tests.helpers import TINY_OPTIONS, TinySet
 from training.bench import memory_bytes, run_benchmark
+from training.method_spec import METHOD_NAMES, sigmoid_family
 from training.methods import build_method
 from training.methods.base import Batch, StepContext
 from training.methods.star import (
@@ -316,3 +317,10 @@ def test_spatial_path_trains_at_the_backbone_rate_in_incremental_steps() -> None
         StepContext(1, model, teacher, 3, classes, loader, torch.device("cpu"), base.state)
     )
     assert not unscaled.gradient_hooks
+
+
+@pytest.mark.parametrize("name", METHOD_NAMES)
+def test_the_sigmoid_family_names_the_methods_that_need_their_own_base(name: str) -> None:
+    spec = "mib+sdr" if name == "sdr" else name  # sdr alone is not a method
+    assert sigmoid_family(spec) == build_method(spec).needs_own_base
+    assert sigmoid_family("star(sad=0)") and not sigmoid_family("mib(kd=100)+sdr")
