@@ -86,25 +86,23 @@ def _form_options(fields: dict[str, str], settings: Settings, active: VersionInf
         raise HTTPException(
             status.HTTP_422_UNPROCESSABLE_CONTENT, detail=f"invalid form field: {problems}"
         ) from err
-    _check_method(form.method or settings.default_method)
-    trained_with = active.history[-1].get("method") if active is not None and active.history else None
-    method = form.method or settings.default_method
-    if trained_with is not None and sigmoid_family(trained_with) != sigmoid_family(method):
-        if form.method is None:
-            method = trained_with
-        else:
-            family = "per-class sigmoids" if sigmoid_family(trained_with) else "a softmax"
-            raise HTTPException(
-                status.HTTP_422_UNPROCESSABLE_CONTENT,
-                detail=f"form field method: the active model {active.name} was trained with {trained_with} "
-                f"({family}); {method} cannot continue it: post a method of the same kind "
-                f"({'star' if sigmoid_family(trained_with) else 'e.g. mib'})",
-            )
     options = {
         "epochs": form.epochs or settings.default_epochs,
         "size": form.size or settings.default_size,
         "batch_size": form.batch_size or settings.default_batch_size,
     }
+    method = form.method or settings.default_method
+    _check_method(method)
+    trained_with = active.history[-1].get("method") if active is not None and active.history else None
+    if trained_with is not None and (sigmoid := sigmoid_family(trained_with)) != sigmoid_family(method):
+        if form.method is None:
+            return trained_with, options
+        family, example = ("per-class sigmoids", "star") if sigmoid else ("a softmax", "e.g. mib")
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT,
+            detail=f"form field method: the active model {active.name} was trained with {trained_with} "
+            f"({family}); {method} cannot continue it: post a method of the same kind ({example})",
+        )
     return method, options
 
 
@@ -128,12 +126,6 @@ def _check_method(method: str) -> None:
         ) from err
 
 
-def _known_classes(registry: Registry) -> list[str]:
-    """Classes of the active model, or ``["background"]`` while there is none."""
-    active = registry.active()
-    return registry.get(active).classes if active is not None else ["background"]
-
-
 def _submit(
     upload_path: Path,
     filename: str,
@@ -143,9 +135,11 @@ def _submit(
     registry: Registry,
 ) -> TaskView:
     """Validates options and archive, stages the dataset and queues the task (blocking: run in a thread)."""
-    active = registry.active()
-    method, options = _form_options(fields, settings, registry.get(active) if active is not None else None)
-    staged = receive_dataset(upload_path, filename, settings.staging_dir, settings, _known_classes(registry))
+    name = registry.active()
+    active = registry.get(name) if name is not None else None  # read once: its method and its classes
+    method, options = _form_options(fields, settings, active)
+    known = active.classes if active is not None else ["background"]
+    staged = receive_dataset(upload_path, filename, settings.staging_dir, settings, known)
     return submit_task(store, settings, staged, method, options)  # it deletes the staged data if it fails
 
 
