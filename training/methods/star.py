@@ -188,6 +188,9 @@ class StarClassification(LossTerm):
             reference replays a class's whole deficit every epoch, which on a small step after a
             large one means huge batches of fake features; STAR on VOC 15-1 has about 3 per
             position, so 4 keeps its behaviour and bounds a step's cost whatever the history.
+        max_replay_weight: At most this weight for the fake features and the repeated background
+            together, against 1 for the real pixels (both scaled down alike past it); None: the
+            reference's weights, however large.
         lr_multipliers: Overrides of ``LR_MULTIPLIERS`` by group name, e.g. ``{"new_classes": 100}``.
         spatial_path_at_backbone_rate: In incremental steps, scale the spatial path's gradient by
             the backbone / head ratio of these multipliers (a gradient hook, as the trainer scales
@@ -206,6 +209,7 @@ class StarClassification(LossTerm):
         background_repeat: bool = True,
         aux_init: bool = True,
         max_replay_ratio: float = 4.0,
+        max_replay_weight: float | None = None,
         lr_multipliers: Mapping[str, float] | None = None,
         spatial_path_at_backbone_rate: bool = True,
     ) -> None:
@@ -219,6 +223,7 @@ class StarClassification(LossTerm):
         self.background_repeat = background_repeat
         self.aux_init = aux_init
         self.max_replay_ratio = max_replay_ratio
+        self.max_replay_weight = max_replay_weight
         self.spatial_path_at_backbone_rate = spatial_path_at_backbone_rate
         self.gradient_hooks: list[RemovableHandle] = []
         self.memory: ClassMemory | None = None
@@ -335,6 +340,9 @@ class StarClassification(LossTerm):
             repeated = features.permute(0, 2, 3, 1)[background]  # (M, D)
             parts.append(negative_bce(F.linear(repeated, weight, classifier.bias)[:, first:]))
             weights.append(self.background_ratio * len(repeated) / positions)
+        replayed = sum(weights[1:])
+        if self.max_replay_weight is not None and replayed > self.max_replay_weight:
+            weights[1:] = [w * self.max_replay_weight / replayed for w in weights[1:]]
         total = sum(w * p for w, p in zip(weights, parts, strict=True))
         return (total / sum(weights)).sum()
 
@@ -435,6 +443,7 @@ def star(
     background_repeat: bool = True,
     aux_init: bool = True,
     max_replay_ratio: float = 4.0,
+    max_replay_weight: float | None = None,
     lr_multipliers: dict[str, float] | None = None,
     spatial_path_at_backbone_rate: bool = True,
 ) -> Method:
@@ -449,6 +458,7 @@ def star(
             background_repeat,
             aux_init,
             max_replay_ratio,
+            max_replay_weight,
             lr_multipliers,
             spatial_path_at_backbone_rate,
         )

@@ -245,6 +245,14 @@ def test_replay_and_background_repetition_against_formula() -> None:
     assert loss == pytest.approx(expected, abs=1e-5)
     term.replay = term.background_repeat = False
     assert term(batch, ctx).item() == pytest.approx(real, abs=1e-5)
+    # the cap scales both replayed weights alike so that they sum to it
+    term.replay = term.background_repeat = True
+    term.max_replay_weight = 1.0
+    scale = 1.0 / (w_fake + w_bg)
+    capped = (real + scale * (w_fake * fake + w_bg * repeated)) / 2
+    assert term(batch, ctx).item() == pytest.approx(capped, abs=1e-5)
+    term.max_replay_weight = 10.0  # above the reference's weights: no change
+    assert term(batch, ctx).item() == pytest.approx(expected, abs=1e-5)
 
 
 def test_star_states_stars_learning_rates_and_freezes_batchnorm() -> None:
