@@ -8,7 +8,9 @@ Command (the tables of BENCHMARKS.md "Every method, three protocols, two data se
         "15-1 overlapped" 1 benchmarks/synth20-15-1-overlapped-96px-seed1.json ...
 
 Arguments come in groups: a protocol label, a data seed, then one or more result files of that run
-(methods from later files are added to the earlier ones'; a method in two files is an error). Per
+(methods from later files are added to the earlier ones'; a method in two files is an error). A file
+argument ``path.json#old=new`` renames a method of that file (a method whose defaults changed after
+the run: its row keeps saying what ran). Per
 protocol it prints a markdown table: old / new / all-mIoU of each method per seed, the mean all-mIoU
 over the seeds and its ratio to joint training's mean, and the same ratio for the new classes. The
 figure shows the all-mIoU ratios as bars.
@@ -33,8 +35,11 @@ def read_groups(argv: list[str]) -> dict[str, dict[int, dict[str, dict]]]:
         label, seed = argv[i], int(argv[i + 1])
         i += 2
         methods: dict[str, dict] = {}
-        while i < len(argv) and argv[i].endswith(".json"):
-            for name, result in json.loads(Path(argv[i]).read_text())["methods"].items():
+        while i < len(argv) and ".json" in argv[i]:
+            path, *renames = argv[i].split("#")
+            renamed = dict(rename.split("=", 1) for rename in renames)
+            for name, result in json.loads(Path(path).read_text())["methods"].items():
+                name = renamed.get(name, name)
                 if name in methods:
                     raise ValueError(f"{name} appears twice for {label} seed {seed}")
                 methods[name] = result
