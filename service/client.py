@@ -45,7 +45,7 @@ class DemoOptions:
         epochs: Training epochs per task.
         size: Training crop and evaluation size.
         batch_size: Training batch size.
-        method: Method of the second task (None: the service's default).
+        method: Method of both tasks (None: the service's default, which trains its own step 0 when it is star).
         seed: Seed of the synthetic data.
     """
 
@@ -268,12 +268,13 @@ def run_demo(url: str, out: Path, options: DemoOptions, api_key: str | None = No
             "size": str(options.size),
             "batch_size": str(options.batch_size),
         }
-        base_task = _run_task(client, console, "base task", base_zip, {**fields, "method": "ft"})
+        if options.method is not None:
+            fields["method"] = options.method
+        base_task = _run_task(client, console, "base task", base_zip, fields)
         client.wait_serving(base_task["model_version"])
         before = client.segment(image)
         (out / "before.jpg").write_bytes(client.overlay(image))
-        step_fields = fields if options.method is None else {**fields, "method": options.method}
-        step_task = _run_task(client, console, "second task", step_zip, step_fields)
+        step_task = _run_task(client, console, "second task", step_zip, fields)
         client.wait_serving(step_task["model_version"])
         after = client.segment(image)
         (out / "after.jpg").write_bytes(client.overlay(image))

@@ -73,8 +73,11 @@ class Settings(BaseSettings):
         0.5, gt=0, description="How often an API process reads the active-version pointer (pub/sub fallback)."
     )
     default_method: str = Field(
-        "mib",  # training.method_spec.DEFAULT_METHOD, not imported here; a test keeps the two equal
-        description="Method of a task posted without one (see BENCHMARKS.md; e.g. mib, mib+sdr, plop).",
+        "star",  # training.method_spec.DEFAULT_METHOD, not imported here; a test keeps the two equal
+        description=(
+            "Method of a task posted without one, when it can continue the active model (see "
+            "BENCHMARKS.md; e.g. star, mib, mib+sdr, plop)."
+        ),
     )
     default_epochs: int = Field(10, ge=1, le=1000, description="Epochs of a task posted without `epochs`.")
     default_size: int = Field(

@@ -106,12 +106,13 @@ def test_defaults_fill_the_options_left_out(client: TestClient, settings: Settin
 @pytest.mark.parametrize(
     ("active_method", "posted", "status_code", "queued_or_detail"),
     [
-        ("star", None, 202, "star"),  # the default (mib) cannot continue a star model: star's own method
-        ("star(sad=0)", None, 202, "star(sad=0)"),
+        ("star", None, 202, "star"),  # the default continues a star model
+        ("star(sad=0)", None, 202, "star"),  # ... with the default's options
         ("star", "star", 202, "star"),
         ("star", "mib", 422, "trained with star (per-class sigmoids); mib cannot continue it"),
         ("mib", "star", 422, "trained with mib (a softmax); star cannot continue it"),
-        ("mib", None, 202, "mib"),
+        ("mib", None, 202, "mib"),  # the default (star) cannot continue a softmax model: its own method
+        ("mib(kd=5)", None, 202, "mib(kd=5)"),
     ],
 )
 def test_a_task_continues_the_active_model_with_a_method_of_its_kind(

@@ -223,7 +223,7 @@ def _replay_context() -> tuple[StepContext, Batch]:
 
 def test_replay_and_background_repetition_against_formula() -> None:
     ctx, batch = _replay_context()
-    term = StarClassification(pos_weight=4.0)
+    term = StarClassification(pos_weight=4.0, max_replay_weight=None)  # the reference's weights
     term.memory = ClassMemory(
         _padded([[1.0, 0.0], [0.0, 1.0]]),
         torch.zeros(2, 8),
@@ -245,9 +245,10 @@ def test_replay_and_background_repetition_against_formula() -> None:
     assert loss == pytest.approx(expected, abs=1e-5)
     term.replay = term.background_repeat = False
     assert term(batch, ctx).item() == pytest.approx(real, abs=1e-5)
-    # the cap scales both replayed weights alike so that they sum to it
+    # the cap (1 by default, our deviation) scales both replayed weights alike so that they sum to it
     term.replay = term.background_repeat = True
-    term.max_replay_weight = 1.0
+    term.max_replay_weight = StarClassification().max_replay_weight
+    assert term.max_replay_weight == 1.0
     scale = 1.0 / (w_fake + w_bg)
     capped = (real + scale * (w_fake * fake + w_bg * repeated)) / 2
     assert term(batch, ctx).item() == pytest.approx(capped, abs=1e-5)
