@@ -138,6 +138,28 @@ def test_a_task_continues_the_active_model_with_a_method_of_its_kind(
         assert staging_leftovers(settings) == []
 
 
+def test_a_task_posted_behind_another_continues_that_ones_model(
+    client: TestClient, settings: Settings, dataset: Path
+) -> None:
+    """Before the first model exists: the queued base task's method decides, not the default (star)."""
+    archive = zip_bytes(dataset_files(dataset))
+    base = post_dataset(client, "data.zip", archive, method="mib")
+    assert base.status_code == 202, base.text
+    follow = post_dataset(client, "data.zip", archive)
+    assert follow.status_code == 202, follow.text
+    assert client.get(f"/tasks/{follow.json()['task_id']}").json()["method"] == "mib"
+    refused = post_dataset(client, "data.zip", archive, method="star")
+    assert refused.status_code == 422
+    assert f"the model of task {follow.json()['task_id']} (queued before it) was trained with mib" in (
+        refused.json()["detail"]
+    )
+    assert client.delete(f"/tasks/{base.json()['task_id']}").status_code == 200
+    assert client.delete(f"/tasks/{follow.json()['task_id']}").status_code == 200
+    # nothing unfinished and no model: the default again
+    last = post_dataset(client, "data.zip", archive)
+    assert client.get(f"/tasks/{last.json()['task_id']}").json()["method"] == settings.default_method
+
+
 def _mask_of_wrong_size(root: Path) -> dict[str, bytes]:
     files = dataset_files(root)
     buffer = io.BytesIO()

@@ -71,13 +71,16 @@ UPLOAD_BODY = {
 }
 
 
-def _form_options(fields: dict[str, str], settings: Settings, active: VersionInfo | None) -> tuple[str, dict]:
+def _form_options(
+    fields: dict[str, str], settings: Settings, continued: tuple[str, str] | None
+) -> tuple[str, dict]:
     """Validates the form fields; returns the method and the step options with the defaults filled in.
 
-    A task continues the active model, so its method must be of that model's family: per-class sigmoids
-    (star) or a softmax (every other method). Left out, the method is the default, or the active model's
-    own method when the default cannot continue it; given, a method of the other family is refused here
-    rather than failing in the worker.
+    A task continues a model (``continued``: what it is, e.g. "the active model v3", and the method
+    that trained it, or None for the first model), so its method must be of that model's family:
+    per-class sigmoids (star) or a softmax (every other method). Left out, the method is the default,
+    or that model's own method when the default cannot continue it; given, a method of the other
+    family is refused here rather than failing in the worker.
     """
     try:
         form = TaskForm.model_validate({name: value for name, value in fields.items() if value != ""})
@@ -93,17 +96,35 @@ def _form_options(fields: dict[str, str], settings: Settings, active: VersionInf
     }
     method = form.method or settings.default_method
     _check_method(method)
-    trained_with = active.history[-1].get("method") if active is not None and active.history else None
-    if trained_with is not None and (sigmoid := sigmoid_family(trained_with)) != sigmoid_family(method):
+    if continued is None:
+        return method, options
+    model, trained_with = continued
+    if (sigmoid := sigmoid_family(trained_with)) != sigmoid_family(method):
         if form.method is None:
             return trained_with, options
         family, example = ("per-class sigmoids", "star") if sigmoid else ("a softmax", "e.g. mib")
         raise HTTPException(
             status.HTTP_422_UNPROCESSABLE_CONTENT,
-            detail=f"form field method: the active model {active.name} was trained with {trained_with} "
+            detail=f"form field method: {model} was trained with {trained_with} "
             f"({family}); {method} cannot continue it: post a method of the same kind ({example})",
         )
     return method, options
+
+
+def _continued_model(store: TaskStore, active: VersionInfo | None) -> tuple[str, str] | None:
+    """The model a new task will continue and its method: the last unfinished task's, else the active one.
+
+    Tasks run in the order posted, each from the model the one before it made, so a task posted while
+    another is queued continues that one's model (if that task fails, the worker refuses a method of
+    the wrong family with the same message).
+    """
+    unfinished = store.unfinished()
+    if unfinished:
+        ahead = store.get(unfinished[-1])
+        return f"the model of task {ahead.id} (queued before it)", ahead.method
+    if active is not None and active.history and "method" in active.history[-1]:
+        return f"the active model {active.name}", active.history[-1]["method"]
+    return None
 
 
 def _check_method(method: str) -> None:
@@ -137,7 +158,7 @@ def _submit(
     """Validates options and archive, stages the dataset and queues the task (blocking: run in a thread)."""
     name = registry.active()
     active = registry.get(name) if name is not None else None  # read once: its method and its classes
-    method, options = _form_options(fields, settings, active)
+    method, options = _form_options(fields, settings, _continued_model(store, active))
     known = active.classes if active is not None else ["background"]
     staged = receive_dataset(upload_path, filename, settings.staging_dir, settings, known)
     return submit_task(store, settings, staged, method, options)  # it deletes the staged data if it fails
