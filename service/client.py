@@ -45,7 +45,7 @@ class DemoOptions:
         epochs: Training epochs per task.
         size: Training crop and evaluation size.
         batch_size: Training batch size.
-        method: Method of both tasks (None: the service's default, which trains its own step 0 when it is star).
+        method: Method of both tasks (None: the service's default; star trains its own step 0).
         seed: Seed of the synthetic data.
     """
 

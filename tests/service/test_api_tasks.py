@@ -150,8 +150,9 @@ def test_a_task_posted_behind_another_continues_that_ones_model(
     assert client.get(f"/tasks/{follow.json()['task_id']}").json()["method"] == "mib"
     refused = post_dataset(client, "data.zip", archive, method="star")
     assert refused.status_code == 422
-    assert f"the model of task {follow.json()['task_id']} (queued before it) was trained with mib" in (
-        refused.json()["detail"]
+    assert (
+        f"the model of task {follow.json()['task_id']} (queued before it) was trained with mib"
+        in (refused.json()["detail"])
     )
     assert client.delete(f"/tasks/{base.json()['task_id']}").status_code == 200
     assert client.delete(f"/tasks/{follow.json()['task_id']}").status_code == 200
