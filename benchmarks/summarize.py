@@ -9,10 +9,10 @@ Command (the tables of BENCHMARKS.md "Every method, three protocols, two data se
 
 Arguments come in groups: a protocol label, a data seed, then one or more result files of that run
 (methods from later files are added to the earlier ones'; a method in two files is an error). A file
-argument ``path.json#old=new`` renames a method of that file (a method whose defaults changed after
-the run: its row keeps saying what ran). Per
-protocol it prints a markdown table: old / new / all-mIoU of each method per seed, the mean all-mIoU
-over the seeds and its ratio to joint training's mean, and the same ratio for the new classes. The
+argument ``path.json#old->new`` (one or more ``#old->new``) renames a method of that file (a method
+whose defaults changed after the run: its row keeps saying what ran). Per protocol it prints a
+markdown table: old / new / all-mIoU of each method per seed, the mean all-mIoU over the seeds and
+its ratio to joint training's mean, and the same ratio for the new classes. The
 figure shows the all-mIoU ratios as bars.
 """
 
@@ -37,7 +37,7 @@ def read_groups(argv: list[str]) -> dict[str, dict[int, dict[str, dict]]]:
         methods: dict[str, dict] = {}
         while i < len(argv) and ".json" in argv[i]:
             path, *renames = argv[i].split("#")
-            renamed = dict(rename.split("=", 1) for rename in renames)
+            renamed = dict(rename.split("->", 1) for rename in renames)
             for name, result in json.loads(Path(path).read_text())["methods"].items():
                 name = renamed.get(name, name)
                 if name in methods:
