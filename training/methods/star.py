@@ -19,9 +19,10 @@ DKD's framework:
   STAR, whose trainer has no such term; ``star(kd=5)`` adds it.
 - Learning rates per group, STAR train_voc.py:123-142: backbone x1, head x10, old rows x10,
   new rows x100 of a base rate 1e-4 (1e-3 at step 0, where the classifier is x10), except the new
-  rows, **ten times faster here** (deviation, for steps of 100 iterations: see ``LR_MULTIPLIERS``) (stated on the classification term, applied by ``training.optim``). In
-  incremental steps BiSeNet's spatial path (three stride-2 convolutions reading the image: a feature
-  extractor, as STAR's backbone) trains at the backbone's rate, not the heads' (``training.optim``
+  rows, **ten times faster here** (deviation, for steps of 100 iterations: see ``LR_MULTIPLIERS``,
+  stated on the classification term, applied by ``training.optim``). In incremental steps BiSeNet's
+  spatial path (three stride-2 convolutions reading the image: a feature extractor, as STAR's
+  backbone) trains at the backbone's rate, not the heads' (``training.optim``
   puts it with the heads): at the heads' 1e-3 the old-region MSE's rate-scaled Hessian has a top
   eigenvalue past the stability limit of SGD with Nesterov momentum 0.9 (1.36), 2.0 of it from the
   spatial path alone, and that loss then diverges instead of holding the old features (measured,
