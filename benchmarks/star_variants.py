@@ -3,7 +3,8 @@
 Each variant of ``incseg bench`` would train its own step 0 (star's is its own, with BCE); this script
 trains it once (or loads it from ``BASE_DIR``) and runs every variant's steps 1..N from it, with the
 library calls of ``incseg bench`` (``train_step``, ``evaluate``) and the options of BENCHMARKS.md's CPU
-model. Used to choose ``star``'s ``max_replay_weight`` (BENCHMARKS.md, "Why star caps its replay").
+model. Used to choose ``star``'s ``max_replay_weight`` and its new rows' rate (BENCHMARKS.md, "Why star
+caps its replay and trains its new rows faster").
 
 Usage::
 
@@ -20,12 +21,12 @@ from pathlib import Path
 
 import torch
 
-from training.bench import ProtocolData, _record
+from training.bench import ProtocolData, step_record
 from training.data import read_source
 from training.methods import build_method
 from training.model_dir import ModelBundle
 from training.protocols import Protocol, Setting
-from training.trainer import StepOptions, evaluate, train_step
+from training.trainer import StepOptions, train_step
 
 
 def main(argv: list[str]) -> None:
@@ -44,28 +45,27 @@ def main(argv: list[str]) -> None:
     source = read_source(Path(data_dir))
     protocol = Protocol.parse(protocol_spec, len(source.classes) - 1)
     data = ProtocolData(source, protocol, Setting(setting), options)
-    device = options.torch_device()
-
-    def score(bundle: ModelBundle, step: int):
-        model = bundle.model.to(device)
-        return evaluate(model, data.val_loader(step), bundle.classes, len(protocol.seen(0)), device)
 
     base_path = Path(base_dir)
     if not (base_path / "model.json").exists():
         started = time.monotonic()
         base, _ = train_step(None, data.step_names(0), data.train_set(0), None, build_method("star"), options)
         base.save(base_path)
-        print(f"step 0: {time.monotonic() - started:.0f} s, all {score(base, 0).miou_all:.3f}", flush=True)
+        print(
+            f"step 0: {time.monotonic() - started:.0f} s, all {data.score(base, 0).miou_all:.3f}", flush=True
+        )
     results = {}
     for spec in variants:
         torch.manual_seed(options.seed)
         bundle = ModelBundle.load(base_path, aux=True)
         method = build_method(spec)
-        steps = [_record(0, data, bundle, score(bundle, 0), 0)]
+        steps = [step_record(0, data, bundle, data.score(bundle, 0), 0)]
         for step in range(1, protocol.num_steps):
             started = time.monotonic()
             bundle, _ = train_step(bundle, data.step_names(step), data.train_set(step), None, method, options)
-            record = _record(step, data, bundle, score(bundle, step), 0, round(time.monotonic() - started, 1))
+            record = step_record(
+                step, data, bundle, data.score(bundle, step), 0, round(time.monotonic() - started, 1)
+            )
             steps.append(record)
             print(
                 f"{spec} step {step}: old {record['miou_old']:.3f} new {record['miou_new']:.3f} "

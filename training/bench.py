@@ -87,6 +87,12 @@ class ProtocolData:
         )
         return DataLoader(dataset, batch_size=self.options.batch_size, num_workers=self.options.workers)
 
+    def score(self, bundle: ModelBundle, step: int) -> SegmentationScores:
+        """Scores a model on the validation images of steps 0..``step`` (old = background + base classes)."""
+        device = self.options.torch_device()
+        num_base = len(self.protocol.seen(0))
+        return evaluate(bundle.model.to(device), self.val_loader(step), bundle.classes, num_base, device)
+
     def step_names(self, step: int) -> list[str]:
         return [self.source.classes[c] for c in self.protocol.steps[step]]
 
@@ -141,7 +147,7 @@ def run_end_of_step_hooks(
     return bundle
 
 
-def _record(
+def step_record(
     step: int,
     data: ProtocolData,
     bundle: ModelBundle,
@@ -195,7 +201,6 @@ def run_benchmark(
     built = {spec: build_method(spec) for spec in methods}
     options = options.model_copy(update={"setting": Setting(setting).value})
     data = ProtocolData(source, protocol, Setting(setting), options)
-    num_base = len(protocol.seen(0))
     last = protocol.num_steps - 1
     results = {
         "protocol": protocol_spec,
@@ -203,15 +208,6 @@ def run_benchmark(
         "options": options.model_dump(mode="json"),
         "methods": {},
     }
-
-    def score(bundle: ModelBundle, step: int) -> SegmentationScores:
-        return evaluate(
-            bundle.model.to(options.torch_device()),
-            data.val_loader(step),
-            bundle.classes,
-            num_base,
-            options.torch_device(),
-        )
 
     shared_base: ModelBundle | None = None
     for spec, method in built.items():
@@ -231,7 +227,9 @@ def run_benchmark(
                 None, data.names[1:], data.joint_train_set(), None, method, options, on_progress
             )
             seconds = round(time.monotonic() - started, 1)
-            steps.append(_record(last, data, bundle, score(bundle, last), data.image_bytes(last), seconds))
+            steps.append(
+                step_record(last, data, bundle, data.score(bundle, last), data.image_bytes(last), seconds)
+            )
             _save(save_dir, spec, last, bundle)
         else:
             base_seconds = None
@@ -243,7 +241,9 @@ def run_benchmark(
                     None, data.step_names(0), data.train_set(0), None, method, options, on_progress
                 )
                 base_seconds = round(time.monotonic() - started, 1)
-            steps.append(_record(0, data, bundle, score(bundle, 0), data.image_bytes(0), base_seconds))
+            steps.append(
+                step_record(0, data, bundle, data.score(bundle, 0), data.image_bytes(0), base_seconds)
+            )
             _save(save_dir, spec, 0, bundle)
             for step in range(1, protocol.num_steps):
                 log(f"[{spec}] step {step}: + {', '.join(data.step_names(step))}")
@@ -252,8 +252,8 @@ def run_benchmark(
                     bundle, data.step_names(step), data.train_set(step), None, method, options, on_progress
                 )
                 seconds = round(time.monotonic() - step_started, 1)  # training and end-of-step hooks
-                scores = score(bundle, step)
-                steps.append(_record(step, data, bundle, scores, data.image_bytes(step), seconds))
+                scores = data.score(bundle, step)
+                steps.append(step_record(step, data, bundle, scores, data.image_bytes(step), seconds))
                 _save(save_dir, spec, step, bundle)
         final = steps[-1]
         results["methods"][spec] = {
