@@ -4,15 +4,19 @@
 not the file name) holding a dataset folder in any layout ``training.data.read_source`` reads (project
 format, Pascal VOC, ADE20K), at the archive root or in one top folder.
 
-Every member is checked from the archive's listing before anything is written: entry count, name (no NUL
-or control character, no backslash, not absolute, no ``..`` component, no duplicate, not both a file and a
-folder), type (regular files and folders only: symbolic and hard links, devices and FIFOs are refused),
-declared sizes (total under the limit; compression ratio per zip member and over the whole archive). Then the
-members are extracted into a fresh directory under the staging root, each copy stopping with an error as soon
-as it yields more bytes than its header declared, and the dataset is validated with
-``training.data.validate_dataset`` (every image decodable and within the pixel limit, masks of their image's
-size, labels from the class list or 255, a new class with training pixels). On any failure everything
-written is deleted and an :class:`UploadError` names the archive member concerned.
+Before the standard library lists an archive, what the listing would cost is bounded: a zip's central
+directory is walked header by header (entry count, total size) before ``zipfile`` reads it, and a tar's
+GNU long-name and PAX headers are refused above a size, and in chains above a length, before ``tarfile``
+reads them. Every member is then checked from the archive's listing before anything is written: entry
+count, name (no NUL or control character, no backslash, not absolute, no ``..`` component, not too long,
+no duplicate, not both a file and a folder), type (regular files and folders only: symbolic and hard
+links, devices, FIFOs and sparse files are refused), declared sizes (total under the limit; compression
+ratio per zip member and over the whole archive). Then the members are extracted into a fresh directory
+under the staging root, each copy stopping with an error as soon as it yields more bytes than its header
+declared, and the dataset is validated with ``training.data.validate_dataset`` (every image decodable and
+within the pixel limit, masks of their image's size, labels from the class list or 255, a new class with
+training pixels). On any failure everything written is deleted and an :class:`UploadError` names the
+archive member concerned (a name cut to ``SHOWN_NAME_CHARS`` characters wherever an error echoes one).
 
 macOS archive litter (``__MACOSX/``, ``.DS_Store``, ``._*`` AppleDouble files) is checked like any member
 but not extracted.
@@ -23,9 +27,11 @@ problem.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import stat
+import struct
 import tarfile
 import tempfile
 import zipfile
@@ -43,6 +49,24 @@ ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".ta
 RATIO_FLOOR_BYTES = 1 << 20  # sizes at most this large pass whatever their compression ratio
 COPY_CHUNK_BYTES = 1 << 20
 MAX_NAME_PART_BYTES = 255  # longest file name component Linux file systems take
+MAX_PATH_BYTES = 1024  # longest member path; with the staging root it stays under Linux's 4096 PATH_MAX
+SHOWN_NAME_CHARS = 200  # names echoed in an error are cut to this many characters
+SHOWN_PROBLEM_CHARS = 1000  # a dataset problem's text (which quotes file and class names) is cut to this
+# A zip's central directory may average this many bytes per allowed member: a header is 46 bytes plus the
+# name, extra fields and comment, typically under 200 in all. zipfile reads the whole directory into memory.
+CENTRAL_DIRECTORY_BYTES_PER_ENTRY = 512
+# The GNU long-name and PAX headers before one member together, and the PAX global headers of the whole
+# archive together, may hold this many bytes: a path of MAX_PATH_BYTES plus times, owners and extended
+# attributes fits many times over. tarfile reads each whole into memory.
+MAX_TAR_EXTENSION_BYTES = 64 << 10
+MAX_TAR_EXTENSION_HEADERS = 8  # before one member (tar tools write one to three: x, L, K)
+TAR_EXTENSION_KINDS = {
+    tarfile.GNUTYPE_LONGNAME: "GNU long-name header",
+    tarfile.GNUTYPE_LONGLINK: "GNU long-link header",
+    tarfile.XHDTYPE: "PAX header",
+    tarfile.SOLARIS_XHDTYPE: "PAX header",
+    tarfile.XGLTYPE: "PAX global header",
+}
 STAGED_PREFIX = "upload-"
 ZIP_METHODS = {
     zipfile.ZIP_STORED: "stored",
@@ -53,6 +77,7 @@ ZIP_METHODS = {
 # Errors raised while reading a damaged archive (gzip.BadGzipFile is an OSError).
 READ_ERRORS = (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error, OSError, ValueError)
 SPECIAL_ENTRY = "device, FIFO or other special entry; only files and folders are accepted"
+SPARSE_ENTRY = "sparse file; archive it without --sparse"
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _DRIVE = re.compile(r"^[A-Za-z]:")
 
@@ -69,6 +94,7 @@ class UploadError(Exception):
     """
 
     def __init__(self, status_code: int, entry: str | None, message: str) -> None:
+        entry = _shown(entry) if entry is not None else None
         super().__init__(status_code, entry, message)
         self.status_code = status_code
         self.entry = entry
@@ -76,6 +102,13 @@ class UploadError(Exception):
 
     def __str__(self) -> str:
         return f"{self.entry}: {self.message}" if self.entry else self.message
+
+
+def _shown(text: str, limit: int = SHOWN_NAME_CHARS) -> str:
+    """``text`` as an error echoes it: at most ``limit`` characters, then how many were left out."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text) - limit} more characters)"
 
 
 class UploadLimits(Protocol):
@@ -154,7 +187,7 @@ def receive_dataset(
             f"the archive has {archive_bytes} bytes, more than the {settings.max_upload_bytes} allowed; "
             "split the dataset into several tasks or downscale the images",
         )
-    archive = _open_archive(archive_path, filename)
+    archive = _open_archive(archive_path, filename, settings)
     try:
         entries, top = _list_entries(archive, filename, archive_bytes, settings)
         staging_root.mkdir(parents=True, exist_ok=True)
@@ -185,18 +218,20 @@ def remove_staged(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def _open_archive(path: Path, filename: str) -> _Archive:
-    """Opens a zip or tar by content; 415 for anything else, 400 for a damaged zip."""
+def _open_archive(path: Path, filename: str, settings: UploadLimits) -> _Archive:
+    """Opens a zip or tar by content; 415 for anything else, 400 for a damaged or oversized zip listing."""
     if zipfile.is_zipfile(path):
         try:
+            _check_central_directory(path, filename, settings)
             return _ZipArchive(zipfile.ZipFile(path))
         except READ_ERRORS as error:
             raise UploadError(400, filename, f"damaged zip archive ({error}); create it again") from error
-    if _is_tar(path):
-        try:
-            return _TarArchive(tarfile.open(path, "r:*"))
-        except READ_ERRORS as error:
-            raise UploadError(400, filename, f"damaged tar archive ({error}); create it again") from error
+    try:
+        return _TarArchive(_BoundedTarFile.open(path, "r:*"))
+    except _TarHeaderRefused as refusal:
+        raise refusal.upload_error(filename) from None
+    except READ_ERRORS:  # not a tar, or one that ends before its first member (e.g. a truncated gzip)
+        pass
     damaged = " (or a damaged or truncated one)" if filename.lower().endswith(ARCHIVE_SUFFIXES) else ""
     raise UploadError(
         415,
@@ -205,11 +240,44 @@ def _open_archive(path: Path, filename: str) -> _Archive:
     )
 
 
-def _is_tar(path: Path) -> bool:
-    try:
-        return tarfile.is_tarfile(path)
-    except READ_ERRORS:  # e.g. a gzip stream that ends early: not something we can read
-        return False
+def _check_central_directory(path: Path, filename: str, settings: UploadLimits) -> None:
+    """Counts a zip's members and bounds its central directory before ``zipfile.ZipFile`` reads it.
+
+    ZipFile reads the whole directory into memory and builds an object (about 500 bytes) for every header
+    in it, whatever count the end record declares. This finds the directory as ZipFile does (through the
+    same end-record reader, ZIP64 record included) and walks its headers without keeping them.
+    """
+    limit = settings.max_archive_entries
+    with path.open("rb", buffering=COPY_CHUNK_BYTES) as file:
+        end = zipfile._EndRecData(file)  # what ZipFile itself reads first; is_zipfile found it
+        size = end[zipfile._ECD_SIZE]
+        start = end[zipfile._ECD_LOCATION] - size  # ZipFile's start_dir, prepended data accounted for
+        if end[zipfile._ECD_SIGNATURE] == zipfile.stringEndArchive64:
+            start -= zipfile.sizeEndCentDir64 + zipfile.sizeEndCentDir64Locator
+        if start < 0:
+            return  # ZipFile refuses it: "Bad offset for central directory"
+        file.seek(start)
+        count = walked = 0
+        while walked < size:
+            header = file.read(zipfile.sizeCentralDir)
+            if len(header) < zipfile.sizeCentralDir or header[:4] != zipfile.stringCentralDir:
+                break  # ZipFile stops here too, refusing the archive as damaged
+            count += 1
+            if count > limit:
+                raise UploadError(
+                    400, filename, f"more than {limit} members; split the dataset into several tasks"
+                )
+            variable = sum(struct.unpack_from("<3H", header, 28))  # name, extra field and comment lengths
+            file.seek(variable, os.SEEK_CUR)
+            walked += zipfile.sizeCentralDir + variable
+    plausible = limit * CENTRAL_DIRECTORY_BYTES_PER_ENTRY
+    if size > plausible:
+        raise UploadError(
+            400,
+            filename,
+            f"the zip's central directory (its list of members) has {size} bytes, more than the {plausible} "
+            f"allowed ({CENTRAL_DIRECTORY_BYTES_PER_ENTRY} per member); the archive is damaged or crafted",
+        )
 
 
 class _ZipArchive:
@@ -240,27 +308,100 @@ class _ZipArchive:
         self.archive.close()
 
 
+class _TarHeaderRefused(Exception):
+    """A tar header refused while tarfile reads it (it becomes an UploadError naming the upload)."""
+
+    def __init__(self, member: str | None, message: str) -> None:
+        super().__init__(member, message)
+        self.member = member
+        self.message = message
+
+    def upload_error(self, filename: str) -> UploadError:
+        return UploadError(400, self.member or filename, self.message)
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    """A tar header reader that refuses oversized and chained extension headers before reading them.
+
+    ``TarInfo._proc_member`` is tarfile's hook for reading members of each type; the data of a GNU
+    long-name or PAX header is read whole by the method it calls, so the size is checked here first.
+    Sparse members are refused here as well: their maps are read block by block without a bound.
+    """
+
+    def _proc_member(self, archive: _BoundedTarFile) -> tarfile.TarInfo:
+        if self.type in TAR_EXTENSION_KINDS:
+            archive.count_extension(self)
+        elif self.type == tarfile.GNUTYPE_SPARSE:
+            raise _TarHeaderRefused(self.name, SPARSE_ENTRY)
+        return super()._proc_member(archive)
+
+    def _proc_gnusparse_10(
+        self, member: tarfile.TarInfo, pax_headers: dict[str, str], archive: tarfile.TarFile
+    ) -> None:
+        """Refuses a GNU sparse 1.0 member (announced in a PAX header) before its map is read."""
+        raise _TarHeaderRefused(member.name, SPARSE_ENTRY)
+
+
+class _BoundedTarFile(tarfile.TarFile):
+    """A TarFile reading headers through :class:`_BoundedTarInfo`, which counts here what each member and
+    the whole archive spend on extension headers."""
+
+    tarinfo = _BoundedTarInfo
+    member_headers = 0  # extension headers read before the member being read
+    member_header_bytes = 0
+    global_header_bytes = 0  # PAX global headers read so far (tarfile keeps them all)
+
+    def next(self) -> tarfile.TarInfo | None:
+        self.member_headers = self.member_header_bytes = 0
+        return super().next()
+
+    def count_extension(self, header: tarfile.TarInfo) -> None:
+        """Counts an extension header against the bounds before its data is read.
+
+        Raises:
+            _TarHeaderRefused: When the member's headers, or the archive's global headers, pass a bound.
+        """
+        kind = TAR_EXTENSION_KINDS[header.type]
+        self.member_headers += 1
+        if self.member_headers > MAX_TAR_EXTENSION_HEADERS:
+            raise _TarHeaderRefused(
+                None,
+                f"more than {MAX_TAR_EXTENSION_HEADERS} extension headers (GNU long-name or PAX) in a row "
+                f"at byte {header.offset} of the tar; the archive is damaged or crafted",
+            )
+        if header.type == tarfile.XGLTYPE:
+            self.global_header_bytes += header.size
+            spent, scope = self.global_header_bytes, "the PAX global headers of an archive together"
+        else:
+            self.member_header_bytes += header.size
+            spent, scope = self.member_header_bytes, "the long-name and PAX headers of one member together"
+        if spent > MAX_TAR_EXTENSION_BYTES:
+            raise _TarHeaderRefused(
+                None,
+                f"{kind} of {header.size} bytes at byte {header.offset} of the tar: {scope} may hold "
+                f"{MAX_TAR_EXTENSION_BYTES} bytes (member paths at most {MAX_PATH_BYTES}); "
+                "the archive is damaged or crafted",
+            )
+
+
 class _TarArchive:
     def __init__(self, archive: tarfile.TarFile) -> None:
         self.archive = archive
 
     def entries(self) -> Iterator[_Entry]:
         for member in self.archive:  # reads one header at a time, so a limit stops the listing early
+            member.pax_headers = {}  # a copy of every PAX record so far, read already and not needed again
             if member.issym() or member.islnk():
                 raise UploadError(
                     400,
                     member.name,
-                    f"link to {member.linkname!r}; archives may hold only regular files and folders "
-                    "(copy the file instead of linking it)",
+                    f"link to {_shown(repr(member.linkname))}; archives may hold only regular files and "
+                    "folders (copy the file instead of linking it)",
                 )
             if not (member.isreg() or member.isdir()):
-                raise UploadError(
-                    400,
-                    member.name,
-                    "device, FIFO or other special entry; only files and folders are accepted",
-                )
+                raise UploadError(400, member.name, SPECIAL_ENTRY)
             if member.sparse is not None:
-                raise UploadError(400, member.name, "sparse file; archive it without --sparse")
+                raise UploadError(400, member.name, SPARSE_ENTRY)
             yield _Entry(member.name, _name_parts(member.name), member.isdir(), member.size, None, member)
 
     def open(self, entry: _Entry) -> AbstractContextManager[IO[bytes]]:
@@ -307,6 +448,8 @@ def _name_parts(name: str) -> tuple[str, ...]:
         raise UploadError(
             400, name, "'..' path component (zip slip); archive paths inside the dataset folder"
         )
+    if len(name.encode()) > MAX_PATH_BYTES:
+        raise UploadError(400, name, f"path longer than {MAX_PATH_BYTES} bytes; shorten the folder names")
     if any(len(part.encode()) > MAX_NAME_PART_BYTES for part in parts):
         raise UploadError(400, name, f"a path component is longer than {MAX_NAME_PART_BYTES} bytes")
     return parts
@@ -360,6 +503,8 @@ def _list_entries(
                 files.add(entry.parts)
             if not _is_litter(entry.parts):
                 kept.append(entry)
+    except _TarHeaderRefused as refusal:
+        raise refusal.upload_error(filename) from None
     except READ_ERRORS as error:
         raise UploadError(400, filename, f"damaged archive ({error}); create it again") from error
     for entry in kept:
@@ -368,7 +513,7 @@ def _list_entries(
             clash = entry.parts
         if clash is not None:
             raise UploadError(
-                400, entry.name, f"'{'/'.join(clash)}' is both a file and a folder in the archive"
+                400, entry.name, f"'{_shown('/'.join(clash))}' is both a file and a folder in the archive"
             )
     kept_files = [entry for entry in kept if not entry.is_dir]
     if not kept_files:
@@ -453,6 +598,7 @@ def _validate(
         parts = error.path.relative_to(staged).parts if error.path.is_relative_to(staged) else ()
         entry = "/".join([top, *parts] if top else parts) or filename
         problem = error.problem.replace(f"{staged}/", prefix).replace(str(staged), top or ".")
+        problem = _shown(problem, SHOWN_PROBLEM_CHARS)
         raise UploadError(422, entry, problem) from error
     return StagedDataset(
         path=staged,
