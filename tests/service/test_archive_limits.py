@@ -122,6 +122,22 @@ def test_tar_global_headers_are_bounded_over_the_archive(
     assert peak < PEAK_BOUND_BYTES, f"{peak} bytes allocated"
 
 
+def test_tar_global_header_under_the_bound_is_not_kept_per_member(
+    tmp_path: Path, staging: Path, settings: Settings
+) -> None:
+    """One 60 KB global header of 5000 keywords, then many members: tarfile gives each member a copy."""
+
+    def blocks() -> Iterator[bytes]:
+        yield tarfile.TarInfo.create_pax_global_header({f"k{key}": "v" for key in range(5000)})
+        for member in range(1001):
+            yield from small_file(f"data/{member}.txt")
+
+    limits = settings.model_copy(update={"max_archive_entries": 1000})
+    error, peak = refused_with_peak(write_tar_gz(tmp_path / "copies.tgz", blocks), staging, limits)
+    assert error.status_code == 400 and "more than 1000 members" in error.message
+    assert peak < PEAK_BOUND_BYTES, f"{peak} bytes allocated"
+
+
 def test_tar_gnu_sparse_map_is_refused_before_it_is_read(
     tmp_path: Path, staging: Path, settings: Settings
 ) -> None:
