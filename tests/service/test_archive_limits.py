@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import gzip
 import io
+import json
 import struct
+import subprocess
+import sys
 import tarfile
 import tracemalloc
 import zipfile
@@ -327,3 +330,60 @@ def test_dataset_with_long_names_under_the_bounds_is_staged(
     staged = receive_dataset(path, path.name, staging, settings, KNOWN)
     assert (staged.train_images, staged.val_images) == (4, 2)
     remove_staged(staged.path)
+
+
+# ---- the issue's archives, measured as the API process would see them -------------------------------------
+
+MEASURE = """
+import json, sys, time
+from pathlib import Path
+from service.archive import UploadError, receive_dataset
+from service.settings import Settings
+
+def peak_kib():
+    status = Path("/proc/self/status").read_text()
+    return int(status.split("VmHWM:")[1].split()[0])
+
+archive, staging = Path(sys.argv[1]), Path(sys.argv[2])
+Path("/proc/self/clear_refs").write_text("5")  # the peak RSS starts again from the current RSS
+before = peak_kib()
+start = time.perf_counter()
+try:
+    receive_dataset(archive, archive.name, staging, Settings(_env_file=None), ["background"])
+    error = None
+except UploadError as refusal:
+    error = refusal
+seconds = time.perf_counter() - start
+print(json.dumps({"rss_growth_mib": (peak_kib() - before) / 1024, "seconds": seconds,
+                  "status": error and error.status_code, "error_chars": error and len(str(error))}))
+"""
+
+
+def write_long_name_tar(path: Path) -> Path:
+    with tarfile.open(path, "w:gz", format=tarfile.GNU_FORMAT) as archive:
+        archive.addfile(tarfile.TarInfo("a" * 60_000_000), io.BytesIO())
+    return path
+
+
+def write_many_entries_zip(path: Path) -> Path:
+    path.write_bytes(zip_of_empty_files(400_000))
+    return path
+
+
+@pytest.mark.badinput
+@pytest.mark.parametrize(
+    ("name", "build"),
+    [("issue.tar.gz", write_long_name_tar), ("issue.zip", write_many_entries_zip)],
+    ids=["tar.gz-60MB-name", "zip-400000-entries"],
+)
+def test_issue_archives_peak_rss(tmp_path: Path, name: str, build: Callable[[Path], Path]) -> None:
+    """The issue's two archives against the default limits, in a fresh process: its peak RSS growth."""
+    archive = build(tmp_path / name)
+    run = subprocess.run(
+        [sys.executable, "-c", MEASURE, str(archive), str(tmp_path / "staging")],
+        capture_output=True, text=True, check=True, timeout=120,
+    )  # fmt: skip
+    figures = json.loads(run.stdout)
+    print(f"{archive.name} ({archive.stat().st_size} bytes): {figures}")
+    assert figures["status"] == 400 and figures["error_chars"] < ERROR_BOUND_CHARS
+    assert figures["rss_growth_mib"] < 16, figures
