@@ -55,11 +55,17 @@ SHOWN_PROBLEM_CHARS = 1000  # a dataset problem's text (which quotes file and cl
 # A zip's central directory may average this many bytes per allowed member: a header is 46 bytes plus the
 # name, extra fields and comment, typically under 200 in all. zipfile reads the whole directory into memory.
 CENTRAL_DIRECTORY_BYTES_PER_ENTRY = 512
-# The GNU long-name and PAX headers before one member together, and the PAX global headers of the whole
-# archive together, may hold this many bytes: a path of MAX_PATH_BYTES plus times, owners and extended
-# attributes fits many times over. tarfile reads each whole into memory.
-MAX_TAR_EXTENSION_BYTES = 64 << 10
-MAX_TAR_EXTENSION_HEADERS = 8  # before one member (tar tools write one to three: x, L, K)
+# Bounds on tar extension headers (GNU long-name and long-link, PAX), which tarfile reads whole into memory
+# and parses record by record (about 2 us per record, records as short as 6 bytes):
+# - before one member together: a path of MAX_PATH_BYTES plus times, owners and extended attributes fits
+#   many times over;
+MAX_TAR_MEMBER_EXTENSION_BYTES = 64 << 10
+# - over the whole archive, on average per allowed member (tar tools write 0 to 300 bytes per member);
+TAR_EXTENSION_BYTES_PER_ENTRY = 1 << 10
+# - the PAX global headers of the archive together: tarfile applies every global record to every later
+#   member (``git archive`` writes one 52-byte record);
+MAX_TAR_GLOBAL_EXTENSION_BYTES = 1 << 10
+MAX_TAR_EXTENSION_HEADERS = 8  # - in a row before one member (tar tools write one to three: x, L, K)
 TAR_EXTENSION_KINDS = {
     tarfile.GNUTYPE_LONGNAME: "GNU long-name header",
     tarfile.GNUTYPE_LONGLINK: "GNU long-link header",
@@ -227,7 +233,8 @@ def _open_archive(path: Path, filename: str, settings: UploadLimits) -> _Archive
         except READ_ERRORS as error:
             raise UploadError(400, filename, f"damaged zip archive ({error}); create it again") from error
     try:
-        return _TarArchive(_BoundedTarFile.open(path, "r:*"))
+        extension_bytes = settings.max_archive_entries * TAR_EXTENSION_BYTES_PER_ENTRY
+        return _TarArchive(_BoundedTarFile.open(path, "r:*", extension_bytes=extension_bytes))
     except _TarHeaderRefused as refusal:
         raise refusal.upload_error(filename) from None
     except READ_ERRORS:  # not a tar, or one that ends before its first member (e.g. a truncated gzip)
@@ -344,12 +351,23 @@ class _BoundedTarInfo(tarfile.TarInfo):
 
 class _BoundedTarFile(tarfile.TarFile):
     """A TarFile reading headers through :class:`_BoundedTarInfo`, which counts here what each member and
-    the whole archive spend on extension headers."""
+    the whole archive spend on extension headers.
+
+    Args:
+        *args: As for ``tarfile.TarFile``.
+        extension_bytes: The most bytes of long-name and PAX headers (global ones aside) in the archive.
+        **kwargs: As for ``tarfile.TarFile``.
+    """
 
     tarinfo = _BoundedTarInfo
-    member_headers = 0  # extension headers read before the member being read
-    member_header_bytes = 0
-    global_header_bytes = 0  # PAX global headers read so far (tarfile keeps them all)
+
+    def __init__(self, *args: object, extension_bytes: int, **kwargs: object) -> None:
+        self.extension_bytes = extension_bytes
+        self.member_headers = 0  # extension headers read before the member being read
+        self.member_header_bytes = 0
+        self.archive_header_bytes = 0  # long-name and PAX headers of the archive so far
+        self.global_header_bytes = 0  # PAX global headers so far
+        super().__init__(*args, **kwargs)  # reads the first member
 
     def next(self) -> tarfile.TarInfo | None:
         self.member_headers = self.member_header_bytes = 0
@@ -359,7 +377,7 @@ class _BoundedTarFile(tarfile.TarFile):
         """Counts an extension header against the bounds before its data is read.
 
         Raises:
-            _TarHeaderRefused: When the member's headers, or the archive's global headers, pass a bound.
+            _TarHeaderRefused: When the headers of the member, of the archive or the global ones pass a bound.
         """
         kind = TAR_EXTENSION_KINDS[header.type]
         self.member_headers += 1
@@ -371,17 +389,24 @@ class _BoundedTarFile(tarfile.TarFile):
             )
         if header.type == tarfile.XGLTYPE:
             self.global_header_bytes += header.size
-            spent, scope = self.global_header_bytes, "the PAX global headers of an archive together"
+            bounds = [
+                (self.global_header_bytes, MAX_TAR_GLOBAL_EXTENSION_BYTES, "the archive's PAX global headers")
+            ]
         else:
             self.member_header_bytes += header.size
-            spent, scope = self.member_header_bytes, "the long-name and PAX headers of one member together"
-        if spent > MAX_TAR_EXTENSION_BYTES:
-            raise _TarHeaderRefused(
-                None,
-                f"{kind} of {header.size} bytes at byte {header.offset} of the tar: {scope} may hold "
-                f"{MAX_TAR_EXTENSION_BYTES} bytes (member paths at most {MAX_PATH_BYTES}); "
-                "the archive is damaged or crafted",
-            )
+            self.archive_header_bytes += header.size
+            bounds = [
+                (self.member_header_bytes, MAX_TAR_MEMBER_EXTENSION_BYTES, "the headers of one member"),
+                (self.archive_header_bytes, self.extension_bytes, "the archive's long-name and PAX headers"),
+            ]
+        for spent, bound, scope in bounds:
+            if spent > bound:
+                raise _TarHeaderRefused(
+                    None,
+                    f"{kind} of {header.size} bytes at byte {header.offset} of the tar: {scope} would take "
+                    f"{spent} bytes, more than the {bound} allowed (a member path takes at most "
+                    f"{MAX_PATH_BYTES}); the archive is damaged or crafted",
+                )
 
 
 class _TarArchive:

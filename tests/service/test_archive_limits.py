@@ -128,17 +128,35 @@ def test_tar_global_headers_are_bounded_over_the_archive(
 def test_tar_global_header_under_the_bound_is_not_kept_per_member(
     tmp_path: Path, staging: Path, settings: Settings
 ) -> None:
-    """One 60 KB global header of 5000 keywords, then many members: tarfile gives each member a copy."""
+    """One 1000-byte global header of 100 keywords, then 2001 members: tarfile gives each member a copy."""
 
     def blocks() -> Iterator[bytes]:
-        yield tarfile.TarInfo.create_pax_global_header({f"k{key}": "v" for key in range(5000)})
-        for member in range(1001):
+        yield tarfile.TarInfo.create_pax_global_header({f"k{key:02d}": "v" for key in range(100)})
+        for member in range(2001):
             yield from small_file(f"data/{member}.txt")
 
-    limits = settings.model_copy(update={"max_archive_entries": 1000})
+    limits = settings.model_copy(update={"max_archive_entries": 2000})
     error, peak = refused_with_peak(write_tar_gz(tmp_path / "copies.tgz", blocks), staging, limits)
-    assert error.status_code == 400 and "more than 1000 members" in error.message
+    assert error.status_code == 400 and "more than 2000 members" in error.message
     assert peak < PEAK_BOUND_BYTES, f"{peak} bytes allocated"
+
+
+def test_tar_extension_headers_are_bounded_over_the_archive(
+    tmp_path: Path, staging: Path, settings: Settings
+) -> None:
+    """Members each after a 60 KB PAX header of 10 000 six-byte records: each is parsed record by record."""
+    records = b"6 ab=\n" * 10_000
+
+    def blocks() -> Iterator[bytes]:
+        for member in range(99):
+            yield header("pax", tarfile.XHDTYPE, len(records))
+            yield padded(records)
+            yield from small_file(f"data/{member}.txt")
+
+    limits = settings.model_copy(update={"max_archive_entries": 100})  # 100 KiB of extension headers
+    error, _ = refused_with_peak(write_tar_gz(tmp_path / "records.tgz", blocks), staging, limits)
+    assert error.status_code == 400 and error.entry == "records.tgz"
+    assert "the archive's long-name and PAX headers would take 120000 bytes" in error.message, error.message
 
 
 def test_tar_gnu_sparse_map_is_refused_before_it_is_read(
@@ -239,10 +257,11 @@ def test_zip_whose_end_record_understates_its_entries(
 ) -> None:
     """ZipFile reads every header in the directory whatever count the end record gives; so does the check."""
     archive = tmp_path / "liar.zip"
-    archive.write_bytes(zip_of_empty_files(3000, declared=1))
+    archive.write_bytes(zip_of_empty_files(20_000, declared=1))
     limits = settings.model_copy(update={"max_archive_entries": 1000})
-    error, _ = refused_with_peak(archive, staging, limits)
+    error, peak = refused_with_peak(archive, staging, limits)
     assert error.status_code == 400 and "more than 1000 members" in error.message
+    assert peak < PEAK_BOUND_BYTES, f"{peak} bytes allocated"
 
 
 def test_zip_with_an_implausibly_large_central_directory(
