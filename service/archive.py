@@ -56,12 +56,13 @@ SHOWN_PROBLEM_CHARS = 1000  # a dataset problem's text (which quotes file and cl
 # name, extra fields and comment, typically under 200 in all. zipfile reads the whole directory into memory.
 CENTRAL_DIRECTORY_BYTES_PER_ENTRY = 512
 # Bounds on tar extension headers (GNU long-name and long-link, PAX), which tarfile reads whole into memory
-# and parses record by record (about 2 us per record, records as short as 6 bytes):
+# and parses record by record (a few microseconds per record, records as short as 6 bytes):
 # - before one member together: a path of MAX_PATH_BYTES plus times, owners and extended attributes fits
 #   many times over;
 MAX_TAR_MEMBER_EXTENSION_BYTES = 64 << 10
-# - over the whole archive, on average per allowed member (tar tools write 0 to 300 bytes per member);
-TAR_EXTENSION_BYTES_PER_ENTRY = 1 << 10
+# - over the whole archive, on average per allowed member (tar tools write 0 to a few hundred bytes per
+#   member; a tenth of the members at the entry limit may carry a path of MAX_PATH_BYTES);
+TAR_EXTENSION_BYTES_PER_ENTRY = 256
 # - the PAX global headers of the archive together: tarfile applies every global record to every later
 #   member (``git archive`` writes one 52-byte record);
 MAX_TAR_GLOBAL_EXTENSION_BYTES = 1 << 10
