@@ -51,7 +51,7 @@ COPY_CHUNK_BYTES = 1 << 20
 MAX_NAME_PART_BYTES = 255  # longest file name component Linux file systems take
 MAX_PATH_BYTES = 1024  # longest member path; with the staging root it stays under Linux's 4096 PATH_MAX
 SHOWN_NAME_CHARS = 200  # names echoed in an error are cut to this many characters
-SHOWN_PROBLEM_CHARS = 1000  # a dataset problem's text (which quotes file and class names) is cut to this
+SHOWN_PROBLEM_CHARS = 600  # a dataset problem's text (it quotes file and class names) is cut to this
 # A zip's central directory may average this many bytes per allowed member: a header is 46 bytes plus the
 # name, extra fields and comment, typically under 200 in all. zipfile reads the whole directory into memory.
 CENTRAL_DIRECTORY_BYTES_PER_ENTRY = 512
@@ -116,6 +116,14 @@ def _shown(text: str, limit: int = SHOWN_NAME_CHARS) -> str:
     if len(text) <= limit:
         return text
     return f"{text[:limit]}... ({len(text) - limit} more characters)"
+
+
+def _cut_middle(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` characters in the middle, keeping its start and its advice at the end."""
+    if len(text) <= limit:
+        return text
+    half = limit // 2
+    return f"{text[:half]}... ({len(text) - 2 * half} characters left out) ...{text[-half:]}"
 
 
 class UploadLimits(Protocol):
@@ -416,7 +424,7 @@ class _TarArchive:
 
     def entries(self) -> Iterator[_Entry]:
         for member in self.archive:  # reads one header at a time, so a limit stops the listing early
-            member.pax_headers = {}  # a copy of every PAX record so far, read already and not needed again
+            member.pax_headers = {}  # its copy of the PAX records (global ones included), applied already
             if member.issym() or member.islnk():
                 raise UploadError(
                     400,
@@ -624,7 +632,7 @@ def _validate(
         parts = error.path.relative_to(staged).parts if error.path.is_relative_to(staged) else ()
         entry = "/".join([top, *parts] if top else parts) or filename
         problem = error.problem.replace(f"{staged}/", prefix).replace(str(staged), top or ".")
-        problem = _shown(problem, SHOWN_PROBLEM_CHARS)
+        problem = _cut_middle(problem, SHOWN_PROBLEM_CHARS)
         raise UploadError(422, entry, problem) from error
     return StagedDataset(
         path=staged,

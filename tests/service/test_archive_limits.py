@@ -335,6 +335,24 @@ def test_long_zip_path_is_a_400_not_a_crash(tmp_path: Path, staging: Path, setti
     )
 
 
+def test_dataset_problem_quoting_a_long_class_name_is_cut(
+    tmp_path: Path, staging: Path, settings: Settings
+) -> None:
+    """A class name of 100 000 characters without pixels: the 422 quotes it; its start and advice stay."""
+    dataset = write_synthetic_dataset(tmp_path / "ds", 2, 4, 2, 32, seed=3)
+    classes = dataset / "classes.txt"
+    classes.write_text(classes.read_text() + "u" * 100_000 + "\n")
+    path = tmp_path / "classes.zip"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        for file in sorted(dataset.rglob("*")):
+            if file.is_file():
+                archive.write(file, file.relative_to(dataset).as_posix())
+    error, _ = refused_with_peak(path, staging, settings)
+    assert error.status_code == 422 and error.entry == "classes.txt"
+    assert error.message.startswith("line 4: new class 'uuu") and "characters left out" in error.message
+    assert error.message.endswith("renumber the masks"), error.message[-100:]
+
+
 def test_dataset_with_long_names_under_the_bounds_is_staged(
     tmp_path: Path, staging: Path, settings: Settings
 ) -> None:
