@@ -26,6 +26,7 @@ from service.model_server import ModelServer, NoModelLoaded, open_export
 from service.registry import EXPORT_SUBDIR, MODEL_SUBDIR, Registry
 from service.settings import Settings
 from tests.helpers import save_tiny_model
+from tests.service.loaders import BlockingLoader, FlakyLoader
 
 CLASSES = ["background", "a", "b"]
 IMAGE = np.random.default_rng(0).integers(0, 256, (30, 44, 3), dtype=np.uint8)
@@ -344,40 +345,6 @@ def test_notice_time_with_and_without_the_announcement(
         assert swap["notice_s"] < 0.5  # the announcement, not the 3 s poll
     else:
         assert 0.5 < swap["notice_s"] <= poll_s + 0.5
-
-
-class FlakyLoader:
-    """The real loader behind an injected failure: each load of ``version`` raises for its first
-    ``failures`` attempts (a transient I/O error), then opens. Records when each attempt began."""
-
-    def __init__(self, settings: Settings, version: str, failures: int) -> None:
-        self.loader = RecordingLoader(settings)
-        self.version = version
-        self.failures = failures
-        self.attempts: list[float] = []  # time.monotonic() of each attempt at ``version``
-
-    def __call__(self, export_dir: Path) -> SegmentationRuntime:
-        if export_dir.parent.name == self.version:
-            self.attempts.append(time.monotonic())
-            if len(self.attempts) <= self.failures:
-                raise OSError(f"injected transient read error {len(self.attempts)}")
-        return self.loader(export_dir)
-
-
-class BlockingLoader:
-    """The real loader, held at the start of each load of ``version`` until :attr:`release` is set."""
-
-    def __init__(self, settings: Settings, version: str) -> None:
-        self.loader = RecordingLoader(settings)
-        self.version = version
-        self.entered = threading.Event()
-        self.release = threading.Event()
-
-    def __call__(self, export_dir: Path) -> SegmentationRuntime:
-        if export_dir.parent.name == self.version:
-            self.entered.set()
-            assert self.release.wait(60), "the test never released the load"
-        return self.loader(export_dir)
 
 
 def retry_settings(settings: Settings, **update: float) -> Settings:
