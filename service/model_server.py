@@ -244,8 +244,7 @@ class ModelServer:
     def lease(self, wait_s: float | None = None) -> Iterator[SegmentationRuntime]:
         """The serving runtime for the duration of a request; it is not closed before the lease returns.
 
-        While no version serves but one is loading (or its failed load is due to be tried again within the
-        wait), the call waits for it.
+        While no version serves but one is loading (a first load or a retry), the call waits for it.
 
         Args:
             wait_s: Longest wait for a version that is loading (default: ``settings.model_wait_s``).
@@ -350,8 +349,6 @@ class ModelServer:
             )
         retry = self._retry
         if retry is not None:
-            if now < deadline and retry.due <= deadline:
-                return None
             in_s = max(0.0, retry.due - now)
             return NoModelLoaded(
                 f"model version {retry.request.version} failed to load ({retry.error}); attempt "
