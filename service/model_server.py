@@ -8,7 +8,15 @@ version's export directory (ONNX Runtime on the CPU; TensorRT or ONNX Runtime CU
 ``export.runtime.open_runtime`` chooses), warms it up, and only then swaps the reference under a lock.
 Requests in flight finish on the old runtime, which is closed when its last lease is returned. A version
 that fails to open or warm up leaves the old one serving; the failure is recorded (``status().failures``,
-``incseg_model_swap_failures_total``).
+``incseg_model_swap_failures_total``) and, while the pointer still names that version, the load is tried
+again with exponential backoff (``model_retry_s`` doubled after each failure, at most ``model_retry_max_s``;
+``status().retry``, ``incseg_model_load_retries_total``), so a transient error does not leave replicas on
+different versions.
+
+While no version serves yet but one is loading (the first activation, an API process that just started),
+:meth:`~ModelServer.lease` holds the request until the load finishes, at most ``model_wait_s``: a client
+that segments right after its task reads ``done`` gets an answer. :class:`NoModelLoaded` says why a lease
+was refused and whether retrying helps (``retry_after_s``).
 
 The pointer is the truth: a loaded version is swapped in only if the pointer still names it, so a late
 announcement or request never takes a process back to an older version; going back happens only when
@@ -19,6 +27,7 @@ the pointer is moved back (``Registry.activate``, the rollback). This mirrors Tr
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -45,16 +54,41 @@ SWAP_FAILURES = Counter(
 ACTIVE_VERSION = Gauge(
     "incseg_active_model_version", "1 for the model version this process serves.", ["version"]
 )
+LOAD_RETRIES = Counter(
+    "incseg_model_load_retries",
+    "Loads of the active version tried again after it failed to load or warm up (with backoff).",
+)
 SWAP_PHASE_SECONDS = Gauge(
     "incseg_model_swap_phase_seconds",
     "Duration of each phase of the last swap: notice (activation to noticed), load, warmup.",
     ["phase"],
 )
 STOP_JOIN_S = 30.0
+RETRY_SOON_S = 1  # Retry-After of a refusal whose cause passes on its own (a load under way, a restart)
 
 
 class NoModelLoaded(RuntimeError):
-    """No model version is loaded and warmed up yet (or the server was stopped); the message says why."""
+    """No model version serves in this process; the message says why and what to do.
+
+    Args:
+        message: Why no version serves, and what to do about it.
+        retry_after_s: Seconds after which asking again may succeed (a version is loading, or its failed
+            load will be tried again then); None when only a client action helps (no version exists yet).
+    """
+
+    def __init__(self, message: str, retry_after_s: int | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class LoadRetry(BaseModel):
+    """The next attempt to load the active version after it failed (``/models``)."""
+
+    version: str = Field(description="the active version that failed to load or warm up")
+    attempts: int = Field(description="failed attempts for this activation so far")
+    error: str = Field(description="why the last attempt failed")
+    next_attempt_at: float = Field(description="when the next attempt starts (Unix time)")
+    next_attempt_in_s: float = Field(description="seconds from now until the next attempt")
 
 
 class ModelServerStatus(BaseModel):
@@ -67,6 +101,8 @@ class ModelServerStatus(BaseModel):
     failures: dict[str, str] = Field(description="version -> why it failed to load or warm up")
     swaps: int = Field(description="versions swapped in by this process")
     swap_failures: int = Field(description="failed loads or warm-ups in this process")
+    retry: LoadRetry | None = Field(description="the next attempt to load the failed active version")
+    load_retries: int = Field(description="loads tried again after a failure by this process")
     last_swap: dict[str, Any] | None = Field(
         description="the last swap: version, previous, notice_s (activation to noticed; None when the "
         "activation time is unknown), load_s, warmup_s, swapped_at (Unix time)"
@@ -103,6 +139,23 @@ class _Request:
         return max(0.0, self.noticed_at - self.activation[0] / 1e9)
 
 
+@dataclass(frozen=True)
+class _Retry:
+    """A failed load of the active version, to be tried again.
+
+    Attributes:
+        request: The request that failed (its activation must still be the pointer's).
+        attempts: Failed attempts for this activation.
+        error: Why the last attempt failed.
+        due: When to try again (``time.monotonic()``).
+    """
+
+    request: _Request
+    attempts: int
+    error: str
+    due: float
+
+
 @dataclass
 class _Served:
     """A loaded version and the leases on it."""
@@ -122,7 +175,8 @@ class ModelServer:
     """Serves the registry's active version and swaps to a new one without failing a request.
 
     Args:
-        settings: Service settings (``ort_threads``, ``poll_interval_s``, ``redis_url``, ``instance``).
+        settings: Service settings (``ort_threads``, ``poll_interval_s``, ``redis_url``, ``instance``,
+            ``model_wait_s``, ``model_retry_s``, ``model_retry_max_s``).
         registry: The model registry.
         loader: Opens an export directory (default :func:`open_export` with ``backend``); tests inject a
             slow or failing one.
@@ -148,9 +202,12 @@ class ModelServer:
         self._loading: _Request | None = None
         self._failures: dict[str, str] = {}
         self._failed_activation: dict[str, tuple[int, int] | None] = {}
+        self._retry: _Retry | None = None
         self._swaps = 0
         self._swap_failures = 0
+        self._load_retries = 0
         self._last_swap: dict[str, Any] | None = None
+        self._started = False
         self._stopping = False
         self._loader_thread: threading.Thread | None = None
         self._watcher = ActiveWatcher(settings, registry, self.request_version)
@@ -160,6 +217,7 @@ class ModelServer:
     def start(self) -> None:
         """Starts the loader thread and the watcher; the active version (if any) loads in the background."""
         with self._state:
+            self._started = True
             self._stopping = False
         self._loader_thread = threading.Thread(
             target=self._load_loop, name="incseg-model-loader", daemon=True
@@ -183,17 +241,19 @@ class ModelServer:
     # serving
 
     @contextmanager
-    def lease(self) -> Iterator[SegmentationRuntime]:
+    def lease(self, wait_s: float | None = None) -> Iterator[SegmentationRuntime]:
         """The serving runtime for the duration of a request; it is not closed before the lease returns.
 
+        While no version serves but one is loading (a first load or a retry), the call waits for it.
+
+        Args:
+            wait_s: Longest wait for a version that is loading (default: ``settings.model_wait_s``).
+
         Raises:
-            NoModelLoaded: No version is serving yet; the message says why.
+            NoModelLoaded: No version serves (yet); the message says why, ``retry_after_s`` when to ask
+                again (None: no version exists).
         """
-        with self._state:
-            served = self._served
-            if served is None:
-                raise NoModelLoaded(self._why_not_ready())
-            served.leases += 1
+        served = self._acquire(self._settings.model_wait_s if wait_s is None else wait_s)
         try:
             yield served.runtime
         finally:
@@ -215,6 +275,8 @@ class ModelServer:
                 failures=dict(self._failures),
                 swaps=self._swaps,
                 swap_failures=self._swap_failures,
+                retry=self._retry_status(),
+                load_retries=self._load_retries,
                 last_swap=dict(self._last_swap) if self._last_swap else None,
             )
 
@@ -243,9 +305,85 @@ class ModelServer:
                 self._wanted = None  # the load in progress is what the pointer asks for
                 return
             if request.activation is not None and self._failed_activation.get(name) == request.activation:
-                return
+                return  # already failed: the pending retry tries it again
+            if request.activation is not None:
+                self._retry = None  # a new activation: its retries start over
             self._wanted = request
             self._state.notify_all()
+
+    # waiting for a version
+
+    def _acquire(self, wait_s: float) -> _Served:
+        """A lease on the serving version, waiting up to ``wait_s`` for one that is loading."""
+        deadline = time.monotonic() + wait_s
+        with self._state:
+            idle = self._loading is None and self._wanted is None and self._retry is None
+            notice = self._served is None and self._started and not self._stopping and idle
+        if notice:
+            # the pointer may have moved before this process's watcher noticed (a task just read `done`)
+            self._watcher.check()
+        with self._state:
+            while self._served is None:
+                refusal = self._refusal(deadline, wait_s)
+                if refusal is not None:
+                    raise refusal
+                self._state.wait(deadline - time.monotonic())
+            served = self._served
+            served.leases += 1
+            return served
+
+    def _refusal(self, deadline: float, wait_s: float) -> NoModelLoaded | None:
+        """Why a lease is refused now, or None to wait on (called with ``_state`` held, nothing serving)."""
+        now = time.monotonic()
+        if self._stopping or not self._started:
+            state = "stopped" if self._stopping else "not started"
+            return NoModelLoaded(f"the model server is {state}; retry in a moment", RETRY_SOON_S)
+        pending = self._loading or self._wanted
+        if pending is not None:
+            if now < deadline:
+                return None
+            return NoModelLoaded(
+                f"model version {pending.version} is loading and warming up, not ready after {wait_s:g} s; "
+                "retry in a moment",
+                RETRY_SOON_S,
+            )
+        retry = self._retry
+        if retry is not None:
+            in_s = max(0.0, retry.due - now)
+            return NoModelLoaded(
+                f"model version {retry.request.version} failed to load ({retry.error}); attempt "
+                f"{retry.attempts + 1} starts in {in_s:.0f} s, or activate another version",
+                max(RETRY_SOON_S, math.ceil(in_s)),
+            )
+        try:
+            active = self._registry.active()
+        except OSError:
+            active = None
+        if active is None:
+            return NoModelLoaded("no model version exists yet: post a base task to /tasks first")
+        if active in self._failures:
+            return NoModelLoaded(
+                f"model version {active} failed to load ({self._failures[active]}); activate another version",
+                RETRY_SOON_S,
+            )
+        return NoModelLoaded(f"model version {active} is not loaded yet; retry in a moment", RETRY_SOON_S)
+
+    def _retry_status(self) -> LoadRetry | None:
+        retry = self._retry
+        if retry is None:
+            return None
+        in_s = max(0.0, retry.due - time.monotonic())
+        return LoadRetry(
+            version=retry.request.version,
+            attempts=retry.attempts,
+            error=retry.error,
+            next_attempt_at=time.time() + in_s,
+            next_attempt_in_s=in_s,
+        )
+
+    def _retry_delay(self, attempts: int) -> float:
+        """Seconds before the next attempt after ``attempts`` failures: doubled each time, capped."""
+        return min(self._settings.model_retry_max_s, self._settings.model_retry_s * 2 ** (attempts - 1))
 
     # loading
 
@@ -260,21 +398,30 @@ class ModelServer:
     def _load_loop(self) -> None:
         while True:
             with self._state:
-                self._state.wait_for(lambda: self._stopping or self._wanted is not None)
+                while not (self._stopping or self._wanted is not None or self._retry_is_due()):
+                    self._state.wait(None if self._retry is None else self._retry.due - time.monotonic())
                 if self._stopping:
                     return
-                request, self._wanted = self._wanted, None
+                if self._wanted is not None:
+                    request, self._wanted, attempt = self._wanted, None, 1
+                else:
+                    request, attempt, self._retry = self._retry.request, self._retry.attempts + 1, None
+                    self._load_retries += 1
+                    LOAD_RETRIES.inc()
                 if self._served is not None and self._served.version == request.version:
                     continue
                 self._loading = request
             try:
-                self._load_and_swap(request)
+                self._load_and_swap(request, attempt)
             finally:
                 with self._state:
                     self._loading = None
                     self._state.notify_all()
 
-    def _load_and_swap(self, request: _Request) -> None:
+    def _retry_is_due(self) -> bool:
+        return self._retry is not None and self._retry.due <= time.monotonic()
+
+    def _load_and_swap(self, request: _Request, attempt: int) -> None:
         name = request.version
         try:
             started = time.perf_counter()
@@ -289,13 +436,27 @@ class ModelServer:
             warmed = time.perf_counter()
         except Exception as error:  # any failure to open or run the version keeps the old one serving
             message = f"{type(error).__name__}: {error}"
-            logger.error("model version %s failed to load or warm up, keeping the old one: %s", name, message)
             SWAP_FAILURES.inc()
             with self._state:
                 self._failures[name] = message
                 self._failed_activation[name] = request.activation
                 self._swap_failures += 1
                 self._loading = None
+                # only the pointer's version is tried again; a newer request or activation supersedes it
+                if request.activation is not None and self._wanted is None and not self._stopping:
+                    delay = self._retry_delay(attempt)
+                    self._retry = _Retry(request, attempt, message, time.monotonic() + delay)
+                    then = f"attempt {attempt + 1} in {delay:g} s"
+                else:
+                    then = "not tried again"
+                self._state.notify_all()
+            logger.error(
+                "model version %s failed to load or warm up (attempt %d), keeping the old one; %s: %s",
+                name,
+                attempt,
+                then,
+                message,
+            )
             return
         with self._state:
             self._loading = None
@@ -305,10 +466,13 @@ class ModelServer:
             if superseded:
                 old = None
                 if not self._stopping and pointer is not None and self._wanted is None:
-                    # go where the pointer is now
-                    self._wanted = _Request(pointer, self._pointer_stamp(pointer), time.time())
+                    # go where the pointer is now, unless it already failed there (its retry is pending)
+                    stamp = self._pointer_stamp(pointer)
+                    if stamp is None or self._failed_activation.get(pointer) != stamp:
+                        self._wanted = _Request(pointer, stamp, time.time())
             else:
                 old, self._served = self._served, _Served(name, runtime)
+                self._retry = None
                 self._failures.pop(name, None)
                 self._failed_activation.pop(name, None)
                 self._swaps += 1
@@ -355,20 +519,3 @@ class ModelServer:
             served.runtime.close()
         except Exception:
             logger.exception("closing model version %s failed", served.version)
-
-    def _why_not_ready(self) -> str:
-        if self._stopping:
-            return "the model server is stopped"
-        if self._loading is not None:
-            return f"model version {self._loading.version} is loading and warming up; retry in a moment"
-        try:
-            active = self._registry.active()
-        except OSError:
-            active = None
-        if active is None:
-            return "no model version exists yet: post a base task to /tasks first"
-        if active in self._failures:
-            return (
-                f"model version {active} failed to load ({self._failures[active]}); activate another version"
-            )
-        return f"model version {active} is not loaded yet; retry in a moment"

@@ -72,6 +72,21 @@ class Settings(BaseSettings):
     poll_interval_s: float = Field(
         0.5, gt=0, description="How often an API process reads the active-version pointer (pub/sub fallback)."
     )
+    model_wait_s: float = Field(
+        30.0,
+        ge=0,
+        description="While the active version loads and no older one serves, /segment waits this long for "
+        "it before answering 503 with Retry-After.",
+    )
+    model_retry_s: float = Field(
+        1.0,
+        gt=0,
+        description="A failed load of the active version is tried again after this many seconds, doubled "
+        "after each further failure.",
+    )
+    model_retry_max_s: float = Field(
+        300.0, gt=0, description="Longest wait between two attempts to load a failed active version."
+    )
     default_method: str = Field(
         "star",  # training.method_spec.DEFAULT_METHOD, not imported here; a test keeps the two equal
         description=(
@@ -146,6 +161,11 @@ class Settings(BaseSettings):
             raise ValueError(
                 "need task_soft_time_limit_s < task_time_limit_s < visibility_timeout_s, got "
                 f"{self.task_soft_time_limit_s}, {self.task_time_limit_s}, {self.visibility_timeout_s}"
+            )
+        if self.model_retry_max_s < self.model_retry_s:
+            raise ValueError(
+                f"model_retry_max_s ({self.model_retry_max_s}) must be at least model_retry_s "
+                f"({self.model_retry_s})"
             )
         if self.orphan_timeout_s <= 2 * self.heartbeat_interval_s:
             raise ValueError(

@@ -49,7 +49,11 @@ async def _task_conflict(request: Request, err: TaskConflict) -> JSONResponse:
 
 
 async def _no_model(request: Request, err: NoModelLoaded) -> JSONResponse:
-    return _error(status.HTTP_409_CONFLICT, str(err) or "no model is serving yet: post a base task to /tasks")
+    if err.retry_after_s is None:  # no version exists: only a task helps
+        return _error(status.HTTP_409_CONFLICT, str(err))
+    response = _error(status.HTTP_503_SERVICE_UNAVAILABLE, str(err))
+    response.headers["Retry-After"] = str(err.retry_after_s)
+    return response
 
 
 async def _queue_unavailable(request: Request, err: QueueUnavailable) -> JSONResponse:

@@ -7,6 +7,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from service.db import TaskView
+from service.model_server import LoadRetry
 from service.registry import VersionInfo
 
 
@@ -53,7 +54,11 @@ class ModelList(BaseModel):
     serving: str | None
     loading: str | None = Field(description="Version being loaded in the background, if any.")
     swaps: int = Field(description="Swaps this API process made since it started.")
-    swap_failures: int = Field(description="Versions this API process failed to load or warm up.")
+    swap_failures: int = Field(description="Failed loads or warm-ups of this API process (retries included).")
+    retry: LoadRetry | None = Field(
+        description="The active version failed to load in this API process: the next attempt, with backoff."
+    )
+    load_retries: int = Field(description="Loads this API process tried again after a failure.")
     last_swap: dict[str, Any] | None = Field(
         description="The last swap: version and seconds from activation to notice, load and warm-up."
     )

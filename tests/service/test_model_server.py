@@ -26,6 +26,7 @@ from service.model_server import ModelServer, NoModelLoaded, open_export
 from service.registry import EXPORT_SUBDIR, MODEL_SUBDIR, Registry
 from service.settings import Settings
 from tests.helpers import save_tiny_model
+from tests.service.loaders import BlockingLoader, FlakyLoader
 
 CLASSES = ["background", "a", "b"]
 IMAGE = np.random.default_rng(0).integers(0, 256, (30, 44, 3), dtype=np.uint8)
@@ -206,7 +207,7 @@ def test_a_broken_version_keeps_the_old_one_serving(
     good = publish(registry, template)
     broken = publish(registry, template, damage)
     registry.activate(good)
-    server = make_server(settings)
+    server = make_server(settings.model_copy(update={"model_retry_s": 600.0, "model_retry_max_s": 600.0}))
     assert server.wait_until_serving(good, timeout=30)
     failures_before = _metric("incseg_model_swap_failures_total") or 0.0
 
@@ -344,3 +345,127 @@ def test_notice_time_with_and_without_the_announcement(
         assert swap["notice_s"] < 0.5  # the announcement, not the 3 s poll
     else:
         assert 0.5 < swap["notice_s"] <= poll_s + 0.5
+
+
+def retry_settings(settings: Settings, **update: float) -> Settings:
+    return settings.model_copy(update={"model_retry_s": 0.2, "model_retry_max_s": 0.5, **update})
+
+
+def test_a_failed_load_of_the_active_version_is_retried_with_capped_backoff(
+    settings: Settings, registry: Registry, template: Path, make_server
+) -> None:
+    fast = retry_settings(settings)
+    good = publish(registry, template)
+    flaky = publish(registry, template)
+    registry.activate(good)
+    loader = FlakyLoader(fast, flaky, failures=4)
+    server = make_server(fast, loader)
+    assert server.wait_until_serving(good, timeout=30)
+    retries_before = _metric("incseg_model_load_retries_total") or 0.0
+    failures_before = _metric("incseg_model_swap_failures_total") or 0.0
+    answers: list[str] = []
+    stop = threading.Event()
+
+    def client() -> None:
+        while not stop.is_set():
+            answers.append(segment(server))
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    try:
+        registry.activate(flaky)
+        server.request_version(flaky)
+        assert server.wait_until_serving(flaky, timeout=60)  # attempt 5 succeeds
+        count = len(answers)
+        wait_for(lambda: len(answers) >= count + 3, 30, "answers after the swap")
+    finally:
+        stop.set()
+        thread.join(30)
+
+    switch = answers.index(flaky)
+    assert switch > 0 and set(answers[:switch]) == {good} and set(answers[switch:]) == {flaky}
+    state = server.status()
+    assert state.retry is None and state.failures == {} and state.load_retries == 4
+    assert state.swap_failures == 4 and state.swaps == 2
+    gaps = [later - earlier for earlier, later in zip(loader.attempts, loader.attempts[1:], strict=False)]
+    print(f"\nretry gaps {[round(gap, 3) for gap in gaps]} s (backoff 0.2, 0.4, 0.5, 0.5)")
+    assert len(loader.attempts) == 5
+    for gap, backoff in zip(gaps, (0.2, 0.4, 0.5, 0.5), strict=True):  # never sooner than the backoff
+        assert gap >= backoff
+    assert _metric("incseg_model_load_retries_total") == retries_before + 4
+    assert _metric("incseg_model_swap_failures_total") == failures_before + 4
+
+
+def test_a_version_that_keeps_failing_keeps_the_old_one_serving_until_another_is_activated(
+    settings: Settings, registry: Registry, template: Path, make_server
+) -> None:
+    fast = retry_settings(settings, model_retry_s=0.05, model_retry_max_s=0.1)
+    good, broken, third = (publish(registry, template) for _ in range(3))
+    registry.activate(good)
+    loader = FlakyLoader(fast, broken, failures=1_000_000)
+    server = make_server(fast, loader)
+    assert server.wait_until_serving(good, timeout=30)
+
+    registry.activate(broken)
+    server.request_version(broken)
+    wait_for(lambda: len(loader.attempts) >= 6, 30, "six attempts")
+    state = server.status()
+    assert state.serving_version == good and state.ready and segment(server) == good
+    assert state.load_retries >= 5 and broken in state.failures
+
+    registry.activate(good)  # the rollback ends the retries
+    server.request_version(good)
+    assert server.status().retry is None
+    attempts = len(loader.attempts)  # one in flight at the rollback is already counted
+    registry.activate(third)
+    server.request_version(third)
+    assert server.wait_until_serving(third, timeout=30)
+    assert len(loader.attempts) == attempts and server.status().retry is None
+
+
+def test_a_request_while_the_first_version_loads_waits_for_it(
+    settings: Settings, registry: Registry, template: Path, make_server
+) -> None:
+    version = publish(registry, template)
+    loader = BlockingLoader(settings, version)
+    server = make_server(settings, loader)
+    registry.activate(version)  # noticed by the request itself, before the pointer poll
+    answers: list[str] = []
+    errors: list[BaseException] = []
+
+    def request() -> None:
+        try:
+            answers.append(segment(server))
+        except BaseException as error:
+            errors.append(error)
+
+    thread = threading.Thread(target=request)
+    thread.start()
+    assert loader.entered.wait(30), "the load never started"
+    assert server.status().loading == version and not server.status().ready
+    loader.release.set()
+    thread.join(60)
+    assert errors == [] and answers == [version]
+
+
+def test_the_wait_for_a_loading_version_is_bounded(
+    settings: Settings, registry: Registry, template: Path, make_server
+) -> None:
+    version = publish(registry, template)
+    registry.activate(version)
+    loader = BlockingLoader(settings, version)
+    server = make_server(settings.model_copy(update={"model_wait_s": 0.2}), loader)
+    assert loader.entered.wait(30), "the load never started"
+    with pytest.raises(NoModelLoaded, match=f"{version} is loading and warming up") as refused:
+        segment(server)
+    assert refused.value.retry_after_s == 1
+    loader.release.set()
+    assert server.wait_until_serving(version, timeout=30) and segment(server) == version
+
+
+def test_no_version_at_all_is_refused_at_once_without_retry_after(settings: Settings, make_server) -> None:
+    server = make_server(settings)  # model_wait_s 30: the refusal must not wait for it
+    started = time.monotonic()
+    with pytest.raises(NoModelLoaded, match="no model version exists yet") as refused:
+        segment(server)
+    assert refused.value.retry_after_s is None and time.monotonic() - started < settings.model_wait_s

@@ -45,6 +45,8 @@ def list_models(registry: RegistryDep, server: ModelServerDep) -> ModelList:
         loading=serving.loading,
         swaps=serving.swaps,
         swap_failures=serving.swap_failures,
+        retry=serving.retry,
+        load_retries=serving.load_retries,
         last_swap=serving.last_swap,
         versions=[_summary(info, active, serving) for info in registry.list()],
     )

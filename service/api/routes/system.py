@@ -18,7 +18,7 @@ router = APIRouter(tags=["system"])
 def get_classes(registry: RegistryDep, server: ModelServerDep) -> ClassList:
     """The serving version's classes (label value = index); the active version's while none serves yet."""
     try:
-        with server.lease() as runtime:
+        with server.lease(wait_s=0) as runtime:
             return ClassList(version=runtime.version, classes=runtime.classes)
     except NoModelLoaded:
         active = registry.active()
@@ -47,6 +47,8 @@ def ready(server: ModelServerDep) -> Readiness | JSONResponse:
         why = f"loading and warming up {state.loading}"
     elif state.failures:
         why = "; ".join(f"{name} failed to load: {error}" for name, error in state.failures.items())
+        if state.retry is not None:
+            why += f"; attempt {state.retry.attempts + 1} in {state.retry.next_attempt_in_s:.0f} s"
     elif state.active_version is None:
         why = "no model version exists yet: post a base task to /tasks"
     else:
