@@ -677,6 +677,17 @@ class TaskStore:
             ).all()
         return [row[0] for row in rows]
 
+    def unfinished_datasets(self) -> list[Path]:
+        """Staged dataset folders of queued, running and exporting tasks."""
+        with self.reader.connect() as conn:
+            rows = conn.execute(
+                select(tasks_table.c.dataset_dir).where(
+                    tasks_table.c.state.not_in([s.value for s in FINISHED_STATES]),
+                    tasks_table.c.dataset_dir.is_not(None),
+                )
+            ).all()
+        return [Path(row[0]) for row in rows]
+
     # ---- helpers --------------------------------------------------------------------------------------
 
     @staticmethod
