@@ -32,7 +32,6 @@ from celery import bootsteps, signals
 from service.db import TaskStore
 from service.registry import Registry
 from service.settings import Settings
-from service.staging import clean_staging
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +81,7 @@ def sweep_orphans(settings: Settings) -> tuple[list[str], list[str]]:
     """
     from service.celery_app import send_train
     from service.pipeline import remove_dataset
+    from service.staging import clean_staging
 
     store = process_store(settings)
     requeued, exhausted = store.requeue_orphans(settings.orphan_timeout_s, settings.max_deliveries)
