@@ -110,8 +110,9 @@ DEFAULT_BUSY_TIMEOUT_S = 30.0
 
 
 def _add_task_columns(conn: Connection, *names: str) -> None:
-    """``ALTER TABLE ... ADD COLUMN`` for columns of :data:`tasks_table` (nullable, no default)."""
-    for name in names:
+    """``ALTER TABLE ... ADD COLUMN`` for columns of :data:`tasks_table` (nullable, no default) it lacks."""
+    present = {column["name"] for column in inspect(conn).get_columns(tasks_table.name)}
+    for name in (name for name in names if name not in present):
         column_type = tasks_table.c[name].type.compile(dialect=conn.dialect)
         conn.execute(text(f"ALTER TABLE {tasks_table.name} ADD COLUMN {name} {column_type}"))
 
@@ -192,6 +193,9 @@ def worker_id() -> str:
     ``start`` is the process's start time (``/proc``, clock ticks since boot; empty where there is no
     ``/proc``): a worker container restarted with the same hostname gets a fresh PID namespace, and its
     new pool process often has the PID of the old one, which a bare ``host:pid`` would take as alive.
+    Ticks since boot are immune to clock changes; a wall-clock start time (``psutil.Process.create_time``,
+    boot time plus ticks) moves when NTP sets the clock (a Jetson without a real-time clock at boot), and
+    a live holder would then read as dead.
     """
     return f"{socket.gethostname()}:{_start_time(os.getpid()) or ''}:{os.getpid()}"
 
