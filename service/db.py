@@ -7,15 +7,23 @@ a queued task starts only when it is the oldest unfinished task and no other tas
 :meth:`TaskStore.claim`). A running task refreshes ``heartbeat_at``; one whose heartbeat is older than the
 orphan timeout, or whose worker process is gone, is orphaned and taken over or failed.
 
+On SQLite (in WAL mode) only writes take the write lock: a transaction opened by ``engine.begin()`` starts
+with ``BEGIN IMMEDIATE``, a read through :attr:`TaskStore.reader` with a deferred ``BEGIN``, which never
+blocks a writer. The schema is versioned (:func:`create_schema`): the first process to open an empty or
+older database creates or upgrades it while it holds the database's schema lock, the others wait and
+find it current.
+
 This module imports neither torch nor ``training`` (the API process uses it).
 """
 
 from __future__ import annotations
 
 import enum
+import logging
 import os
 import socket
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -38,11 +46,15 @@ from sqlalchemy import (
     event,
     func,
     insert,
+    inspect,
     select,
+    text,
     update,
 )
 from sqlalchemy.engine import Connection, RowMapping
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import OperationalError
+
+logger = logging.getLogger(__name__)
 
 
 class TaskState(enum.StrEnum):
@@ -86,8 +98,34 @@ tasks_table = Table(
     Column("attempts", Integer, nullable=False, default=0),
     Column("cancel_requested", Boolean, nullable=False, default=False),
     Column("worker", String(200), nullable=True),
+    Column("message_at", DateTime(timezone=True), nullable=True),  # last send or delivery of its message
+    Column("staged_version", String(32), nullable=True),  # version the task published, before it is done
 )
 locks_table = Table("incseg_locks", metadata, Column("name", String(64), primary_key=True))
+schema_table = Table("incseg_schema", metadata, Column("version", Integer, nullable=False))
+
+DEFERRED_OPTION = "incseg_deferred"  # execution option of TaskStore.reader: SQLite reads begin deferred
+SCHEMA_LOCK_KEY = 0x1AC5E6  # PostgreSQL advisory lock held while the schema is created or upgraded
+DEFAULT_BUSY_TIMEOUT_S = 30.0
+
+
+def _add_task_columns(conn: Connection, *names: str) -> None:
+    """``ALTER TABLE ... ADD COLUMN`` for columns of :data:`tasks_table` (nullable, no default) it lacks."""
+    present = {column["name"] for column in inspect(conn).get_columns(tasks_table.name)}
+    for name in (name for name in names if name not in present):
+        column_type = tasks_table.c[name].type.compile(dialect=conn.dialect)
+        conn.execute(text(f"ALTER TABLE {tasks_table.name} ADD COLUMN {name} {column_type}"))
+
+
+def _upgrade_to_2(conn: Connection) -> None:
+    """Version 2: the message outbox's ``message_at`` and the publishing step's ``staged_version``."""
+    _add_task_columns(conn, "message_at", "staged_version")
+
+
+# UPGRADES[v - 1] upgrades a version-v database to v + 1. Version 1 is the schema of databases made before
+# the schema was versioned (no incseg_schema table); a new database is created at SCHEMA_VERSION.
+UPGRADES: tuple[Callable[[Connection], None], ...] = (_upgrade_to_2,)
+SCHEMA_VERSION = 1 + len(UPGRADES)
 
 
 class TaskView(BaseModel):
@@ -155,6 +193,9 @@ def worker_id() -> str:
     ``start`` is the process's start time (``/proc``, clock ticks since boot; empty where there is no
     ``/proc``): a worker container restarted with the same hostname gets a fresh PID namespace, and its
     new pool process often has the PID of the old one, which a bare ``host:pid`` would take as alive.
+    Ticks since boot are immune to clock changes; a wall-clock start time (``psutil.Process.create_time``,
+    boot time plus ticks) moves when NTP sets the clock (a Jetson without a real-time clock at boot), and
+    a live holder would then read as dead.
     """
     return f"{socket.gethostname()}:{_start_time(os.getpid()) or ''}:{os.getpid()}"
 
@@ -240,51 +281,105 @@ def _view(row: RowMapping) -> TaskView:
     )
 
 
-def _make_engine(database_url: str) -> Engine:
-    """An engine; SQLite gets WAL, a busy timeout and ``BEGIN IMMEDIATE`` transactions.
+def _make_engine(database_url: str, busy_timeout_s: float) -> Engine:
+    """An engine; SQLite gets WAL, a busy timeout and ``BEGIN IMMEDIATE`` for every transaction but reads.
 
     SQLite's deferred transactions let two claimers read "line free" and then both write; ``BEGIN
-    IMMEDIATE`` takes the write lock at the start, which makes every transaction here serialisable.
+    IMMEDIATE`` takes the write lock at the start, which makes every writing transaction serialisable. A
+    connection with the :data:`DEFERRED_OPTION` execution option (:attr:`TaskStore.reader`) begins
+    deferred: in WAL mode it reads a snapshot and never waits for, nor blocks, a writer.
     """
     if not database_url.startswith("sqlite"):
         return create_engine(database_url, pool_pre_ping=True)
     path = database_url.split("///", 1)[-1]
     if path and path != ":memory:":
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(database_url, connect_args={"timeout": 30, "check_same_thread": False})
+    engine = create_engine(database_url, connect_args={"timeout": busy_timeout_s, "check_same_thread": False})
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         dbapi_connection.isolation_level = None  # the driver issues no BEGIN; the event below does
         cursor = dbapi_connection.cursor()
+        cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")  # before WAL: it may wait
         cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA busy_timeout=30000")
         cursor.close()
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection: Connection) -> None:
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        deferred = connection.get_execution_options().get(DEFERRED_OPTION, False)
+        connection.exec_driver_sql("BEGIN" if deferred else "BEGIN IMMEDIATE")
 
     return engine
 
 
+def schema_version(engine: Engine) -> int | None:
+    """The schema version of the engine's database (None: no task table yet; 1: made before versioning)."""
+    with engine.connect() as conn:
+        return _stored_version(conn)
+
+
+def _stored_version(conn: Connection) -> int | None:
+    inspector = inspect(conn)
+    if not inspector.has_table(tasks_table.name):
+        return None
+    if not inspector.has_table(schema_table.name):
+        return 1
+    return conn.execute(select(func.max(schema_table.c.version))).scalar_one_or_none() or 1
+
+
+def create_schema(engine: Engine) -> None:
+    """Creates the tables, or upgrades an older database in place, under the database's schema lock.
+
+    The lock is PostgreSQL's transaction-level advisory lock :data:`SCHEMA_LOCK_KEY`, SQLite's write lock
+    (``BEGIN IMMEDIATE``); DDL is transactional on both, so a process that dies half way leaves the old
+    schema. Processes starting together (the API and the workers) wait for the first one and then find
+    the schema current.
+
+    Raises:
+        RuntimeError: The database was made by a newer version of the service.
+    """
+    with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execute(select(func.pg_advisory_xact_lock(SCHEMA_LOCK_KEY)))
+        version = _stored_version(conn)
+        if version is None:
+            metadata.create_all(conn)
+            conn.execute(insert(schema_table).values(version=SCHEMA_VERSION))
+            conn.execute(insert(locks_table).values(name=LINE_LOCK))
+            return
+        if version > SCHEMA_VERSION:
+            raise RuntimeError(
+                f"the task database has schema version {version}, newer than this service's "
+                f"{SCHEMA_VERSION}: run the newer service version (or a fresh database)"
+            )
+        if version == SCHEMA_VERSION:
+            return
+        for upgrade in UPGRADES[version - 1 :]:
+            upgrade(conn)
+        metadata.create_all(conn)  # the version table, on a database made before versioning
+        conn.execute(schema_table.delete())
+        conn.execute(insert(schema_table).values(version=SCHEMA_VERSION))
+        if conn.execute(select(locks_table).where(locks_table.c.name == LINE_LOCK)).first() is None:
+            conn.execute(insert(locks_table).values(name=LINE_LOCK))
+        logger.warning("task database upgraded from schema version %d to %d", version, SCHEMA_VERSION)
+
+
 class TaskStore:
-    """The task table behind a SQLAlchemy URL (tables created on first use).
+    """The task table behind a SQLAlchemy URL (schema created or upgraded on first use).
+
+    Writes open ``engine.begin()``; reads open ``reader.connect()`` (on SQLite, a deferred transaction
+    that does not take the write lock).
 
     Args:
         database_url: e.g. ``sqlite:////data/tasks.db`` or ``postgresql+psycopg://user@host/db``.
+        busy_timeout_s: SQLite: how long a write waits for the write lock before it fails.
     """
 
-    def __init__(self, database_url: str) -> None:
+    def __init__(self, database_url: str, busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S) -> None:
         self.database_url = database_url
-        self.engine = _make_engine(database_url)
-        metadata.create_all(self.engine)
-        try:
-            with self.engine.begin() as conn:
-                if conn.execute(select(locks_table).where(locks_table.c.name == LINE_LOCK)).first() is None:
-                    conn.execute(insert(locks_table).values(name=LINE_LOCK))
-        except IntegrityError:
-            pass  # another process inserted the lock row at the same time
+        self.engine = _make_engine(database_url, busy_timeout_s)
+        self.reader = self.engine.execution_options(**{DEFERRED_OPTION: True})
+        create_schema(self.engine)
 
     def dispose(self) -> None:
         """Closes the pooled connections."""
@@ -319,12 +414,12 @@ class TaskStore:
         Raises:
             TaskNotFound: No such task.
         """
-        with self.engine.connect() as conn:
+        with self.reader.connect() as conn:
             return _view(self._row(conn, task_id))
 
     def list(self, offset: int = 0, limit: int = 20) -> tuple[list[TaskView], int]:
         """A page of tasks, newest first, and the total count."""
-        with self.engine.connect() as conn:
+        with self.reader.connect() as conn:
             rows = conn.execute(
                 select(tasks_table).order_by(tasks_table.c.seq.desc()).offset(offset).limit(limit)
             ).mappings()
@@ -334,14 +429,14 @@ class TaskStore:
 
     def counts(self) -> dict[TaskState, int]:
         """Number of tasks in each state (every state present, zeros included)."""
-        with self.engine.connect() as conn:
+        with self.reader.connect() as conn:
             rows = conn.execute(select(tasks_table.c.state, func.count()).group_by(tasks_table.c.state)).all()
         found = {TaskState(state): int(count) for state, count in rows}
         return {state: found.get(state, 0) for state in TaskState}
 
     def dataset_dir(self, task_id: str) -> Path | None:
         """The staged dataset of a task (None once removed or when there was none)."""
-        with self.engine.connect() as conn:
+        with self.reader.connect() as conn:
             value = self._row(conn, task_id)["dataset_dir"]
         return Path(value) if value else None
 
@@ -483,7 +578,12 @@ class TaskStore:
         loss: float | None = None,
         state: TaskState | None = None,
     ) -> bool:
-        """Records progress (and refreshes the heartbeat) of a held task; False when no longer held."""
+        """Records progress (and refreshes the heartbeat) of a held task; False when no longer held.
+
+        A write that cannot get the database (SQLite's write lock held past the busy timeout, PostgreSQL
+        unreachable) is logged and skipped: the step goes on, and True ("still held") is returned; the
+        next progress write or heartbeat tells whether the task is still held.
+        """
         values: dict[str, Any] = {"phase": phase, "heartbeat_at": _now()}
         if epoch is not None:
             values["epoch"] = epoch
@@ -493,13 +593,17 @@ class TaskStore:
             values["loss"] = float(loss)
         if state is not None:
             values["state"] = state.value
-        with self.engine.begin() as conn:
-            return (
-                conn.execute(
-                    update(tasks_table).where(*self._held(task_id, worker)).values(**values)
-                ).rowcount
-                > 0
-            )
+        try:
+            with self.engine.begin() as conn:
+                return (
+                    conn.execute(
+                        update(tasks_table).where(*self._held(task_id, worker)).values(**values)
+                    ).rowcount
+                    > 0
+                )
+        except OperationalError as err:
+            logger.warning("progress of task %s not recorded, the step goes on: %s", task_id, err.orig)
+            return True
 
     def finish(self, task_id: str, worker: str, model_version: str, metrics: dict | None) -> TaskView:
         """Marks a held task done with its new model version and metrics."""
@@ -569,13 +673,24 @@ class TaskStore:
 
     def unfinished(self) -> list[str]:
         """Ids of queued, running and exporting tasks in the order posted."""
-        with self.engine.connect() as conn:
+        with self.reader.connect() as conn:
             rows = conn.execute(
                 select(tasks_table.c.id)
                 .where(tasks_table.c.state.not_in([s.value for s in FINISHED_STATES]))
                 .order_by(tasks_table.c.seq)
             ).all()
         return [row[0] for row in rows]
+
+    def unfinished_datasets(self) -> list[Path]:
+        """Staged dataset folders of queued, running and exporting tasks."""
+        with self.reader.connect() as conn:
+            rows = conn.execute(
+                select(tasks_table.c.dataset_dir).where(
+                    tasks_table.c.state.not_in([s.value for s in FINISHED_STATES]),
+                    tasks_table.c.dataset_dir.is_not(None),
+                )
+            ).all()
+        return [Path(row[0]) for row in rows]
 
     # ---- helpers --------------------------------------------------------------------------------------
 

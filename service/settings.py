@@ -155,6 +155,14 @@ class Settings(BaseSettings):
         "noticed at once.",
     )
 
+    stale_upload_s: float = Field(
+        3600.0,
+        ge=0,
+        description="An upload in the staging folder (partial request body or extracted dataset) that no "
+        "unfinished task owns and that nothing wrote to for this long is a leftover of a crashed or failed "
+        "upload: deleted on API start and by the worker's orphan sweep.",
+    )
+
     @model_validator(mode="after")
     def _check_limits(self) -> Self:
         if not self.task_soft_time_limit_s < self.task_time_limit_s < self.visibility_timeout_s:

@@ -4,10 +4,11 @@ Recovery (a task never stays "running" after its worker died):
 
 * On start (Celery's ``worker_ready``), a worker requeues orphaned tasks (running, and their holder's
   process gone or their heartbeat older than ``orphan_timeout_s``) or fails those already started
-  ``max_deliveries`` times, deletes the staged data of the failed ones, removes staging directories a
-  crashed worker left in the registry, and sends a fresh message for every queued task (the embedded
-  broker loses a fetched message with its worker; with Redis, an unacknowledged message would otherwise
-  wait for the visibility timeout). Duplicate messages are harmless: claims drop them.
+  ``max_deliveries`` times, deletes the staged data of the failed ones and the uploads no task owns
+  (``service.staging``), removes staging directories a crashed worker left in the registry, and sends a
+  fresh message for every queued task (the embedded broker loses a fetched message with its worker; with
+  Redis, an unacknowledged message would otherwise wait for the visibility timeout). Duplicate messages
+  are harmless: claims drop them.
 * While it runs, a thread repeats the orphan sweep every ``orphan_timeout_s / 2``, so a task whose worker
   host vanished is requeued by any live worker.
 * When its broker connection comes back after a loss (Redis restarted), a worker sends a fresh message for
@@ -73,11 +74,14 @@ def prepare_data_dir(settings: Settings) -> None:
 def sweep_orphans(settings: Settings) -> tuple[list[str], list[str]]:
     """Requeues (and re-sends) orphaned tasks or fails them past the delivery cap (their data deleted).
 
+    Then deletes the leftover uploads of the staging folder (:func:`service.staging.clean_staging`).
+
     Returns:
         Ids requeued and ids failed.
     """
     from service.celery_app import send_train
     from service.pipeline import remove_dataset
+    from service.staging import clean_staging
 
     store = process_store(settings)
     requeued, exhausted = store.requeue_orphans(settings.orphan_timeout_s, settings.max_deliveries)
@@ -88,6 +92,7 @@ def sweep_orphans(settings: Settings) -> tuple[list[str], list[str]]:
     for task_id in requeued:
         send_train(settings, task_id)
         logger.warning("task %s requeued: its worker died", task_id)
+    clean_staging(settings, store)
     return requeued, list(exhausted)
 
 

@@ -3,7 +3,7 @@
 ``create_app`` builds the task store, the registry and the model server from the settings, mounts the
 routes by resource, and maps the library's exceptions to JSON error bodies whose ``detail`` says what to
 fix. The lifespan starts the model server (background load of the active version, watcher for new ones)
-and stops it on shutdown.
+and a clean-up of leftover uploads (``service.staging``), and stops the model server on shutdown.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from service.metrics import RequestMetricsMiddleware, task_registry
 from service.model_server import ModelServer, NoModelLoaded
 from service.registry import Registry
 from service.settings import Settings, get_settings
+from service.staging import clean_staging_in_background
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +96,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         model_server = ModelServer(settings, registry)
         app.state.model_server = model_server
         model_server.start()
+        clean_staging_in_background(settings, store)
         try:
             yield
         finally:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+import sqlite3
 import threading
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import update
+from sqlalchemy import event, update
 
 from service.db import (
     ClaimOutcome,
@@ -208,3 +210,63 @@ def test_two_stores_share_the_table(database_url: str) -> None:
     finally:
         api.dispose()
         worker.dispose()
+
+
+def test_open_read_does_not_block_a_progress_write(tmp_path: Path) -> None:
+    """SQLite: an API read holding its transaction open (GET /tasks/{id}) and a worker's progress write.
+
+    The read pauses inside its transaction until the write has returned (or a deadline passes): the
+    write must land while the read is still open, and the read sees its snapshot from before the write.
+    """
+    url = f"sqlite:///{tmp_path / 'tasks.db'}"
+    api, worker = TaskStore(url), TaskStore(url)
+    reading, written = threading.Event(), threading.Event()
+    seen: dict[str, object] = {}
+    try:
+        task_id = api.create("ft", {}, ["x"], None).id
+        assert worker.claim(task_id, "host:1", ORPHAN_S, 3, None).outcome == ClaimOutcome.RUN
+
+        @event.listens_for(api.engine, "after_cursor_execute")
+        def _pause_inside_the_read(conn, cursor, statement, *_) -> None:  # noqa: ANN001
+            if threading.current_thread().name == "reader" and statement.startswith("SELECT"):
+                reading.set()
+                seen["written during the read"] = written.wait(timeout=10)
+
+        def read() -> None:
+            seen["epoch read"] = api.get(task_id).epoch
+
+        reader = threading.Thread(target=read, name="reader")
+        reader.start()
+        assert reading.wait(timeout=10), "the read did not start"
+        assert worker.progress(task_id, "host:1", "training", epoch=1) is True
+        written.set()
+        reader.join(timeout=30)
+        assert seen == {"written during the read": True, "epoch read": None}
+        assert api.get(task_id).epoch == 1
+    finally:
+        written.set()
+        api.dispose()
+        worker.dispose()
+
+
+def test_progress_write_blocked_past_the_busy_timeout_does_not_raise(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SQLite: another process holds the write lock longer than the busy timeout; the step goes on."""
+    path = tmp_path / "tasks.db"
+    store = TaskStore(f"sqlite:///{path}", busy_timeout_s=0.2)
+    blocker = sqlite3.connect(path, isolation_level=None)
+    try:
+        task_id = store.create("ft", {}, ["x"], None).id
+        assert store.claim(task_id, "host:1", ORPHAN_S, 3, None).outcome == ClaimOutcome.RUN
+        blocker.execute("BEGIN IMMEDIATE")
+        with caplog.at_level(logging.WARNING, logger="service.db"):
+            assert store.progress(task_id, "host:1", "training", epoch=1) is True, "still held"
+        assert f"progress of task {task_id} not recorded" in caplog.text
+        blocker.execute("ROLLBACK")
+        assert store.get(task_id).epoch is None
+        assert store.progress(task_id, "host:1", "training", epoch=2) is True
+        assert store.get(task_id).epoch == 2
+    finally:
+        blocker.close()
+        store.dispose()
