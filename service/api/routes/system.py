@@ -6,15 +6,22 @@ from fastapi import APIRouter, Request, Response, status
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from service.api.deps import ModelServerDep, RegistryDep
-from service.api.schemas import ClassList, Health, Readiness
+from service.api.deps import ModelServerDep, ReadKeyDep, RegistryDep
+from service.api.schemas import ClassList, ErrorBody, Health, Readiness
 from service.metrics import render_metrics
 from service.model_server import NoModelLoaded
 
 router = APIRouter(tags=["system"])
 
 
-@router.get("/classes", summary="Classes the serving model segments")
+@router.get(
+    "/classes",
+    summary="Classes the serving model segments",
+    dependencies=[ReadKeyDep],
+    responses={
+        401: {"model": ErrorBody, "description": "Missing or wrong X-API-Key (the service has a key)."}
+    },
+)
 def get_classes(registry: RegistryDep, server: ModelServerDep) -> ClassList:
     """The serving version's classes (label value = index); the active version's while none serves yet."""
     try:
