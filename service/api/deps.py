@@ -28,6 +28,8 @@ api_key_header = APIKeyHeader(
     "a key (on loopback).",
 )
 
+PROXY_HEADERS = ("forwarded", "x-forwarded-for", "x-real-ip")  # what nginx, Caddy, Traefik and others add
+
 
 def get_settings(request: Request) -> Settings:
     """The settings the app was created with."""
@@ -82,9 +84,29 @@ def _same_site(request: Request, settings: Settings) -> bool:
     return urlsplit(origin).netloc == request.headers.get("host")
 
 
-def require_read_key(settings: SettingsDep, api_key: Annotated[str | None, Security(api_key_header)]) -> None:
-    """Refuses the request with 401 unless no key is configured or the header carries either key."""
+def _refuse_proxied(request: Request) -> None:
+    """Refuses with 403 a request that a proxy forwarded to a service without a key.
+
+    A process without a key listens on loopback, trusting whoever can connect there; a reverse proxy on
+    the same machine would hand that trust to everyone who reaches the proxy.
+    """
+    if any(name in request.headers for name in PROXY_HEADERS):
+        raise HTTPException(
+            status.HTTP_403_FORBIDDEN,
+            detail="this service runs without an API key and answers only clients on its own machine, but "
+            "the request came through a proxy: set INCSEG_API_KEY (see the README's Security section)",
+        )
+
+
+def require_read_key(
+    request: Request, settings: SettingsDep, api_key: Annotated[str | None, Security(api_key_header)]
+) -> None:
+    """Refuses the request with 401 unless no key is configured or the header carries either key.
+
+    Without any key, a request a proxy forwarded is refused with 403 (see :func:`_refuse_proxied`).
+    """
     if settings.api_key is None and settings.api_read_key is None:
+        _refuse_proxied(request)
         return
     if not (_matches(api_key, settings.api_key) or _matches(api_key, settings.api_read_key)):
         raise _unauthorized("key (or its read-only key)")
@@ -97,9 +119,10 @@ def require_api_key(
 
     Without a key (a process on loopback) a page on another site, open in a browser on this machine,
     could still post a form to the service (a cross-site request forgery); such requests carry a foreign
-    ``Origin`` and are refused with 403.
+    ``Origin`` and are refused with 403, as are requests a proxy forwarded (see :func:`_refuse_proxied`).
     """
     if settings.api_key is None:
+        _refuse_proxied(request)
         if not _same_site(request, settings):
             raise HTTPException(
                 status.HTTP_403_FORBIDDEN,

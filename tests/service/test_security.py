@@ -239,6 +239,24 @@ def test_a_cross_site_page_cannot_roll_back_a_key_free_service(key_free: tuple[T
     assert registry.active() == "v2"
 
 
+def test_a_key_free_service_refuses_what_a_reverse_proxy_forwards(
+    key_free: tuple[TestClient, Registry],
+) -> None:
+    """A proxy in front of a loopback service would open it to everyone who reaches the proxy."""
+    client, registry = key_free
+    for name, value in [
+        ("X-Forwarded-For", "203.0.113.7"),
+        ("Forwarded", "for=203.0.113.7;proto=https"),
+        ("X-Real-IP", "203.0.113.7"),
+    ]:
+        for method, path in [("GET", "/tasks"), ("GET", "/classes"), ("POST", "/models/v1/activate")]:
+            answer = client.request(method, path, headers={name: value})
+            assert answer.status_code == 403, (name, path, answer.text)  # was 200
+            assert "INCSEG_API_KEY" in answer.json()["detail"]
+        assert client.get("/health", headers={name: value}).status_code == 200
+    assert registry.active() == "v2"
+
+
 def test_no_cors_by_default(keyed: tuple[TestClient, Settings]) -> None:
     client, _ = keyed
     preflight = client.options(
