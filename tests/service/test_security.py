@@ -19,7 +19,14 @@ from service.api_key import KeyFileError, key_file, load_or_create_key, local_ap
 from service.db import TaskStore
 from service.registry import Registry
 from service.settings import Settings
-from tests.service.api_support import INCSEG_SCRIPT, ServiceProcess, free_port, png_bytes, publish_version
+from tests.service.api_support import (
+    INCSEG_SCRIPT,
+    ServiceProcess,
+    free_port,
+    png_bytes,
+    publish_version,
+    wait_until,
+)
 
 WRITE_KEY = "write-key-for-tests"
 READ_KEY = "read-key-for-tests"
@@ -305,3 +312,22 @@ def test_a_500_carries_no_exception_text_and_its_request_id_is_logged(
     assert request_id in answer.json()["detail"] and answer.headers["X-Request-ID"] == request_id
     logged = [record for record in caplog.records if request_id in record.getMessage()]
     assert logged and logged[0].exc_info is not None and secret in str(logged[0].exc_info[1])
+
+
+def test_ready_names_a_failed_version_but_not_its_error(settings: Settings) -> None:
+    """``/ready`` is public: a load failure's message (file paths) stays behind the key, in ``/models``."""
+    registry = Registry(settings.registry_dir)
+    broken = publish_version(registry, ["background", "cat"], truncate_onnx=True)
+    registry.activate(broken)
+    keyed_settings = settings.model_copy(update={"api_key": SecretStr(WRITE_KEY), "poll_interval_s": 0.1})
+    with TestClient(create_app(keyed_settings)) as client:
+        failure = wait_until(
+            lambda: client.get("/models", headers={"X-API-Key": WRITE_KEY}).json()["versions"][0][
+                "load_failure"
+            ],
+            60,
+            "the broken version's load failure",
+        )
+        ready = client.get("/ready")
+    assert ready.status_code == 503 and f"{broken} failed to load" in ready.json()["detail"]
+    assert str(settings.registry_dir) in failure and str(settings.data_dir) not in ready.text  # was in it

@@ -53,7 +53,8 @@ def ready(server: ModelServerDep) -> Readiness | JSONResponse:
     if state.loading is not None:
         why = f"loading and warming up {state.loading}"
     elif state.failures:
-        why = "; ".join(f"{name} failed to load: {error}" for name, error in state.failures.items())
+        # the errors name files: they are for key holders (GET /models), not for this public route
+        why = "; ".join(f"{name} failed to load (GET /models has the error)" for name in state.failures)
     elif state.active_version is None:
         why = "no model version exists yet: post a base task to /tasks"
     else:
