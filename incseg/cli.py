@@ -213,13 +213,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def _demo_service(args: argparse.Namespace, out: Path) -> int:
     """``incseg demo --url``: base task, second task and segmentations before / after through the API."""
+    from service.api_key import local_api_key
     from service.client import DemoOptions, ServiceError, run_demo
+    from service.settings import get_settings
 
     options = DemoOptions(
         epochs=args.epochs, size=args.size, image_size=args.size, batch_size=args.batch_size, seed=args.seed
     )
+    api_key = args.api_key or local_api_key(args.url, args.data_dir or get_settings().data_dir)
     try:
-        run_demo(args.url, out, options, args.api_key)
+        run_demo(args.url, out, options, api_key)
     except ServiceError as err:
         console.print(f"[red]error:[/red] {escape(str(err))}")
         return 1
@@ -288,7 +291,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--api-key",
         default=os.environ.get("INCSEG_API_KEY"),
-        help="the service's API key (default: $INCSEG_API_KEY)",
+        help="the service's API key (default: $INCSEG_API_KEY, else, for a URL on this machine, the key "
+        "file of --data-dir if there is one)",
+    )
+    p.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="data directory of a service on this machine whose key file (api-key) --url uses "
+        "(default INCSEG_DATA_DIR)",
     )
     _add_training_options(p)
     p.set_defaults(

@@ -10,8 +10,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from service.api_key import secure_settings
 from service.settings import Settings, get_settings
 from training.extra import require_train_extra
+
+KEY_NOTE = (
+    "; beyond loopback the API needs a key: INCSEG_API_KEY, else DATA_DIR/api-key (generated and printed on "
+    "first start)"
+)
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -20,11 +26,16 @@ def _settings(args: argparse.Namespace) -> Settings:
     return get_settings() if data_dir is None else Settings(data_dir=data_dir)
 
 
+def _listening_settings(args: argparse.Namespace) -> Settings:
+    """The settings of a process listening on ``--host``: with an API key unless it stays on loopback."""
+    return secure_settings(_settings(args), args.host)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     require_train_extra("incseg serve (it runs a training worker)")
     from service.embedded import serve
 
-    return serve(_settings(args), args.host, args.port)
+    return serve(_listening_settings(args), args.host, args.port)
 
 
 def cmd_api(args: argparse.Namespace) -> int:
@@ -32,7 +43,7 @@ def cmd_api(args: argparse.Namespace) -> int:
 
     from service.api.main import create_app
 
-    uvicorn.run(create_app(_settings(args)), host=args.host, port=args.port, log_level="info")
+    uvicorn.run(create_app(_listening_settings(args)), host=args.host, port=args.port, log_level="info")
     return 0
 
 
@@ -53,7 +64,9 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
         "registry, uploads, broker) lives in the data directory. Prints the URL and the docs URL; Ctrl-C "
         "stops both. Settings: INCSEG_* environment variables (see the README).",
     )
-    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument(
+        "--host", default="127.0.0.1", help=f"address to listen on (default 127.0.0.1){KEY_NOTE}"
+    )
     serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     serve.add_argument("--data-dir", type=Path, default=None, help="data directory (default INCSEG_DATA_DIR)")
     serve.set_defaults(func=cmd_serve)
@@ -62,7 +75,7 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
         "api",
         help="run one API process (scaled mode: INCSEG_REDIS_URL set, workers started with `incseg worker`)",
     )
-    api.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
+    api.add_argument("--host", default="0.0.0.0", help=f"address to listen on (default 0.0.0.0){KEY_NOTE}")
     api.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     api.add_argument("--data-dir", type=Path, default=None, help="data directory (default INCSEG_DATA_DIR)")
     api.set_defaults(func=cmd_api)

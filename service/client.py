@@ -91,6 +91,8 @@ class ServiceClient:
                 detail = response.json().get("detail", response.text)
             except ValueError:
                 detail = response.text
+            if response.status_code == httpx.codes.UNAUTHORIZED:
+                detail = f"{detail} (give it with --api-key or $INCSEG_API_KEY, or --data-dir on its machine)"
             raise ServiceError(f"{method} {path} answered {response.status_code}: {detail}")
         return response
 

@@ -61,7 +61,25 @@ class Settings(BaseSettings):
         "channel (INSTANCE:active); services sharing one Redis need different names.",
     )
     api_key: SecretStr | None = Field(
-        None, description="When set, every mutating endpoint requires this value in the X-API-Key header."
+        None,
+        description="When set, every endpoint but /health, /ready, /metrics and the docs requires this value "
+        "in the X-API-Key header. Unset, a process listening beyond loopback uses DATA_DIR/api-key "
+        "(generated on first start).",
+    )
+    api_read_key: SecretStr | None = Field(
+        None,
+        description="A second, read-only key: it may list and read tasks and models, /classes and /segment, "
+        "but not post, cancel or activate.",
+    )
+    allow_unauthenticated: bool = Field(
+        False,
+        description="DANGEROUS: let a process listening beyond loopback run without an API key, so that "
+        "anyone who reaches the port can post and cancel tasks, roll the model back and read every task.",
+    )
+    cors_allow_origins: list[str] = Field(
+        default_factory=list,
+        description='Web origins (e.g. ["https://console.example.com"]) whose pages may call the API from a '
+        "browser (CORS, with the X-API-Key header); empty: none.",
     )
     serve_size: int = Field(512, ge=32, le=4096, description="Square input size of the exported model (px).")
     ort_threads: int = Field(
@@ -188,8 +206,8 @@ class Settings(BaseSettings):
         for name, value in self.model_dump(mode="json").items():
             if value is None:
                 continue
-            if name == "api_key":
-                value = self.api_key.get_secret_value()
+            if isinstance(secret := getattr(self, name), SecretStr):
+                value = secret.get_secret_value()
             elif name == "data_dir":
                 value = str(self.data_dir.resolve())  # the worker may start in another directory
             env[f"INCSEG_{name.upper()}"] = value if isinstance(value, str) else json.dumps(value)

@@ -9,15 +9,20 @@ and a clean-up of leftover uploads (``service.staging``), and stops the model se
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request, status
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service.api.deps import API_KEY_HEADER, ReadKeyDep
 from service.api.routes import models, segment, system, tasks
+from service.api.routes.segment import VERSION_HEADER
+from service.api.schemas import ErrorBody
 from service.archive import UploadError
 from service.db import TaskConflict, TaskNotFound, TaskStore
 from service.jobs import QueueUnavailable
@@ -30,6 +35,10 @@ from service.staging import clean_staging_in_background
 logger = logging.getLogger(__name__)
 
 QUEUE_RETRY_AFTER_S = 5  # Retry-After of a 503 while the broker is unreachable (Redis restarts in seconds)
+REQUEST_ID_HEADER = "X-Request-ID"
+KEY_REFUSED = {
+    401: {"model": ErrorBody, "description": "Missing or wrong X-API-Key (the service has a key)."}
+}
 
 
 def _error(status_code: int, detail: str, **extra: object) -> JSONResponse:
@@ -77,11 +86,16 @@ async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResp
 
 
 async def _internal_error(request: Request, err: Exception) -> JSONResponse:
-    logger.exception("%s %s failed", request.method, request.url.path, exc_info=err)
-    return _error(
+    """A generic 500: the exception text (paths, SQL, values) goes to the log only, under a request id."""
+    request_id = uuid.uuid4().hex[:16]
+    logger.error("request %s: %s %s failed", request_id, request.method, request.url.path, exc_info=err)
+    response = _error(
         status.HTTP_500_INTERNAL_SERVER_ERROR,
-        f"internal error ({type(err).__name__}: {err}); the service log has the traceback",
+        f"internal error; the service log has the details under request id {request_id}",
+        request_id=request_id,
     )
+    response.headers[REQUEST_ID_HEADER] = request_id
+    return response
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -114,6 +128,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.model_server = ModelServer(settings, registry)  # not started: "no model" until the lifespan
     app.state.task_registry = task_registry(store)
     app.add_middleware(RequestMetricsMiddleware)
+    if settings.cors_allow_origins:  # no CORS headers at all unless origins are listed
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_allow_origins,
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=[API_KEY_HEADER, "Content-Type"],
+            expose_headers=["Location", "Retry-After", VERSION_HEADER, REQUEST_ID_HEADER],
+        )
     app.add_exception_handler(UploadError, _upload_error)
     app.add_exception_handler(TaskNotFound, _task_not_found)
     app.add_exception_handler(TaskConflict, _task_conflict)
@@ -122,6 +144,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _internal_error)
-    for module in (tasks, segment, models, system):
-        app.include_router(module.router)
+    for module in (tasks, segment, models):  # reads need a key too when one is set
+        app.include_router(module.router, dependencies=[ReadKeyDep], responses=KEY_REFUSED)
+    app.include_router(system.router)
     return app

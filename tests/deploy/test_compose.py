@@ -24,17 +24,27 @@ def compose_binary() -> Path:
     return Path(spec.origin).parent / "docker-compose"
 
 
-def run_compose(files: list[Path | str], *args: str) -> subprocess.CompletedProcess:
-    """``docker-compose -f FILE ... ARGS`` in the repository root, with no .env and no COMPOSE_* variable."""
+POSTGRES_PASSWORD = "compose-test-password"
+
+
+def run_compose(
+    files: list[Path | str], *args: str, variables: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """``docker-compose -f FILE ... ARGS`` in the repository root, with no .env and no COMPOSE_* variable.
+
+    ``variables`` (default: only POSTGRES_PASSWORD, which compose.postgres.yml requires) are the compose
+    variables set, as a `.env` would.
+    """
     env = {name: value for name, value in os.environ.items() if name in ("PATH", "HOME", "TMPDIR")}
+    env.update({"POSTGRES_PASSWORD": POSTGRES_PASSWORD} if variables is None else variables)
     command = [str(compose_binary()), "--env-file", os.devnull]
     for file in files:
         command += ["-f", str(file)]
     return subprocess.run([*command, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
 
 
-def rendered(overrides: tuple[str, ...]) -> dict:
-    result = run_compose([BASE, *overrides], "config", "--format", "json")
+def rendered(overrides: tuple[str, ...], variables: dict[str, str] | None = None) -> dict:
+    result = run_compose([BASE, *overrides], "config", "--format", "json", variables=variables)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 
@@ -73,7 +83,8 @@ def test_combination_passes_config(overrides: tuple[str, ...]) -> None:
         assert [(v["source"], v["target"]) for v in service["volumes"]] == [("incseg-data", "/data")]
         assert (ROOT / service["build"]["context"] / service["build"]["dockerfile"]).is_file()
         assert service["image"].split(":")[0] == f"incseg-{name}"
-    assert services["api"]["ports"][0]["target"] == 8000
+    [port] = services["api"]["ports"]
+    assert (port["host_ip"], port["published"], port["target"]) == ("127.0.0.1", "8000", 8000)
 
     worker, api = services["worker"], services["api"]
     if CPU in overrides:
@@ -97,9 +108,28 @@ def test_combination_passes_config(overrides: tuple[str, ...]) -> None:
         for service in (api, worker):
             assert service["depends_on"]["postgres"]["condition"] == "service_healthy"
             assert service["environment"]["INCSEG_DATABASE_URL"].startswith("postgresql+psycopg://incseg:")
-            assert "@postgres:5432/incseg" in service["environment"]["INCSEG_DATABASE_URL"]
+            assert service["environment"]["INCSEG_DATABASE_URL"] == (
+                f"postgresql+psycopg://incseg:{POSTGRES_PASSWORD}@postgres:5432/incseg"
+            )
+        assert postgres["environment"]["POSTGRES_PASSWORD"] == POSTGRES_PASSWORD
     else:
         assert "INCSEG_DATABASE_URL" not in worker["environment"]
+
+
+def test_the_api_port_is_opened_to_the_network_only_on_request() -> None:
+    [port] = rendered((CPU,), {"INCSEG_API_ADDRESS": "0.0.0.0", "INCSEG_API_PORT": "8080"})["services"][
+        "api"
+    ]["ports"]
+    assert (port["host_ip"], port["published"], port["target"]) == ("0.0.0.0", "8080", 8000)
+
+
+@pytest.mark.parametrize("password", [None, ""], ids=["unset", "empty"])
+def test_postgres_needs_a_password_of_its_own(password: str | None) -> None:
+    """No known fallback password: without POSTGRES_PASSWORD compose refuses the stack and says why."""
+    variables = {} if password is None else {"POSTGRES_PASSWORD": password}
+    result = run_compose([BASE, POSTGRES], "config", "--quiet", variables=variables)
+    assert result.returncode != 0
+    assert "set POSTGRES_PASSWORD in .env" in result.stderr
 
 
 def test_image_variables_choose_the_images() -> None:

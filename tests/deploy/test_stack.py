@@ -52,8 +52,10 @@ REDIS_IMAGE = "localhost/incseg-redis:bookworm"
 # The compose logs of each run (pytest's own temporary folders are pruned by later runs).
 LOG_DIR = SOCKET.parent / "logs"
 FINISHED = ("done", "failed", "cancelled")
+STACK_API_KEY = "stack-test-key"  # the API container listens beyond loopback: it needs a key
 # Small enough for a step of a few tens of seconds on 2 cores (the settings the containers get).
 STACK_ENVIRONMENT = {
+    "INCSEG_API_KEY": STACK_API_KEY,
     "INCSEG_STEP_OPTIONS": json.dumps(TINY_STEP_OPTIONS),
     "INCSEG_SERVE_SIZE": "64",
     "INCSEG_ORT_THREADS": "1",
@@ -301,7 +303,7 @@ def stack(images: None, timings: Timings, tmp_path_factory: pytest.TempPathFacto
 
 @pytest.fixture(scope="module")
 def http(stack: Stack) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=stack.api_url, timeout=60) as client:
+    with httpx.Client(base_url=stack.api_url, headers={"X-API-Key": STACK_API_KEY}, timeout=60) as client:
         yield client
 
 
@@ -374,7 +376,7 @@ def test_redis_container_restarted_during_segment_traffic(
 
     def traffic() -> None:
         nonlocal slowest
-        with httpx.Client(base_url=stack.api_url, timeout=30) as client:
+        with httpx.Client(base_url=stack.api_url, headers={"X-API-Key": STACK_API_KEY}, timeout=30) as client:
             while not stop.is_set():
                 started = time.monotonic()
                 try:

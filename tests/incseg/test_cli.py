@@ -120,3 +120,20 @@ def test_one_default_method_for_step_bench_demo_and_service(monkeypatch) -> None
     monkeypatch.setattr("training.bench.plot_results", lambda results, out: None)
     assert main(["demo", "--out", "unused"]) == 0
     assert demo_methods == [["ft", DEFAULT_METHOD]]
+
+
+def test_demo_url_takes_the_key_of_a_local_service(tmp_path: Path, monkeypatch) -> None:
+    """`incseg demo --url` against `incseg api --host 0.0.0.0` on the same data dir needs no --api-key."""
+    from service.api_key import key_file, load_or_create_key
+
+    keys: list[str | None] = []
+    monkeypatch.delenv("INCSEG_API_KEY", raising=False)
+    monkeypatch.chdir(tmp_path)  # the default data directory, incseg-data, has no key file here
+    monkeypatch.setattr("service.client.run_demo", lambda url, out, options, api_key: keys.append(api_key))
+    key, _ = load_or_create_key(key_file(tmp_path / "data"))
+    demo = ["demo", "--out", str(tmp_path / "out"), "--data-dir", str(tmp_path / "data")]
+    assert main([*demo, "--url", "http://127.0.0.1:8000"]) == 0
+    assert main([*demo, "--url", "https://incseg.example.com"]) == 0  # never sent to another host
+    assert main([*demo, "--url", "http://127.0.0.1:8000", "--api-key", "given"]) == 0
+    assert main(["demo", "--out", str(tmp_path / "out"), "--url", "http://127.0.0.1:8000"]) == 0  # no file
+    assert keys == [key, None, "given", None]

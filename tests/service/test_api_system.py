@@ -89,9 +89,12 @@ def test_the_right_key_passes_the_check(
     assert keyed_client.request(method, path, headers={"X-API-Key": API_KEY}).status_code == status
 
 
-def test_reading_needs_no_key(keyed_client: TestClient) -> None:
-    for path in ("/tasks", "/models", "/classes", "/health", "/metrics"):
+def test_liveness_and_metrics_need_no_key_but_reads_do(keyed_client: TestClient) -> None:
+    for path in ("/health", "/metrics"):
         assert keyed_client.get(path).status_code == 200, path
+    for path in ("/tasks", "/models", "/classes"):
+        assert keyed_client.get(path).status_code == 401, path
+        assert keyed_client.get(path, headers={"X-API-Key": API_KEY}).status_code == 200, path
 
 
 def test_openapi_documents_every_route_with_summary_and_errors(client: TestClient) -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 import httpx
 import pytest
 from PIL import Image
+from pydantic import SecretStr
 
 from incseg.cli import main
 from service.client import DemoOptions, ServiceClient, ServiceError, run_demo, write_demo_datasets
@@ -50,3 +51,11 @@ def test_demo_against_the_embedded_service(settings: Settings, start_worker, tmp
     assert [v["name"] for v in models["versions"]] == ["v1", "v2"] and models["serving"] == "v2"
     for name in ("before.jpg", "after.jpg"):
         assert Image.open(tmp_path / "demo" / name).format == "JPEG"
+
+
+def test_a_keyed_service_without_the_key_says_how_to_give_it(settings: Settings, tmp_path: Path) -> None:
+    keyed = settings.model_copy(update={"api_key": SecretStr("client-test-key")})
+    with uvicorn_api(keyed, tmp_path / "api.log") as url:
+        with pytest.raises(ServiceError, match="401.*--api-key"):
+            ServiceClient(url).models()
+        assert ServiceClient(url, "client-test-key").models()["versions"] == []

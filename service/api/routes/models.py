@@ -65,6 +65,7 @@ def get_model(version: str, registry: RegistryDep, server: ModelServerDep) -> Mo
     responses={
         **VERSION_NOT_FOUND,
         401: {"model": ErrorBody, "description": "Missing or wrong X-API-Key."},
+        403: {"model": ErrorBody, "description": "Read-only key, or a cross-site request from a browser."},
         409: {"model": ErrorBody, "description": "The version did not pass the parity gate."},
     },
 )

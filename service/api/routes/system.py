@@ -6,15 +6,22 @@ from fastapi import APIRouter, Request, Response, status
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from service.api.deps import ModelServerDep, RegistryDep
-from service.api.schemas import ClassList, Health, Readiness
+from service.api.deps import ModelServerDep, ReadKeyDep, RegistryDep
+from service.api.schemas import ClassList, ErrorBody, Health, Readiness
 from service.metrics import render_metrics
 from service.model_server import NoModelLoaded
 
 router = APIRouter(tags=["system"])
 
 
-@router.get("/classes", summary="Classes the serving model segments")
+@router.get(
+    "/classes",
+    summary="Classes the serving model segments",
+    dependencies=[ReadKeyDep],
+    responses={
+        401: {"model": ErrorBody, "description": "Missing or wrong X-API-Key (the service has a key)."}
+    },
+)
 def get_classes(registry: RegistryDep, server: ModelServerDep) -> ClassList:
     """The serving version's classes (label value = index); the active version's while none serves yet."""
     try:
@@ -46,7 +53,8 @@ def ready(server: ModelServerDep) -> Readiness | JSONResponse:
     if state.loading is not None:
         why = f"loading and warming up {state.loading}"
     elif state.failures:
-        why = "; ".join(f"{name} failed to load: {error}" for name, error in state.failures.items())
+        # the errors name files: they are for key holders (GET /models), not for this public route
+        why = "; ".join(f"{name} failed to load (GET /models has the error)" for name in state.failures)
         if state.retry is not None:
             why += f"; attempt {state.retry.attempts + 1} in {state.retry.next_attempt_in_s:.0f} s"
     elif state.active_version is None:

@@ -173,6 +173,7 @@ def _submit(
     responses={
         400: {"model": ErrorBody, "description": "Malformed multipart body, archive or dataset."},
         401: {"model": ErrorBody, "description": "Missing or wrong X-API-Key."},
+        403: {"model": ErrorBody, "description": "Read-only key, or a cross-site request from a browser."},
         413: {"model": ErrorBody, "description": "Upload, entry count or uncompressed size over the limits."},
         415: {"model": ErrorBody, "description": "Not multipart/form-data, or not a zip / tar.gz archive."},
         422: {"model": ErrorBody, "description": "Invalid options or dataset content (named entry)."},
@@ -221,6 +222,7 @@ def get_task(task_id: str, store: StoreDep) -> TaskView:
     responses={
         **TASK_NOT_FOUND,
         401: {"model": ErrorBody, "description": "Missing or wrong X-API-Key."},
+        403: {"model": ErrorBody, "description": "Read-only key, or a cross-site request from a browser."},
         409: {"model": ErrorBody, "description": "The task already finished."},
     },
 )
