@@ -103,6 +103,17 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(
         64_000_000, ge=1, description="Largest image (width x height) accepted in a dataset or by /segment."
     )
+    segment_concurrency: int = Field(
+        2,
+        ge=1,
+        description="Most /segment requests decoding, running the model or encoding at once in an API process.",
+    )
+    segment_queue: int = Field(
+        8,
+        ge=0,
+        description="Most /segment requests waiting for a slot (each holding its image bytes) in an API "
+        "process; more are answered 503 with Retry-After.",
+    )
     task_soft_time_limit_s: int = Field(
         6 * 3600,
         ge=1,

