@@ -106,12 +106,13 @@ class Settings(BaseSettings):
     segment_concurrency: int = Field(
         2,
         ge=1,
-        description="Most /segment requests decoding, running the model or encoding at once in an API process.",
+        description="Most /segment requests decoding, running the model or encoding at once in one API "
+        "process.",
     )
     segment_queue: int = Field(
         8,
         ge=0,
-        description="Most /segment requests waiting for a slot (each holding its image bytes) in an API "
+        description="Most /segment requests reading their image or waiting for a work slot in one API "
         "process; more are answered 503 with Retry-After.",
     )
     task_soft_time_limit_s: int = Field(

@@ -17,6 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service.api.admission import Admission
 from service.api.routes import models, segment, system, tasks
 from service.archive import UploadError
 from service.db import TaskConflict, TaskNotFound, TaskStore
@@ -90,6 +91,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # a fresh model server per lifespan: a server that was stopped is never restarted
         model_server = ModelServer(settings, registry)
         app.state.model_server = model_server
+        app.state.segment_admission = Admission(settings.segment_concurrency, settings.segment_queue)
         model_server.start()
         try:
             yield
@@ -106,6 +108,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.store = store
     app.state.registry = registry
     app.state.model_server = ModelServer(settings, registry)  # not started: "no model" until the lifespan
+    app.state.segment_admission = Admission(settings.segment_concurrency, settings.segment_queue)
     app.state.task_registry = task_registry(store)
     app.add_middleware(RequestMetricsMiddleware)
     app.add_exception_handler(UploadError, _upload_error)

@@ -51,6 +51,8 @@ class _PartCollector:
         max_bytes: Largest file accepted.
         too_large: The 413 ``detail`` once the file passes ``max_bytes``.
         upload: What is received.
+        keep_fields: Collect the other parts as form fields (each at most ``MAX_FIELD_BYTES``); False
+            drops them, counting their bytes with the file's against ``max_bytes``.
     """
 
     def __init__(
@@ -60,12 +62,15 @@ class _PartCollector:
         max_bytes: int,
         too_large: str,
         upload: StreamedUpload,
+        keep_fields: bool = True,
     ) -> None:
         self.file_field = file_field
         self.open_file = open_file
         self.max_bytes = max_bytes
         self.too_large = too_large
         self.upload = upload
+        self.keep_fields = keep_fields
+        self.dropped = 0
         self.parts = 0
         self.header_field = b""
         self.header_value = b""
@@ -121,6 +126,10 @@ class _PartCollector:
             if self.upload.size > self.max_bytes:
                 raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, detail=self.too_large)
             self.file.write(data[start:end])
+        elif not self.keep_fields:
+            self.dropped += end - start
+            if self.upload.size + self.dropped > self.max_bytes:
+                raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, detail=self.too_large)
         else:
             self.field_value += data[start:end]
             if len(self.field_value) > MAX_FIELD_BYTES:
@@ -225,10 +234,12 @@ async def stream_upload(request: Request, file_field: str, directory: Path, max_
 async def read_file_part(request: Request, file_field: str, max_bytes: int, too_large: str) -> bytes | None:
     """The bytes of the file part ``file_field`` of a ``multipart/form-data`` body, received into memory.
 
+    The other parts are dropped as they arrive.
+
     Args:
         request: The request whose body is read (its content type is multipart/form-data).
         file_field: Name of the one file part.
-        max_bytes: Largest file accepted; the body is refused while streaming once the file passes it.
+        max_bytes: Largest file accepted; the body is refused while streaming once its parts pass it.
         too_large: The 413 ``detail``.
 
     Returns:
@@ -239,7 +250,7 @@ async def read_file_part(request: Request, file_field: str, max_bytes: int, too_
     """
     upload = StreamedUpload()
     buffer = io.BytesIO()
-    collector = _PartCollector(file_field, lambda: buffer, max_bytes, too_large, upload)
+    collector = _PartCollector(file_field, lambda: buffer, max_bytes, too_large, upload, keep_fields=False)
     await _receive(request, collector)
     return buffer.getvalue() if collector.file is not None else None
 
