@@ -11,6 +11,8 @@ import io
 import sys
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,6 +100,7 @@ def module_settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
         serve_size=32,
         ort_threads=1,
         poll_interval_s=0.1,
+        max_upload_bytes=MiB,
     )
     registry = Registry(settings.registry_dir)
     registry.activate(publish_version(registry, CLASSES))
@@ -149,3 +152,137 @@ def test_a_huge_one_bit_png_grows_the_api_by_a_bounded_amount(api: Api, output: 
     else:
         preview = Image.open(io.BytesIO(response.content))
         assert preview.format == "JPEG" and max(preview.size) <= 1024
+
+
+def chunks(head: bytes, size: int, tail: bytes = b"") -> Iterator[bytes]:
+    """A generator body (sent chunked, with no Content-Length): ``head``, ``size`` bytes, ``tail``."""
+    yield head
+    for _ in range(size // MiB):
+        yield b"\0" * MiB
+    yield tail
+
+
+def multipart_chunks(field: str, size: int) -> tuple[Iterator[bytes], str]:
+    """A chunked multipart body whose file part ``field`` is ``size`` bytes, and its content type."""
+    boundary = "limits-test"
+    head = f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; filename="a"\r\n\r\n'
+    return chunks(head.encode(), size, f"\r\n--{boundary}--\r\n".encode()), (
+        f"multipart/form-data; boundary={boundary}"
+    )
+
+
+SEGMENT_LIMIT = 64 * MiB  # service.api.routes.segment.MAX_IMAGE_BYTES
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/segment", "multipart"),
+        ("/segment", "raw"),
+        ("/tasks", "multipart"),
+        ("/tasks", "raw"),
+    ],
+)
+def test_a_chunked_body_over_the_limit_is_refused_while_it_streams(
+    api: Api, module_settings: Settings, path: str, body: str
+) -> None:
+    size = SEGMENT_LIMIT + 16 * MiB if path == "/segment" else 8 * module_settings.max_upload_bytes
+    field = "image" if path == "/segment" else "dataset"
+    if body == "multipart":
+        content, content_type = multipart_chunks(field, size)
+    else:
+        content, content_type = chunks(b"", size), "image/png"
+    written_before = written_bytes(api.pid)
+    with httpx.Client(base_url=api.url, timeout=120) as client:
+        response = client.post(path, content=content, headers={"Content-Type": content_type})
+    written = written_bytes(api.pid) - written_before
+    print(f"{path} {body} chunked, {size / MiB:.0f} MiB: {response.status_code}, API wrote {written} bytes")
+    expected = 415 if (path, body) == ("/tasks", "raw") else 413
+    assert response.status_code == expected, response.text
+    # spool files (TMPDIR), staged parts and the answer all go through write(): only the answer may
+    staged_limit = module_settings.max_upload_bytes if path == "/tasks" else 0
+    assert written < staged_limit + 64 * 1024
+    staging = module_settings.staging_dir
+    assert not staging.exists() or list(staging.iterdir()) == []
+
+
+class BlockingRuntime(SegmentationRuntime):
+    """A runtime whose forward pass waits until ``release`` is set, counting the passes waiting."""
+
+    def __init__(self, release: threading.Event) -> None:
+        super().__init__("blocking", CLASSES, (32, 32), "v1", (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+        self.release = release
+        self.waiting = 0
+        self._count_lock = threading.Lock()
+
+    def _logits(self, batch: np.ndarray) -> np.ndarray:
+        with self._count_lock:
+            self.waiting += 1
+        self.release.wait()
+        with self._count_lock:
+            self.waiting -= 1
+        return np.zeros((len(batch), len(self.classes), *self.size), np.float32)
+
+    def _release(self) -> None:
+        pass
+
+
+def gauge(name: str) -> float:
+    return REGISTRY.get_sample_value(name) or 0.0
+
+
+IN_FLIGHT = 48  # more than the 40 threads of FastAPI's shared pool
+
+
+def test_liveness_answers_and_admission_refuses_while_inference_is_blocked(
+    module_settings: Settings, tmp_path: Path
+) -> None:
+    settings = module_settings.model_copy(
+        update={"segment_concurrency": 2, "segment_queue": IN_FLIGHT - 2, "data_dir": tmp_path / "data"}
+    )
+    source = Registry(module_settings.registry_dir)  # v1 of the module; the app's own registry is empty
+    release = threading.Event()
+    runtime = BlockingRuntime(release)
+    image = one_bit_png(40)
+    headers = {"Content-Type": "image/png"}
+    with TestClient(create_app(settings)) as client, ThreadPoolExecutor(IN_FLIGHT + 3) as pool:
+        server = ModelServer(module_settings, source, loader=lambda _: runtime, warmup_iterations=0)
+        server.start()
+        try:
+            assert server.wait_until_serving("v1", 60)
+            client.app.state.model_server = server
+            segments = [
+                pool.submit(client.post, "/segment", content=image, headers=headers) for _ in range(48)
+            ]
+            wait_until(
+                lambda: (
+                    runtime.waiting == 2
+                    and gauge("incseg_segment_admitted") == IN_FLIGHT
+                    and gauge("incseg_segment_running") == 2
+                ),
+                60,
+                "2 requests blocked in the model and 46 waiting",
+            )
+            liveness = {path: pool.submit(client.get, path) for path in ("/health", "/ready", "/metrics")}
+            done, _ = wait_futures(liveness.values(), timeout=60)
+            assert len(done) == 3, f"{[path for path, f in liveness.items() if not f.done()]} did not answer"
+            assert {path: future.result().status_code for path, future in liveness.items()} == {
+                "/health": 200,
+                "/ready": 200,
+                "/metrics": 200,
+            }
+            assert "incseg_segment_admitted 48.0" in liveness["/metrics"].result().text
+
+            rejected_before = gauge("incseg_segment_rejected_total")
+            busy = client.post("/segment", content=image, headers=headers)
+            assert busy.status_code == 503
+            assert busy.headers["Retry-After"] == "1"
+            assert "busy" in busy.json()["detail"] and "INCSEG_SEGMENT_QUEUE" in busy.json()["detail"]
+            assert gauge("incseg_segment_rejected_total") == rejected_before + 1
+            assert runtime.waiting == 2 and not any(future.done() for future in segments)
+        finally:
+            release.set()
+            answers = [future.result(timeout=120) for future in segments]
+            server.stop()
+    assert [answer.status_code for answer in answers] == [200] * IN_FLIGHT
+    assert gauge("incseg_segment_admitted") == gauge("incseg_segment_running") == 0
