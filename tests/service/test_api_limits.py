@@ -154,6 +154,50 @@ def test_a_huge_one_bit_png_grows_the_api_by_a_bounded_amount(api: Api, output: 
         assert preview.format == "JPEG" and max(preview.size) <= 1024
 
 
+LARGEST_SIDE = 8000  # 64 M pixels: the default INCSEG_MAX_IMAGE_PIXELS
+
+
+@pytest.fixture(scope="module")
+def largest_rgba_png() -> bytes:
+    """The costliest PNG to decode that the defaults accept: 8000 x 8000 RGBA, 4 bytes per pixel in PIL."""
+    buffer = io.BytesIO()
+    Image.new("RGBA", (LARGEST_SIDE, LARGEST_SIDE), (90, 140, 200, 255)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_concurrent_largest_images_stay_within_the_admission_bound(
+    api: Api, module_settings: Settings, largest_rgba_png: bytes
+) -> None:
+    """Concurrency + queue requests at once: at most ``concurrency`` decode, so the peak is bounded."""
+    pixels = LARGEST_SIDE * LARGEST_SIDE
+    requests = module_settings.segment_concurrency + module_settings.segment_queue
+    headers = {"Content-Type": "image/png"}
+
+    def post_all() -> list[httpx.Response]:
+        with httpx.Client(base_url=api.url, timeout=600) as client, ThreadPoolExecutor(requests) as pool:
+            futures = [
+                pool.submit(
+                    client.post,
+                    "/segment",
+                    params={"format": "json"},
+                    content=largest_rgba_png,
+                    headers=headers,
+                )
+                for _ in range(requests)
+            ]
+            return [future.result() for future in futures]
+
+    responses, growth = api.peak_growth(post_all)
+    print(
+        f"{requests} x {len(largest_rgba_png)}-byte 8000x8000 RGBA PNG at once: peak RSS growth "
+        f"{growth / MiB:.1f} MiB = {growth / pixels:.2f} B/px of one image"
+    )
+    assert [response.status_code for response in responses] == [200] * requests
+    # each of the `concurrency` at work holds its bytes, its decoded image (4 B/px) and reduced copies
+    per_request = len(largest_rgba_png) + 4 * pixels + 32 * MiB
+    assert growth < module_settings.segment_concurrency * per_request + 64 * MiB
+
+
 def chunks(head: bytes, size: int, tail: bytes = b"") -> Iterator[bytes]:
     """A generator body (sent chunked, with no Content-Length): ``head``, ``size`` bytes, ``tail``."""
     yield head

@@ -35,9 +35,10 @@ MAX_IMAGE_BYTES = 64 * 1024 * 1024
 READABLE_FORMATS = ("PNG", "JPEG")  # PIL's JPEG opener also reads the multi-picture JPEGs (MPO) of cameras
 OVERLAY_MAX_SIDE = 1024
 OVERLAY_QUALITY = 90
-# modes PIL resamples with a filter; 1-bit, palette and 16-bit images are reduced by nearest neighbour to
-# NEAREST_OVERSAMPLING times the target size first, converted to RGB there, then filtered
-FILTERABLE_MODES = frozenset({"L", "LA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "LAB", "HSV", "I", "F"})
+# modes PIL filters in place; 1-bit, palette and 16-bit images (which PIL cannot filter) and images with
+# alpha (which PIL would copy at full size to premultiply it; the alpha is dropped anyway) are reduced by
+# nearest neighbour to NEAREST_OVERSAMPLING times the target size first, converted to RGB there, then filtered
+FILTERABLE_MODES = frozenset({"L", "RGB", "RGBX", "CMYK", "YCbCr", "LAB", "HSV", "I", "F"})
 NEAREST_OVERSAMPLING = 2
 REDUCING_GAP = 3.0  # PIL reduces by an integer factor (box filter) down to 3x the target, then filters
 TOO_LARGE = f"images are limited to {MAX_IMAGE_BYTES} bytes; send a smaller image"
