@@ -134,7 +134,7 @@ def voc_palette(count: int = 256) -> np.ndarray:
 
 def mask_image(labels: np.ndarray) -> Image.Image:
     """A label map (H, W) as a palette ("P" mode) PIL image with VOC colours; pixel values stay labels."""
-    image = Image.fromarray(labels.astype(np.uint8))
+    image = Image.fromarray(labels.astype(np.uint8, copy=False))
     image.putpalette(voc_palette().tobytes())  # turns the "L" image into "P"
     return image
 
@@ -146,10 +146,27 @@ def overlay(image: np.ndarray, labels: np.ndarray, alpha: float = 0.5) -> np.nda
     return np.where((labels > 0)[..., None], blended, image).round().astype(np.uint8)
 
 
-def class_areas(labels: np.ndarray, classes: Sequence[str]) -> dict[str, float]:
-    """Percentage of pixels per class name (classes with no pixels are left out), largest first."""
-    counts = np.bincount(labels.ravel(), minlength=len(classes))
-    total = max(1, labels.size)
+def class_areas(
+    labels: np.ndarray, classes: Sequence[str], size: tuple[int, int] | None = None
+) -> dict[str, float]:
+    """Percentage of pixels per class name (classes with no pixels are left out), largest first.
+
+    Args:
+        labels: A label map (h, w).
+        classes: Class names by label value.
+        size: (height, width): the areas of ``resize_nearest(labels, size)``, counted without building it
+            (each source pixel weighs the output rows times the output columns it is copied to).
+    """
+    if size is None:
+        counts = np.bincount(labels.ravel(), minlength=len(classes))
+        total = labels.size
+    else:
+        rows = np.bincount(_nearest_indices(labels.shape[0], size[0]), minlength=labels.shape[0])
+        cols = np.bincount(_nearest_indices(labels.shape[1], size[1]), minlength=labels.shape[1])
+        weights = np.outer(rows, cols).ravel()
+        counts = np.bincount(labels.ravel(), weights=weights, minlength=len(classes))
+        total = size[0] * size[1]
+    total = max(1, total)
     areas = {
         (classes[index] if index < len(classes) else str(index)): 100.0 * count / total
         for index, count in enumerate(counts)

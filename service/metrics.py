@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -29,6 +29,17 @@ REQUESTS = Counter(
     "incseg_http_requests_total",
     "Answered requests by method, route template and status code.",
     ["method", "route", "status"],
+)
+SEGMENT_REJECTED = Counter(
+    "incseg_segment_rejected_total",
+    "POST /segment requests answered 503 because every work slot and queue place was taken.",
+)
+SEGMENT_ADMITTED = Gauge(
+    "incseg_segment_admitted",
+    "POST /segment requests admitted: reading their image, waiting for a work slot, or at work.",
+)
+SEGMENT_RUNNING = Gauge(
+    "incseg_segment_running", "POST /segment requests decoding, running the model or encoding their answer."
 )
 UNMATCHED_ROUTE = "<unmatched>"
 TASK_DURATION_BUCKETS = (10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0, 21600.0)

@@ -136,6 +136,18 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(
         64_000_000, ge=1, description="Largest image (width x height) accepted in a dataset or by /segment."
     )
+    segment_concurrency: int = Field(
+        2,
+        ge=1,
+        description="Most /segment requests decoding, running the model or encoding at once in one API "
+        "process.",
+    )
+    segment_queue: int = Field(
+        8,
+        ge=0,
+        description="Most /segment requests reading their image or waiting for a work slot in one API "
+        "process; more are answered 503 with Retry-After.",
+    )
     task_soft_time_limit_s: int = Field(
         6 * 3600,
         ge=1,

@@ -19,6 +19,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service.api.admission import Admission
 from service.api.deps import API_KEY_HEADER, ReadKeyDep
 from service.api.routes import models, segment, system, tasks
 from service.api.routes.segment import VERSION_HEADER
@@ -109,6 +110,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # a fresh model server per lifespan: a server that was stopped is never restarted
         model_server = ModelServer(settings, registry)
         app.state.model_server = model_server
+        app.state.segment_admission = Admission(settings.segment_concurrency, settings.segment_queue)
         model_server.start()
         clean_staging_in_background(settings, store)
         try:
@@ -126,6 +128,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.store = store
     app.state.registry = registry
     app.state.model_server = ModelServer(settings, registry)  # not started: "no model" until the lifespan
+    app.state.segment_admission = Admission(settings.segment_concurrency, settings.segment_queue)
     app.state.task_registry = task_registry(store)
     app.add_middleware(RequestMetricsMiddleware)
     if settings.cors_allow_origins:  # no CORS headers at all unless origins are listed

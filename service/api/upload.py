@@ -1,16 +1,20 @@
-"""Streams a multipart upload straight to a file, enforcing the size limit while the bytes arrive.
+"""Streams a multipart upload to a file or to memory, enforcing the size limit while the bytes arrive.
 
 Starlette's own form parsing spools a whole upload (to memory, then to the system temp folder) before the
 endpoint runs, so a 3 GiB upload would be stored in full before a limit could refuse it. Here each chunk of
-the request body goes through python-multipart's push parser: the file part is written under the staging
-folder as it arrives and the request is refused with 413 the moment it passes ``max_bytes``.
+the request body goes through python-multipart's push parser: the file part is written as it arrives (under
+the staging folder for ``POST /tasks``, to memory for ``POST /segment``) and the request is refused with 413
+the moment it passes the limit; nothing is written to the system temp folder.
 """
 
 from __future__ import annotations
 
+import io
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 from fastapi import HTTPException, Request, status
 from python_multipart.multipart import MultipartParser, parse_options_header
@@ -26,7 +30,7 @@ class StreamedUpload:
     Attributes:
         fields: Form field name -> text value.
         filename: The file part's client-side name ("" when the client gave none).
-        path: Where the file's bytes were written (the caller deletes it).
+        path: Where the file's bytes were written, when received to disk (the caller deletes it).
         size: Bytes of the file.
     """
 
@@ -37,20 +41,43 @@ class StreamedUpload:
 
 
 class _PartCollector:
-    """python-multipart callbacks that route each part to a form field or to the upload file."""
+    """python-multipart callbacks that route each part to a form field or to the upload file.
 
-    def __init__(self, file_field: str, directory: Path, max_bytes: int, upload: StreamedUpload) -> None:
+    The file stays open until :meth:`close` (the owner closes it once the body has been read).
+
+    Args:
+        file_field: Name of the one file part.
+        open_file: Opens what the file part is written to (and sets ``upload.path`` if it is a file).
+        max_bytes: Largest file accepted.
+        too_large: The 413 ``detail`` once the file passes ``max_bytes``.
+        upload: What is received.
+        keep_fields: Collect the other parts as form fields (each at most ``MAX_FIELD_BYTES``); False
+            drops them, counting their bytes with the file's against ``max_bytes``.
+    """
+
+    def __init__(
+        self,
+        file_field: str,
+        open_file: Callable[[], BinaryIO],
+        max_bytes: int,
+        too_large: str,
+        upload: StreamedUpload,
+        keep_fields: bool = True,
+    ) -> None:
         self.file_field = file_field
-        self.directory = directory
+        self.open_file = open_file
         self.max_bytes = max_bytes
+        self.too_large = too_large
         self.upload = upload
+        self.keep_fields = keep_fields
+        self.dropped = 0
         self.parts = 0
         self.header_field = b""
         self.header_value = b""
         self.headers: dict[bytes, bytes] = {}
         self.field_name: str | None = None
         self.field_value = bytearray()
-        self.file = None
+        self.file: BinaryIO | None = None
 
     def callbacks(self) -> dict:
         return {
@@ -91,30 +118,25 @@ class _PartCollector:
                 raise _bad_request(f"send one file in the {self.file_field!r} field, not several")
             filename = options.get(b"filename", b"").decode("utf-8", "replace")
             self.upload.filename = Path(filename.replace("\\", "/")).name
-            self.file = tempfile.NamedTemporaryFile(  # noqa: SIM115 (closed in on_part_end or close())
-                dir=self.directory, prefix="incoming-", suffix=".part", delete=False
-            )
-            self.upload.path = Path(self.file.name)
+            self.file = self.open_file()
 
     def on_part_data(self, data: bytes, start: int, end: int) -> None:
         if self.field_name == self.file_field:
             self.upload.size += end - start
             if self.upload.size > self.max_bytes:
-                raise HTTPException(
-                    status.HTTP_413_CONTENT_TOO_LARGE,
-                    detail=f"the upload is larger than the limit of {self.max_bytes} bytes "
-                    "(INCSEG_MAX_UPLOAD_BYTES); send a smaller archive",
-                )
+                raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, detail=self.too_large)
             self.file.write(data[start:end])
+        elif not self.keep_fields:
+            self.dropped += end - start
+            if self.upload.size + self.dropped > self.max_bytes:
+                raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, detail=self.too_large)
         else:
             self.field_value += data[start:end]
             if len(self.field_value) > MAX_FIELD_BYTES:
                 raise _bad_request(f"form field {self.field_name!r} is longer than {MAX_FIELD_BYTES} bytes")
 
     def on_part_end(self) -> None:
-        if self.field_name == self.file_field:
-            self.file.close()
-        elif self.field_name is not None:
+        if self.field_name is not None and self.field_name != self.file_field:
             self.upload.fields[self.field_name] = self.field_value.decode("utf-8", "replace")
 
     def close(self) -> None:
@@ -124,6 +146,36 @@ class _PartCollector:
 
 def _bad_request(message: str) -> HTTPException:
     return HTTPException(status.HTTP_400_BAD_REQUEST, detail=f"malformed multipart body: {message}")
+
+
+def _boundary(request: Request) -> bytes:
+    """The boundary of a ``multipart/form-data`` request (the caller has checked the content type)."""
+    _, options = parse_options_header(request.headers.get("content-type", ""))
+    boundary = options.get(b"boundary")
+    if not boundary:
+        raise _bad_request("the Content-Type header has no boundary")
+    return boundary
+
+
+async def _receive(request: Request, collector: _PartCollector) -> None:
+    """Feeds the body to python-multipart chunk by chunk; on any error closes and deletes the partial file.
+
+    Raises:
+        HTTPException: 413 from the collector, 400 for a malformed body or a client that went away.
+    """
+    parser = MultipartParser(_boundary(request), collector.callbacks())
+    try:
+        async for chunk in request.stream():
+            parser.write(chunk)
+        parser.finalize()
+    except HTTPException:
+        collector.close()
+        _delete(collector.upload.path)
+        raise
+    except Exception as err:  # python-multipart's parse errors, a client that went away
+        collector.close()
+        _delete(collector.upload.path)
+        raise _bad_request(str(err) or type(err).__name__) from err
 
 
 async def stream_upload(request: Request, file_field: str, directory: Path, max_bytes: int) -> StreamedUpload:
@@ -143,16 +195,13 @@ async def stream_upload(request: Request, file_field: str, directory: Path, max_
             before reading, else while streaming), 400 for a malformed body or a missing file part; on any
             error the partial file is deleted.
     """
-    content_type, options = parse_options_header(request.headers.get("content-type", ""))
+    content_type, _ = parse_options_header(request.headers.get("content-type", ""))
     if content_type != b"multipart/form-data":
         raise HTTPException(
             status.HTTP_415_UNSUPPORTED_MEDIA_TYPE,
             detail=f"send multipart/form-data with the archive in the {file_field!r} file field "
             f"(got content type {content_type.decode('latin-1') or 'none'!r})",
         )
-    boundary = options.get(b"boundary")
-    if not boundary:
-        raise _bad_request("the Content-Type header has no boundary")
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > max_bytes + 64 * MAX_FIELD_BYTES:
         raise HTTPException(
@@ -162,23 +211,48 @@ async def stream_upload(request: Request, file_field: str, directory: Path, max_
         )
     directory.mkdir(parents=True, exist_ok=True)
     upload = StreamedUpload()
-    collector = _PartCollector(file_field, directory, max_bytes, upload)
-    parser = MultipartParser(boundary, collector.callbacks())
-    try:
-        async for chunk in request.stream():
-            parser.write(chunk)
-        parser.finalize()
-        if upload.path is None:
-            raise _bad_request(f"no file in the {file_field!r} field; attach the dataset archive there")
-    except HTTPException:
-        collector.close()
-        _delete(upload.path)
-        raise
-    except Exception as err:  # python-multipart's parse errors, a client that went away
-        collector.close()
-        _delete(upload.path)
-        raise _bad_request(str(err) or type(err).__name__) from err
+
+    def open_file() -> BinaryIO:
+        file = tempfile.NamedTemporaryFile(  # noqa: SIM115 (the collector closes it)
+            dir=directory, prefix="incoming-", suffix=".part", delete=False
+        )
+        upload.path = Path(file.name)
+        return file
+
+    too_large = (
+        f"the upload is larger than the limit of {max_bytes} bytes (INCSEG_MAX_UPLOAD_BYTES); "
+        "send a smaller archive"
+    )
+    collector = _PartCollector(file_field, open_file, max_bytes, too_large, upload)
+    await _receive(request, collector)
+    collector.close()
+    if upload.path is None:
+        raise _bad_request(f"no file in the {file_field!r} field; attach the dataset archive there")
     return upload
+
+
+async def read_file_part(request: Request, file_field: str, max_bytes: int, too_large: str) -> bytes | None:
+    """The bytes of the file part ``file_field`` of a ``multipart/form-data`` body, received into memory.
+
+    The other parts are dropped as they arrive.
+
+    Args:
+        request: The request whose body is read (its content type is multipart/form-data).
+        file_field: Name of the one file part.
+        max_bytes: Largest file accepted; the body is refused while streaming once its parts pass it.
+        too_large: The 413 ``detail``.
+
+    Returns:
+        The file's bytes, or None when the body has no part ``file_field``.
+
+    Raises:
+        HTTPException: 413 past ``max_bytes``, 400 for a malformed body.
+    """
+    upload = StreamedUpload()
+    buffer = io.BytesIO()
+    collector = _PartCollector(file_field, lambda: buffer, max_bytes, too_large, upload, keep_fields=False)
+    await _receive(request, collector)
+    return buffer.getvalue() if collector.file is not None else None
 
 
 def _delete(path: Path | None) -> None:

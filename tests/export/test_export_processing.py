@@ -112,6 +112,17 @@ def test_palette_mask_overlay_and_areas() -> None:
     assert areas == {"dog": 50.0, "background": 25.0, "cat": 25.0}
 
 
+@pytest.mark.parametrize(("source", "size"), [((22, 32), (37, 53)), ((37, 53), (22, 32)), ((5, 7), (500, 3))])
+def test_areas_of_a_resize_are_counted_without_building_it(
+    source: tuple[int, int], size: tuple[int, int]
+) -> None:
+    labels = _blocks(source, seed=3)[: source[0], : source[1]] % 3
+    classes = ["background", "cat", "dog"]
+    expected = class_areas(resize_nearest(labels, size), classes)
+    assert class_areas(labels, classes, size) == pytest.approx(expected)
+    assert list(class_areas(labels, classes, size)) == list(expected)
+
+
 def test_torch_and_ort_cpu_give_identical_masks(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = BiSeNet(BiSeNetConfig(num_classes=4, backbone="resnet10", context_channels=16, embed_channels=16))

@@ -1,21 +1,30 @@
-"""``POST /segment``: segment one image with the serving model version."""
+"""``POST /segment``: segment one image with the serving model version, at a bounded cost per request.
+
+The image is never converted or processed at its full size: a JPEG is decoded at a reduced scale
+(``Image.draft``), other images are reduced to the serving size (a PNG is decoded in its own mode, 1 to 4
+bytes per pixel, then reduced before conversion to RGB), and the model runs at the serving size. Each answer
+is built from the serving-size label map: the ``png`` mask by a nearest-neighbour resize to the image's size
+(1 byte per pixel), the ``json`` fractions by weighting each serving-size label with the mask pixels it
+becomes, the ``overlay`` preview at most ``OVERLAY_MAX_SIDE`` pixels on its longest side.
+"""
 
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Annotated
 
 import numpy as np
 from fastapi import APIRouter, HTTPException, Query, Request, Response, status
-from fastapi.concurrency import run_in_threadpool
 from PIL import Image, UnidentifiedImageError
 from python_multipart.multipart import parse_options_header
-from starlette.datastructures import UploadFile
 
-from export.processing import class_areas, mask_image, overlay
+from export.processing import Letterbox, class_areas, mask_image, overlay, preprocess, resize_nearest
+from service.api.admission import Admission
 from service.api.deps import ModelServerDep, SettingsDep
 from service.api.schemas import ErrorBody, SegmentSummary
+from service.api.upload import read_file_part
 from service.model_server import ModelServer
 
 router = APIRouter(tags=["segment"])
@@ -23,7 +32,16 @@ router = APIRouter(tags=["segment"])
 IMAGE_FIELD = "image"
 VERSION_HEADER = "X-Model-Version"
 MAX_IMAGE_BYTES = 64 * 1024 * 1024
+READABLE_FORMATS = ("PNG", "JPEG")  # PIL's JPEG opener also reads the multi-picture JPEGs (MPO) of cameras
+OVERLAY_MAX_SIDE = 1024
 OVERLAY_QUALITY = 90
+# modes PIL filters in place; 1-bit, palette and 16-bit images (which PIL cannot filter) and images with
+# alpha (which PIL would copy at full size to premultiply it; the alpha is dropped anyway) are reduced by
+# nearest neighbour to NEAREST_OVERSAMPLING times the target size first, converted to RGB there, then filtered
+FILTERABLE_MODES = frozenset({"L", "RGB", "RGBX", "CMYK", "YCbCr", "LAB", "HSV", "I", "F"})
+NEAREST_OVERSAMPLING = 2
+REDUCING_GAP = 3.0  # PIL reduces by an integer factor (box filter) down to 3x the target, then filters
+TOO_LARGE = f"images are limited to {MAX_IMAGE_BYTES} bytes; send a smaller image"
 
 
 class OutputFormat(StrEnum):
@@ -53,15 +71,66 @@ VERSION_HEADER_DOC = {
 }
 
 
-def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
-    """Decodes image bytes to RGB uint8 (h, w, 3), checking the pixel count before decoding any pixel.
+@dataclass(frozen=True)
+class DecodedImage:
+    """An image decoded at a bounded size.
+
+    Attributes:
+        height: Rows of the image as sent.
+        width: Columns of the image as sent.
+        model_input: RGB uint8 (h, w, 3) fitted within the model's canvas (the image itself when it fits).
+        preview: RGB uint8 fitted within ``OVERLAY_MAX_SIDE`` (None unless asked for).
+    """
+
+    height: int
+    width: int
+    model_input: np.ndarray
+    preview: np.ndarray | None
+
+
+def fit_within(size: tuple[int, int], bound: tuple[int, int]) -> tuple[int, int]:
+    """``size`` (height, width) scaled down, keeping its aspect ratio, to fit ``bound``; never scaled up."""
+    if size[0] <= bound[0] and size[1] <= bound[1]:
+        return size
+    box = Letterbox.fit(size, bound)
+    return box.height, box.width
+
+
+def _resized_rgb(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
+    """RGB uint8 (h, w, 3) of ``image`` resized to ``size`` = (h, w), with no full-size RGB copy."""
+    target = (size[1], size[0])
+    if image.size == target:
+        return np.asarray(image.convert("RGB"))
+    if image.mode not in FILTERABLE_MODES:
+        coarse = (
+            min(image.width, NEAREST_OVERSAMPLING * target[0]),
+            min(image.height, NEAREST_OVERSAMPLING * target[1]),
+        )
+        image = image.resize(coarse, Image.Resampling.NEAREST).convert("RGB")
+    resized = image.resize(target, Image.Resampling.BILINEAR, reducing_gap=REDUCING_GAP)
+    return np.asarray(resized.convert("RGB"))
+
+
+def decode_image(
+    data: bytes, max_pixels: int, canvas: tuple[int, int], with_preview: bool = False
+) -> DecodedImage:
+    """Decodes a PNG or JPEG at the size the model (and the overlay preview) needs.
+
+    The pixel count is checked before any pixel is decoded; a JPEG is decoded at the smallest DCT scale
+    that still covers both sizes.
+
+    Args:
+        data: The file's bytes.
+        max_pixels: Largest width x height accepted.
+        canvas: The model's input (H, W).
+        with_preview: Also make the overlay preview.
 
     Raises:
-        HTTPException: 422 for bytes that are no image, a truncated or corrupt image, or more than
+        HTTPException: 422 for bytes that are no PNG or JPEG, a truncated or corrupt image, or more than
             ``max_pixels`` pixels (a decompression bomb: a few kilobytes that decode to gigabytes).
     """
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with Image.open(io.BytesIO(data), formats=READABLE_FORMATS) as image:
             width, height = image.size
             if width * height > max_pixels:
                 raise HTTPException(
@@ -69,7 +138,18 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
                     detail=f"the image is {width}x{height} = {width * height} pixels, over the limit of "
                     f"{max_pixels} (INCSEG_MAX_IMAGE_PIXELS); send a smaller image",
                 )
-            return np.asarray(image.convert("RGB"))
+            model_size = fit_within((height, width), canvas)
+            preview_size = fit_within((height, width), (OVERLAY_MAX_SIDE, OVERLAY_MAX_SIDE))
+            needed = model_size
+            if with_preview:
+                needed = (max(model_size[0], preview_size[0]), max(model_size[1], preview_size[1]))
+            image.draft("RGB", (needed[1], needed[0]))  # JPEG only: decode at 1/2, 1/4 or 1/8 scale
+            return DecodedImage(
+                height,
+                width,
+                _resized_rgb(image, model_size),
+                _resized_rgb(image, preview_size) if with_preview else None,
+            )
     except UnidentifiedImageError as err:
         raise HTTPException(
             status.HTTP_422_UNPROCESSABLE_CONTENT,
@@ -83,67 +163,67 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
 
 
 def _encode(
-    image: np.ndarray, labels: np.ndarray, classes: list[str], version: str, output: OutputFormat
+    image: DecodedImage, labels: np.ndarray, classes: list[str], version: str, output: OutputFormat
 ) -> tuple[bytes, str]:
-    """The answer body and its media type for an image (h, w, 3) and its label map (h, w)."""
+    """The answer body and its media type for an image and its serving-size label map (h', w')."""
+    size = (image.height, image.width)
     if output is OutputFormat.JSON:
-        fractions = {name: area / 100.0 for name, area in class_areas(labels, classes).items()}
+        fractions = {name: area / 100.0 for name, area in class_areas(labels, classes, size).items()}
         summary = SegmentSummary(
-            version=version, width=image.shape[1], height=image.shape[0], classes=classes, fractions=fractions
+            version=version, width=image.width, height=image.height, classes=classes, fractions=fractions
         )
         return summary.model_dump_json().encode(), "application/json"
     buffer = io.BytesIO()
     if output is OutputFormat.PNG:
-        mask_image(labels).save(buffer, format="PNG")
+        mask_image(resize_nearest(labels, size)).save(buffer, format="PNG")
         return buffer.getvalue(), "image/png"
-    Image.fromarray(overlay(image, labels)).save(buffer, format="JPEG", quality=OVERLAY_QUALITY)
+    preview_labels = resize_nearest(labels, image.preview.shape[:2])
+    blended = overlay(image.preview, preview_labels)
+    Image.fromarray(blended).save(buffer, format="JPEG", quality=OVERLAY_QUALITY)
     return buffer.getvalue(), "image/jpeg"
 
 
 def _segment(server: ModelServer, data: bytes, output: OutputFormat, max_pixels: int) -> Response:
     """Decodes, segments and encodes one image under a model-server lease (blocking: run in a thread)."""
     with server.lease() as runtime:
-        image = decode_image(data, max_pixels)  # (h, w, 3) uint8
-        labels = runtime.predict([image])[0]  # (h, w) uint8 class indices
+        image = decode_image(data, max_pixels, runtime.size, with_preview=output is OutputFormat.OVERLAY)
+        batch, (box,) = preprocess([image.model_input], runtime.size, runtime.mean, runtime.std)
+        canvas_labels = runtime.predict_labels(batch)[0]  # (H, W) uint8 class indices
+        labels = canvas_labels[box.top : box.top + box.height, box.left : box.left + box.width]
         body, media_type = _encode(image, labels, runtime.classes, runtime.version, output)
         return Response(body, media_type=media_type, headers={VERSION_HEADER: runtime.version})
 
 
 async def _read_image_bytes(request: Request) -> bytes:
-    """The image of a multipart ``image`` field or of a raw body with an ``image/*`` content type."""
+    """The image of a multipart ``image`` field or of a raw body with an ``image/*`` content type.
+
+    Either is read chunk by chunk into memory and refused with 413 once it passes ``MAX_IMAGE_BYTES``,
+    whether or not the request declares a Content-Length.
+    """
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > MAX_IMAGE_BYTES + 64 * 1024:
-        raise HTTPException(
-            status.HTTP_413_CONTENT_TOO_LARGE, detail=f"images are limited to {MAX_IMAGE_BYTES} bytes"
-        )
+        raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, detail=TOO_LARGE)
     content_type, _ = parse_options_header(request.headers.get("content-type", ""))
     if content_type == b"multipart/form-data":
-        async with request.form(max_files=1, max_fields=4) as form:
-            part = form.get(IMAGE_FIELD)
-            if not isinstance(part, UploadFile):
-                raise HTTPException(
-                    status.HTTP_422_UNPROCESSABLE_CONTENT,
-                    detail=f"no file in the multipart field {IMAGE_FIELD!r}; attach the image there",
-                )
-            data = await part.read(MAX_IMAGE_BYTES + 1)
-    elif content_type.startswith(b"image/"):
-        data = bytearray()
-        async for chunk in request.stream():
-            data += chunk
-            if len(data) > MAX_IMAGE_BYTES:
-                break
-        data = bytes(data)
-    else:
+        data = await read_file_part(request, IMAGE_FIELD, MAX_IMAGE_BYTES, TOO_LARGE)
+        if data is None:
+            raise HTTPException(
+                status.HTTP_422_UNPROCESSABLE_CONTENT,
+                detail=f"no file in the multipart field {IMAGE_FIELD!r}; attach the image there",
+            )
+        return data
+    if not content_type.startswith(b"image/"):
         raise HTTPException(
             status.HTTP_415_UNSUPPORTED_MEDIA_TYPE,
             detail=f"send the image as the raw body with an image/* content type or in the multipart field "
             f"{IMAGE_FIELD!r} (got content type {content_type.decode('latin-1') or 'none'!r})",
         )
-    if len(data) > MAX_IMAGE_BYTES:
-        raise HTTPException(
-            status.HTTP_413_CONTENT_TOO_LARGE, detail=f"images are limited to {MAX_IMAGE_BYTES} bytes"
-        )
-    return data
+    buffer = io.BytesIO()  # its getvalue() hands over the bytes without a copy
+    async for chunk in request.stream():
+        if buffer.tell() + len(chunk) > MAX_IMAGE_BYTES:
+            raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, detail=TOO_LARGE)
+        buffer.write(chunk)
+    return buffer.getvalue()
 
 
 @router.post(
@@ -153,8 +233,10 @@ async def _read_image_bytes(request: Request) -> bytes:
     openapi_extra={"requestBody": IMAGE_BODY},
     responses={
         200: {
-            "description": "png: palette mask at the image's size (pixel value = class index); json: class "
-            "fractions; overlay: JPEG of the image with the classes coloured.",
+            "description": "png: palette mask at the image's size (pixel value = class index), resized by "
+            "nearest neighbour from the model's serving-size output; json: class fractions of that mask; "
+            f"overlay: JPEG of the image with the classes coloured, at most {OVERLAY_MAX_SIDE} px on its "
+            "longest side.",
             "content": {
                 "image/png": {"schema": {"type": "string", "format": "binary"}},
                 "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
@@ -175,8 +257,16 @@ async def _read_image_bytes(request: Request) -> bytes:
         },
         422: {
             "model": ErrorBody,
-            "description": "Not a decodable image, or too many pixels.",
+            "description": "Not a decodable PNG or JPEG image, or too many pixels.",
             "headers": VERSION_HEADER_DOC,
+        },
+        503: {
+            "model": ErrorBody,
+            "description": "Busy: every work slot and queue place is taken; retry after Retry-After seconds.",
+            "headers": {
+                "Retry-After": {"description": "Seconds to wait before retrying.", "schema": {}},
+                **VERSION_HEADER_DOC,
+            },
         },
     },
 )
@@ -188,10 +278,17 @@ async def segment(
         OutputFormat, Query(alias="format", description="png (default), json or overlay")
     ] = OutputFormat.PNG,
 ) -> Response:
-    """Segments the image with the serving model; the answer's X-Model-Version header names the version."""
+    """Segments the image with the serving model; the answer's X-Model-Version header names the version.
+
+    At most ``INCSEG_SEGMENT_CONCURRENCY`` requests of the process decode, infer and encode at once and
+    ``INCSEG_SEGMENT_QUEUE`` more read their image or wait; a request beyond those is answered 503 with
+    ``Retry-After`` before its body is read.
+    """
+    admission: Admission = request.app.state.segment_admission
     try:
-        data = await _read_image_bytes(request)
-        return await run_in_threadpool(_segment, server, data, output, settings.max_image_pixels)
+        async with admission.admit():
+            data = await _read_image_bytes(request)
+            return await admission.run(_segment, server, data, output, settings.max_image_pixels)
     except HTTPException as err:  # refused input: still say which version serves
         version = server.status().serving_version
         if version is not None:

@@ -1,7 +1,14 @@
-"""Service-level routes: the serving classes, liveness, readiness and Prometheus metrics."""
+"""Service-level routes: the serving classes, liveness, readiness and Prometheus metrics.
+
+``/health``, ``/ready`` and ``/metrics`` never wait for a thread of FastAPI's shared pool, so they answer
+while inference or uploads hold every thread: the first two are answered on the event loop (no
+dependency that would run in the pool), and the task-table read of ``/metrics`` runs in a thread of its
+own limiter, one scrape at a time.
+"""
 
 from __future__ import annotations
 
+import anyio.to_thread
 from fastapi import APIRouter, Request, Response, status
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -9,9 +16,10 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from service.api.deps import ModelServerDep, ReadKeyDep, RegistryDep
 from service.api.schemas import ClassList, ErrorBody, Health, Readiness
 from service.metrics import render_metrics
-from service.model_server import NoModelLoaded
+from service.model_server import ModelServer, NoModelLoaded
 
 router = APIRouter(tags=["system"])
+SCRAPE_THREADS = anyio.CapacityLimiter(1)  # /metrics reads the task table here, not in the shared pool
 
 
 @router.get(
@@ -34,7 +42,7 @@ def get_classes(registry: RegistryDep, server: ModelServerDep) -> ClassList:
 
 
 @router.get("/health", summary="Liveness")
-def health() -> Health:
+async def health() -> Health:
     """Answers 200 while the process serves HTTP."""
     return Health()
 
@@ -45,8 +53,9 @@ def health() -> Health:
     response_model=Readiness,
     responses={503: {"model": Readiness, "description": "No model loaded and warmed up yet, and why."}},
 )
-def ready(server: ModelServerDep) -> Readiness | JSONResponse:
+async def ready(request: Request) -> Readiness | JSONResponse:
     """200 once a model version is loaded and warmed up, else 503 with the reason."""
+    server: ModelServer = request.app.state.model_server  # not a dependency: those run in the shared pool
     state = server.status()
     if state.ready:
         return Readiness(ready=True, version=state.serving_version, detail=f"serving {state.serving_version}")
@@ -71,6 +80,9 @@ def ready(server: ModelServerDep) -> Readiness | JSONResponse:
     response_class=Response,
     responses={200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}}},
 )
-def metrics(request: Request) -> Response:
-    """Request latency and counts per route, model swaps and failures, active version, tasks by state."""
-    return Response(render_metrics(request.app.state.task_registry), media_type=CONTENT_TYPE_LATEST)
+async def metrics(request: Request) -> Response:
+    """Request figures per route, model swaps, active version, tasks by state, ``/segment`` admission."""
+    text = await anyio.to_thread.run_sync(
+        render_metrics, request.app.state.task_registry, limiter=SCRAPE_THREADS
+    )
+    return Response(text, media_type=CONTENT_TYPE_LATEST)
