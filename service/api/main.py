@@ -17,7 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.api.routes import models, segment, system, tasks
+from service.api.routes import console, models, segment, system, tasks
 from service.archive import UploadError
 from service.db import TaskConflict, TaskNotFound, TaskStore
 from service.jobs import QueueUnavailable
@@ -116,6 +116,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _internal_error)
-    for module in (tasks, segment, models, system):
+    for module in (tasks, segment, models, system, console):
         app.include_router(module.router)
     return app
