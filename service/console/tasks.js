@@ -128,6 +128,7 @@ export async function refresh(page) {
   if (finishedNow && knownStates.size) document.dispatchEvent(new CustomEvent("incseg:changed"));
   knownStates = new Map(tasks.items.map((task) => [task.id, task.state]));
   if (!page.hidden && tasks.items.some((task) => !FINISHED.has(task.state))) {
+    clearTimeout(pollTimer);  // another refresh may have finished meanwhile: keep one poll loop
     pollTimer = setTimeout(() => refresh(page), POLL_MS);
   }
 }
