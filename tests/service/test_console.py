@@ -366,6 +366,7 @@ def test_a_bad_archive_shows_the_services_message(service: Service, console: Con
         direct = httpx.post(f"{service.url}/tasks", files={"dataset": (bad.name, file)}, timeout=30)
     assert 400 <= direct.status_code < 500, direct.text
     console.errors.allowed_statuses.add(direct.status_code)
+    tasks_before = service.get("/tasks")["total"]
 
     console.open("tasks")
     console.testid("task-input").set_input_files(bad)
@@ -373,6 +374,7 @@ def test_a_bad_archive_shows_the_services_message(service: Service, console: Con
     sync_api.expect(console.testid("task-error")).to_have_text(
         f"{direct.status_code}: {direct.json()['detail']}"
     )
+    assert service.get("/tasks")["total"] == tasks_before
 
 
 def test_the_api_key_is_asked_once_and_sent_on_every_request(
