@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.api.admission import Admission
 from service.api.deps import API_KEY_HEADER, ReadKeyDep
-from service.api.routes import models, segment, system, tasks
+from service.api.routes import console, models, segment, system, tasks
 from service.api.routes.segment import VERSION_HEADER
 from service.api.schemas import ErrorBody
 from service.archive import UploadError
@@ -149,5 +149,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(Exception, _internal_error)
     for module in (tasks, segment, models):  # reads need a key too when one is set
         app.include_router(module.router, dependencies=[ReadKeyDep], responses=KEY_REFUSED)
-    app.include_router(system.router)
+    for module in (system, console):
+        app.include_router(module.router)
     return app

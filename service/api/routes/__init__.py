@@ -1,1 +1,1 @@
-"""Routes by resource: tasks, segment, models, system (classes, health, readiness, metrics)."""
+"""Routes by resource: tasks, segment, models, system (classes, health, readiness, metrics), console."""
