@@ -20,7 +20,7 @@ Activation is a compare-and-swap under an exclusive ``flock`` of ``REGISTRY/.loc
 version only if its base is still the active one, and the API's activation only if no other activation came
 between its read and its write, so a rollback is never silently overwritten.
 
-This module imports neither torch nor ``training`` (the API process reads the registry).
+This module imports no torch (the API process reads the registry).
 """
 
 from __future__ import annotations
@@ -41,6 +41,8 @@ from typing import Any
 
 from pydantic import BaseModel, Field, ValidationError
 
+from training.durable import DIR_MODE, fsync_path, sync_tree, write_atomic
+
 ACTIVE_FILE = "ACTIVE"
 LOCK_FILE = ".lock"
 VERSION_FILE = "version.json"
@@ -51,8 +53,6 @@ MODEL_JSON = "model.json"
 MANIFEST_JSON = "manifest.json"
 STAGE_PREFIX = ".stage-"
 NAME_PATTERN = re.compile(r"^v([1-9][0-9]{0,8})$")
-DIR_MODE = 0o755
-FILE_MODE = 0o644
 
 
 class Expect(enum.Enum):
@@ -104,52 +104,6 @@ def version_number(name: str) -> int:
     if match is None:
         raise KeyError(f"{name!r} is not a version name (v1, v2, ...)")
     return int(match.group(1))
-
-
-def fsync_path(path: Path) -> None:
-    """Flushes one file or directory to disk."""
-    flags = os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0)
-    fd = os.open(path, flags)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def seal_tree(root: Path) -> dict[str, int]:
-    """Makes a tree world-readable, fsyncs every file and directory (deepest first), lists its files.
-
-    Returns:
-        Relative path -> size in bytes of every file.
-    """
-    files = {}
-    for directory, subdirs, names in os.walk(root, topdown=False):
-        base = Path(directory)
-        for name in names:
-            path = base / name
-            path.chmod(FILE_MODE)
-            fsync_path(path)
-            files[path.relative_to(root).as_posix()] = path.stat().st_size
-        for name in subdirs:
-            fsync_path(base / name)
-        base.chmod(DIR_MODE)
-    fsync_path(root)
-    return dict(sorted(files.items()))
-
-
-def write_file_atomic(path: Path, text: str) -> None:
-    """Writes ``text`` to a unique temporary sibling, fsyncs it, renames it over ``path``, fsyncs the dir."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        tmp.chmod(FILE_MODE)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fsync_path(path.parent)
 
 
 def _read_json(path: Path) -> dict:
@@ -226,7 +180,7 @@ class Registry:
             active = self.active()
             if expected is not Expect.ANY and active != expected:
                 raise ActivationConflict(name, expected, active)
-            write_file_atomic(self.root / ACTIVE_FILE, f"{name}\n")
+            write_atomic(self.root / ACTIVE_FILE, f"{name}\n")
         return info
 
     @contextmanager
@@ -310,7 +264,7 @@ class Registry:
         model = _read_json(stage / MODEL_SUBDIR / MODEL_JSON)
         manifest = _read_json(stage / EXPORT_SUBDIR / MANIFEST_JSON)
         (stage / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
-        files = seal_tree(stage)
+        files = sync_tree(stage)
         parity = manifest.get("parity") or {}
         info = {
             "created_at": datetime.now(UTC).isoformat(),
@@ -325,12 +279,7 @@ class Registry:
             "engine": engine,
         }
         VersionInfo.model_validate({**info, "name": "v1"})  # fail before publishing, not on every read
-        with open(stage / VERSION_FILE, "w", encoding="utf-8") as handle:
-            handle.write(json.dumps(info, indent=2))
-            handle.flush()
-            os.fsync(handle.fileno())
-        (stage / VERSION_FILE).chmod(FILE_MODE)
-        fsync_path(stage)
+        write_atomic(stage / VERSION_FILE, json.dumps(info, indent=2))
         name = self._rename_to_next_name(stage)
         fsync_path(self.root)
         return self.get(name)
