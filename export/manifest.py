@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
+
+from training.durable import write_atomic
 
 MANIFEST_FILE = "manifest.json"
 ONNX_FILE = "model.onnx"
@@ -195,31 +195,6 @@ def verify_model_file(export_dir: Path, manifest: ExportManifest, fp16: bool = F
     return path
 
 
-def fsync_dir(path: Path) -> None:
-    """Flushes a directory's entries (a rename into it) to disk."""
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
 def write_json_atomic(path: Path, data: Any) -> None:
-    """Writes ``data`` as JSON to ``path``: into a temporary sibling, fsynced, then renamed over ``path``.
-
-    A reader sees the old file or the new one, never a partial one; concurrent writers each use their own
-    temporary file, and the last rename wins.
-    """
-    path = Path(path)
-    descriptor, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(descriptor, "w") as handle:
-            json.dump(data, handle, indent=2)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp_name, 0o644)  # mkstemp makes it private; serving may run as another user
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
+    """Writes ``data`` as JSON to ``path`` durably (:func:`training.durable.write_atomic`)."""
+    write_atomic(path, json.dumps(data, indent=2))

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import importlib.metadata
-import os
 import shutil
 import tempfile
 import warnings
@@ -38,7 +37,6 @@ from export.manifest import (
     ONNX_FP16_FILE,
     ExportManifest,
     file_sha256,
-    fsync_dir,
     write_json_atomic,
 )
 from export.parity import (
@@ -81,11 +79,6 @@ class ExportResult:
     @property
     def manifest_path(self) -> Path:
         return self.out_dir / MANIFEST_FILE
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
 
 
 def library_versions() -> dict[str, str]:
@@ -238,11 +231,8 @@ def export_onnx(
                 "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
             }
         ).to_json()
-        for path in tmp.iterdir():
-            _fsync_file(path)
         write_json_atomic(tmp / MANIFEST_FILE, manifest)
-        replace_dir(tmp, out_dir)
-        fsync_dir(out_dir.parent)
+        replace_dir(tmp, out_dir)  # fsyncs every file, then the rename into out_dir's parent
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

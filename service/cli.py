@@ -49,7 +49,7 @@ def cmd_api(args: argparse.Namespace) -> int:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     require_train_extra("incseg worker")
-    from service.worker import run_worker
+    from service.celery_app import run_worker
 
     run_worker(_settings(args), args.loglevel.upper())
     return 0

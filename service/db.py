@@ -247,6 +247,13 @@ def _exited(pid: int) -> bool:
     return bool(fields) and fields[0] in ("Z", "X")
 
 
+def _publishing_conflict(task_id: str, version: str, base_version: str | None) -> str:
+    return (
+        f"task {task_id} already published {version} and is activating it; it can no longer be cancelled: "
+        f"once it is done, POST /models/{base_version or '<version>'}/activate to go back"
+    )
+
+
 def _utc(value: datetime | None) -> datetime | None:
     """SQLite returns naive datetimes; every stored time is UTC."""
     if value is None or value.tzinfo is not None:
@@ -454,6 +461,8 @@ class TaskStore:
                 raise TaskConflict(
                     f"task {task_id} is already {state.value}; only queued or running tasks can be cancelled"
                 )
+            if row["staged_version"] is not None:
+                raise TaskConflict(_publishing_conflict(task_id, row["staged_version"], row["base_version"]))
             values: dict[str, Any] = {"cancel_requested": True}
             if state == TaskState.QUEUED:
                 values |= {
@@ -462,8 +471,15 @@ class TaskStore:
                     "finished_at": _now(),
                     "error": "cancelled before it started",
                 }
-            conn.execute(update(tasks_table).where(tasks_table.c.id == task_id).values(**values))
-            return _view(self._row(conn, task_id))
+            conn.execute(
+                update(tasks_table)
+                .where(tasks_table.c.id == task_id, tasks_table.c.staged_version.is_(None))
+                .values(**values)
+            )
+            row = self._row(conn, task_id)
+            if row["staged_version"] is not None:  # its worker recorded the version in the meantime
+                raise TaskConflict(_publishing_conflict(task_id, row["staged_version"], row["base_version"]))
+            return _view(row)
 
     # ---- worker side ----------------------------------------------------------------------------------
 
@@ -624,6 +640,62 @@ class TaskStore:
     def cancelled(self, task_id: str, worker: str | None, reason: str) -> TaskView:
         """Marks a task cancelled (its worker stopped it on request)."""
         return self._end(task_id, worker, TaskState.CANCELLED, error=reason)
+
+    def record_message(self, task_id: str) -> None:
+        """Notes that a message of the task was sent or delivered just now (see :meth:`unsent_queued`)."""
+        with self.engine.begin() as conn:
+            conn.execute(update(tasks_table).where(tasks_table.c.id == task_id).values(message_at=_now()))
+
+    def unsent_queued(self, older_than_s: float) -> list[str]:
+        """Queued tasks whose message was last sent or delivered more than ``older_than_s`` ago.
+
+        Their message is taken for lost (the sender died before sending it, the broker lost it, or a dead
+        worker holds it until the visibility timeout) and the caller sends a new one. None while a task
+        runs: a queued task's message may then wait in the broker, undelivered, for as long as the step
+        takes; once the line is free, a message still not delivered is stale at once.
+
+        Returns:
+            Their ids in the order posted.
+        """
+        cutoff = _now() - timedelta(seconds=older_than_s)
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(
+                    tasks_table.c.id, tasks_table.c.state, tasks_table.c.message_at, tasks_table.c.created_at
+                )
+                .where(tasks_table.c.state.not_in([s.value for s in FINISHED_STATES]))
+                .order_by(tasks_table.c.seq)
+            ).all()
+        if any(TaskState(state) in ACTIVE_STATES for _, state, _, _ in rows):
+            return []
+        return [task_id for task_id, _, sent, created in rows if _utc(sent or created) < cutoff]
+
+    def stage_version(self, task_id: str, worker: str, version: str) -> Heartbeat:
+        """Records the version a held task published, unless cancellation was requested first.
+
+        From then on the task can no longer be cancelled (:meth:`request_cancel` answers a conflict), and
+        a worker taking the task over finishes its publication instead of training again.
+
+        Returns:
+            Whether ``worker`` still holds the task and whether cancellation was requested; the version was
+            recorded when it holds the task and no cancellation was requested.
+        """
+        with self.engine.begin() as conn:
+            recorded = conn.execute(
+                update(tasks_table)
+                .where(*self._held(task_id, worker), tasks_table.c.cancel_requested.is_(False))
+                .values(staged_version=version, heartbeat_at=_now())
+            ).rowcount
+            if recorded:
+                return Heartbeat(True, False)
+            row = self._row(conn, task_id)
+            held = row["worker"] == worker and TaskState(row["state"]) in ACTIVE_STATES
+            return Heartbeat(held, bool(row["cancel_requested"]))
+
+    def staged_version(self, task_id: str) -> str | None:
+        """The version the task published (recorded by :meth:`stage_version`), or None."""
+        with self.engine.connect() as conn:
+            return self._row(conn, task_id)["staged_version"]
 
     def clear_dataset(self, task_id: str) -> None:
         """Forgets the staged dataset's path once it was deleted."""

@@ -1,6 +1,7 @@
-"""Submitting and cancelling tasks: what the API (and any other producer) calls.
+"""Submitting, sending and cancelling tasks, and deleting their uploaded datasets.
 
-Torch-free: the API process imports it.
+What the API (and any other producer) calls, and what the worker's recovery re-sends with. Torch-free: the
+API process imports it.
 """
 
 from __future__ import annotations
@@ -10,15 +11,33 @@ import logging
 from kombu.exceptions import OperationalError
 
 from service.archive import StagedDataset, remove_staged
-from service.celery_app import send_train
 from service.db import TaskState, TaskStore, TaskView
 from service.settings import Settings
+from service.train_queue import send_train
 
 logger = logging.getLogger(__name__)
 
 
 class QueueUnavailable(RuntimeError):
     """The broker could not be reached to queue a task (Redis down or restarting); the message says so."""
+
+
+def dispatch(store: TaskStore, settings: Settings, task_id: str) -> None:
+    """Sends the train message of a task and records the send (its ``message_at``).
+
+    Raises:
+        Exception: The broker refused the message (nothing is recorded).
+    """
+    send_train(settings, task_id)
+    store.record_message(task_id)
+
+
+def remove_dataset(store: TaskStore, task_id: str) -> None:
+    """Deletes a task's staged dataset (archive contents: images and masks) and forgets its path."""
+    path = store.dataset_dir(task_id)
+    if path is not None:
+        remove_staged(path)
+        store.clear_dataset(task_id)
 
 
 def submit_task(
@@ -38,16 +57,20 @@ def submit_task(
 
     Raises:
         QueueUnavailable: The broker cannot be reached; the task is then failed and its data deleted.
-        Exception: Any other refusal of the message, with the same clean-up.
+        Exception: A database error recording the task (the staged data is deleted), or any other refusal
+            of the message (the task is failed and its data deleted).
     """
-    task = store.create(method, options, staged.new_classes, staged.path)
     try:
-        send_train(settings, task.id)
+        task = store.create(method, options, staged.new_classes, staged.path)
+    except BaseException:
+        remove_staged(staged.path)
+        raise
+    try:
+        dispatch(store, settings, task.id)
     except Exception as err:
         message = f"could not queue the task ({type(err).__name__}: {err}); post it again"
+        remove_dataset(store, task.id)
         store.fail(task.id, None, message)
-        remove_staged(staged.path)
-        store.clear_dataset(task.id)
         if isinstance(err, OperationalError):
             raise QueueUnavailable(
                 f"the task queue (broker) is unreachable: {err}; nothing was queued, post the task again "
@@ -63,15 +86,13 @@ def cancel_task(store: TaskStore, settings: Settings, task_id: str) -> TaskView:
 
     A running task stops between two iterations or phases; its worker then marks it cancelled, leaves
     the active version as it was and deletes the staged data. Until then the answer shows it running.
+    Once its worker recorded the version it published, a task can no longer be cancelled.
 
     Raises:
         TaskNotFound: No such task.
-        TaskConflict: The task already finished.
+        TaskConflict: The task already finished, or it is activating the version it published.
     """
     task = store.request_cancel(task_id)
     if task.state == TaskState.CANCELLED:
-        path = store.dataset_dir(task_id)
-        if path is not None:
-            remove_staged(path)
-            store.clear_dataset(task_id)
+        remove_dataset(store, task_id)
     return task

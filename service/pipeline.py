@@ -7,6 +7,14 @@ engine where TensorRT and a GPU exist, publishes the version into the registry, 
 it, and records metrics and the version in the task table. Whatever happens, the task's staged dataset
 (every extracted image and mask) is deleted once the task is finished, failed or cancelled.
 
+Publish -> activate -> done is recoverable at every point. Once the version is published, the worker
+records it in the task's row (``staged_version``) if no cancellation was requested first (from then on a
+``DELETE`` is refused), then activates it with a compare-and-swap on the base version under the registry's
+lock, then marks the task done. A worker taking over a task whose holder died after publishing (found by
+the recorded version, or by the version's ``task_id`` when the holder died before recording it) does not
+train again: it activates that version if the base is still active (or finds it active already) and marks
+the task done.
+
 While it runs, a heartbeat thread refreshes the task's ``heartbeat_at`` (so a live task is never taken
 for an orphan, even in long phases without progress) and turns a cancel request into the trainer's
 ``should_stop`` signal; progress is written to the task table at most every ``progress_interval_s``
@@ -30,7 +38,8 @@ from pathlib import Path
 from celery.exceptions import SoftTimeLimitExceeded
 
 from service.db import FINISHED_STATES, Claim, ClaimOutcome, TaskState, TaskStore, TaskView, worker_id
-from service.registry import EXPORT_SUBDIR, MODEL_SUBDIR, Registry
+from service.jobs import remove_dataset
+from service.registry import EXPORT_SUBDIR, MODEL_SUBDIR, ActivationConflict, Registry, VersionInfo
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -250,14 +259,16 @@ def announce(settings: Settings, version: str) -> None:
     announce_active(settings, version)
 
 
-def remove_dataset(store: TaskStore, task_id: str) -> None:
-    """Deletes a task's staged dataset (archive contents: images and masks) and forgets its path."""
-    from service.archive import remove_staged
+def published_version(task: TaskView, store: TaskStore, registry: Registry) -> VersionInfo | None:
+    """The version an earlier attempt of an unfinished task published, or None.
 
-    path = store.dataset_dir(task_id)
-    if path is not None:
-        remove_staged(path)
-        store.clear_dataset(task_id)
+    The row's ``staged_version`` names it; a holder that died between publishing and recording it left
+    the task's id in the version's ``version.json``.
+    """
+    if task.attempts == 0 or task.state in FINISHED_STATES:
+        return None
+    name = store.staged_version(task.id)
+    return registry.get(name) if name is not None else registry.published_by(task.id)
 
 
 def run_task(
@@ -277,10 +288,12 @@ def run_task(
         (not its turn: deliver again later), DROP (finished meanwhile) or GAVE_UP (too many deliveries).
     """
     worker = worker or worker_id()
-    claim = store.claim(
-        task_id, worker, settings.orphan_timeout_s, settings.max_deliveries, registry.active()
-    )
+    published = published_version(store.get(task_id), store, registry)
+    base = published.base_version if published is not None else registry.active()
+    claim = store.claim(task_id, worker, settings.orphan_timeout_s, settings.max_deliveries, base)
     logger.info("task %s: %s (%s)", task_id, claim.outcome.value, claim.reason)
+    if claim.outcome == ClaimOutcome.WAIT:
+        store.record_message(task_id)  # delivered: the sweep does not take its message for lost
     if claim.outcome == ClaimOutcome.DROP and claim.task.state in FINISHED_STATES:
         remove_dataset(store, task_id)  # e.g. cancelled while queued: its data may still be there
     if claim.outcome == ClaimOutcome.GAVE_UP:
@@ -288,15 +301,21 @@ def run_task(
         return Claim(claim.outcome, store.fail(task_id, None, claim.reason), claim.reason)
     if claim.outcome != ClaimOutcome.RUN:
         return claim
-    return Claim(ClaimOutcome.RUN, _run_claimed(claim.task, settings, store, registry, worker), claim.reason)
+    task = _run_claimed(claim.task, settings, store, registry, worker, published)
+    return Claim(ClaimOutcome.RUN, task, claim.reason)
 
 
 def _run_claimed(
-    task: TaskView, settings: Settings, store: TaskStore, registry: Registry, worker: str
+    task: TaskView,
+    settings: Settings,
+    store: TaskStore,
+    registry: Registry,
+    worker: str,
+    published: VersionInfo | None,
 ) -> TaskView:
     heartbeat = Heartbeat(store, task.id, worker, settings.heartbeat_interval_s)
     with heartbeat:  # beating before the slow imports below (torch), which may take seconds
-        return _run_beating(task, settings, store, registry, worker, heartbeat)
+        return _run_beating(task, settings, store, registry, worker, heartbeat, published)
 
 
 def _run_beating(
@@ -306,16 +325,22 @@ def _run_beating(
     registry: Registry,
     worker: str,
     heartbeat: Heartbeat,
+    published: VersionInfo | None,
 ) -> TaskView:
-    """Runs the step and records how it ended, deleting the staged data first (a task seen finished
-    has no images left), unless another worker took the task over."""
+    """Runs the step (or finishes the publication of ``published``, a version an earlier attempt
+    published) and records how it ended, deleting the staged data first (a task seen finished has no
+    images left), unless another worker took the task over."""
     from export.parity import ParityError
     from training.data import DataError
     from training.trainer import StepCancelled
 
     started = time.monotonic()
     try:
-        record = _train_and_publish(task, settings, store, registry, worker, heartbeat)
+        if published is not None:
+            logger.info("task %s: finishing the publication of %s", task.id, published.name)
+            record = _stage_and_activate(task.id, settings, store, registry, worker, published)
+        else:
+            record = _train_and_publish(task, settings, store, registry, worker, heartbeat)
     except LostTask as err:
         logger.warning("task %s: %s; leaving it to its new holder", task.id, err)
         return store.get(task.id)
@@ -335,12 +360,16 @@ def _run_beating(
             f"({settings.task_soft_time_limit_s} s, INCSEG_TASK_SOFT_TIME_LIMIT_S); "
             "the active version is unchanged"
         )
-        record = functools.partial(store.fail, task.id, worker, message)
+        record = _done_if_activated(task.id, store, registry, worker) or functools.partial(
+            store.fail, task.id, worker, message
+        )
     except (DataError, ValueError, FileNotFoundError) as err:
         record = functools.partial(store.fail, task.id, worker, str(err))
     except Exception as err:
         logger.exception("task %s failed", task.id)
-        record = functools.partial(store.fail, task.id, worker, f"{type(err).__name__}: {err}")
+        record = _done_if_activated(task.id, store, registry, worker) or functools.partial(
+            store.fail, task.id, worker, f"{type(err).__name__}: {err}"
+        )
     remove_dataset(store, task.id)
     return record()
 
@@ -390,6 +419,18 @@ def _train_and_publish(
         return _publish(task, settings, store, registry, worker, stage, metrics, engine)
 
 
+def _done_if_activated(
+    task_id: str, store: TaskStore, registry: Registry, worker: str
+) -> Callable[[], TaskView] | None:
+    """What records the task done when the version it published is active (an error came after the
+    activation), or None."""
+    name = store.staged_version(task_id)
+    if name is None or registry.active() != name:
+        return None
+    logger.warning("task %s: %s is active; the error after its activation does not undo it", task_id, name)
+    return functools.partial(store.finish, task_id, worker, name, registry.get(name).metrics)
+
+
 def _publish(
     task: TaskView,
     settings: Settings,
@@ -400,10 +441,7 @@ def _publish(
     metrics: dict | None,
     engine: str,
 ) -> Callable[[], TaskView]:
-    """Publishes the staged version and activates it, fenced on the base still being the active one.
-
-    A version activated by hand while the step ran (a rollback through the API) wins: the new version is
-    published but not activated, and the task fails with a message saying which version to activate.
+    """Publishes the staged version, then records and activates it (:func:`_stage_and_activate`).
 
     Raises:
         LostTask: Another worker holds the task now (nothing is published).
@@ -413,16 +451,44 @@ def _publish(
     info = registry.publish(
         stage, metrics=metrics, task_id=task.id, base_version=task.base_version, engine=engine
     )
-    active = registry.active()
-    if active != task.base_version:
+    return _stage_and_activate(task.id, settings, store, registry, worker, info)
+
+
+def _stage_and_activate(
+    task_id: str, settings: Settings, store: TaskStore, registry: Registry, worker: str, info: VersionInfo
+) -> Callable[[], TaskView]:
+    """Records the published version in the task's row, then activates it, fenced on its base.
+
+    Cancellation requested before the record wins: the version stays published but inactive and the task
+    ends cancelled. A version activated by hand while the step ran (a rollback through the API) wins too:
+    the compare-and-swap under the registry's lock fails, and the task fails with a message saying which
+    version to activate. A version found active already (activated by a holder that died before marking
+    the task done) is the task's result.
+
+    Raises:
+        LostTask: Another worker holds the task now (it finishes the publication).
+    """
+    staged = store.stage_version(task_id, worker, info.name)
+    if not staged.held:
+        raise LostTask(f"task {task_id} was taken over by another worker after publishing {info.name}")
+    if staged.cancel_requested:
         message = (
-            f"the active version changed from {task.base_version} to {active} while the step ran; "
-            f"{info.name} was published but not activated (POST /models/{info.name}/activate to use it)"
+            f"cancelled on request while publishing; {info.name} was published but not activated, the "
+            f"active version ({registry.active() or 'none'}) is unchanged"
         )
-        return functools.partial(
-            store.fail, task.id, worker, message, model_version=info.name, metrics=metrics
-        )
-    registry.activate(info.name)
+        return functools.partial(store.cancelled, task_id, worker, message)
+    if registry.active() != info.name:
+        try:
+            registry.activate(info.name, expected=info.base_version)
+        except ActivationConflict as conflict:
+            message = (
+                f"the active version changed from {info.base_version} to {conflict.active} while the step "
+                f"ran; {info.name} was published but not activated (POST /models/{info.name}/activate to "
+                "use it)"
+            )
+            return functools.partial(
+                store.fail, task_id, worker, message, model_version=info.name, metrics=info.metrics
+            )
     announce(settings, info.name)
-    logger.info("task %s: published and activated %s", task.id, info.name)
-    return functools.partial(store.finish, task.id, worker, info.name, metrics)
+    logger.info("task %s: published and activated %s", task_id, info.name)
+    return functools.partial(store.finish, task_id, worker, info.name, info.metrics)

@@ -3,6 +3,7 @@
 Layout::
 
     REGISTRY/ACTIVE                 name of the active version ("v3\\n"), replaced atomically
+    REGISTRY/.lock                  lock file: activations take it (``flock``), one at a time
     REGISTRY/v3/version.json        VersionInfo (classes, history, metrics, parity, files, task)
     REGISTRY/v3/model/              model directory (model.json, weights.pt, state/*.pt: method state)
     REGISTRY/v3/export/             ONNX export (manifest.json with parity figures, model.onnx) and the
@@ -15,11 +16,17 @@ directories fsynced, then renamed to the next free name: a crash leaves either n
 and a published version is never rewritten. Two publishers racing for a name both succeed: the loser of
 the rename takes the next name. Only a version whose ONNX export passed the parity gate can be activated.
 
-This module imports neither torch nor ``training`` (the API process reads the registry).
+Activation is a compare-and-swap under an exclusive ``flock`` of ``REGISTRY/.lock``: a worker activates its
+version only if its base is still the active one, and the API's activation only if no other activation came
+between its read and its write, so a rollback is never silently overwritten.
+
+This module imports no torch (the API process reads the registry).
 """
 
 from __future__ import annotations
 
+import enum
+import fcntl
 import json
 import os
 import re
@@ -34,7 +41,10 @@ from typing import Any
 
 from pydantic import BaseModel, Field, ValidationError
 
+from training.durable import DIR_MODE, fsync_path, sync_tree, write_atomic
+
 ACTIVE_FILE = "ACTIVE"
+LOCK_FILE = ".lock"
 VERSION_FILE = "version.json"
 METRICS_FILE = "metrics.json"
 MODEL_SUBDIR = "model"
@@ -43,8 +53,29 @@ MODEL_JSON = "model.json"
 MANIFEST_JSON = "manifest.json"
 STAGE_PREFIX = ".stage-"
 NAME_PATTERN = re.compile(r"^v([1-9][0-9]{0,8})$")
-DIR_MODE = 0o755
-FILE_MODE = 0o644
+
+
+class Expect(enum.Enum):
+    """``Registry.activate(expected=Expect.ANY)``: activate whatever version is active now."""
+
+    ANY = "any"
+
+
+class ActivationConflict(RuntimeError):
+    """Another version than the expected one is active: the compare-and-swap of an activation failed.
+
+    Args:
+        name: The version that was to be activated.
+        expected: The version the caller expected to be active.
+        active: The version active instead.
+    """
+
+    def __init__(self, name: str, expected: str | None, active: str | None) -> None:
+        super().__init__(
+            f"{name} was not activated: {active or 'no version'} is active, not {expected or 'no version'} "
+            "(another activation came first)"
+        )
+        self.name, self.expected, self.active = name, expected, active
 
 
 class VersionInfo(BaseModel):
@@ -73,52 +104,6 @@ def version_number(name: str) -> int:
     if match is None:
         raise KeyError(f"{name!r} is not a version name (v1, v2, ...)")
     return int(match.group(1))
-
-
-def fsync_path(path: Path) -> None:
-    """Flushes one file or directory to disk."""
-    flags = os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0)
-    fd = os.open(path, flags)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def seal_tree(root: Path) -> dict[str, int]:
-    """Makes a tree world-readable, fsyncs every file and directory (deepest first), lists its files.
-
-    Returns:
-        Relative path -> size in bytes of every file.
-    """
-    files = {}
-    for directory, subdirs, names in os.walk(root, topdown=False):
-        base = Path(directory)
-        for name in names:
-            path = base / name
-            path.chmod(FILE_MODE)
-            fsync_path(path)
-            files[path.relative_to(root).as_posix()] = path.stat().st_size
-        for name in subdirs:
-            fsync_path(base / name)
-        base.chmod(DIR_MODE)
-    fsync_path(root)
-    return dict(sorted(files.items()))
-
-
-def write_file_atomic(path: Path, text: str) -> None:
-    """Writes ``text`` to a unique temporary sibling, fsyncs it, renames it over ``path``, fsyncs the dir."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        tmp.chmod(FILE_MODE)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fsync_path(path.parent)
 
 
 def _read_json(path: Path) -> dict:
@@ -171,12 +156,18 @@ class Registry:
             return None
         return name or None
 
-    def activate(self, name: str) -> VersionInfo:
+    def activate(self, name: str, expected: str | None | Expect = Expect.ANY) -> VersionInfo:
         """Points ``ACTIVE`` at ``name`` (atomic: readers see the old or the new name, never none).
+
+        Args:
+            name: The version to activate.
+            expected: The version that must be active for the swap (None: none may be active yet); checked
+                and swapped under the registry's lock. ``Expect.ANY`` swaps whatever is active.
 
         Raises:
             KeyError: No such version.
             ValueError: The version did not pass the parity gate.
+            ActivationConflict: Another version than ``expected`` is active; nothing changed.
         """
         info = self.get(name)
         if not info.parity_passed:
@@ -185,8 +176,37 @@ class Registry:
                 f"max abs error {info.parity.get('max_abs_error')}, argmax agreement "
                 f"{info.parity.get('argmax_agreement')}); it cannot be activated"
             )
-        write_file_atomic(self.root / ACTIVE_FILE, f"{name}\n")
+        with self.locked():
+            active = self.active()
+            if expected is not Expect.ANY and active != expected:
+                raise ActivationConflict(name, expected, active)
+            write_atomic(self.root / ACTIVE_FILE, f"{name}\n")
         return info
+
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        """Holds the registry's exclusive lock (``flock`` of ``REGISTRY/.lock``, across processes)."""
+        with open(self.root / LOCK_FILE, "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def published_by(self, task_id: str) -> VersionInfo | None:
+        """The version published by task ``task_id`` (the newest if several), or None.
+
+        Versions whose ``version.json`` cannot be read are skipped.
+        """
+        names = [path.name for path in self.root.iterdir() if NAME_PATTERN.match(path.name)]
+        for name in sorted(names, key=version_number, reverse=True):
+            try:
+                info = self.get(name)
+            except (KeyError, ValueError):
+                continue
+            if info.task_id == task_id:
+                return info
+        return None
 
     def version_dir(self, name: str) -> Path:
         """Directory of a published version.
@@ -244,7 +264,7 @@ class Registry:
         model = _read_json(stage / MODEL_SUBDIR / MODEL_JSON)
         manifest = _read_json(stage / EXPORT_SUBDIR / MANIFEST_JSON)
         (stage / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
-        files = seal_tree(stage)
+        files = sync_tree(stage)
         parity = manifest.get("parity") or {}
         info = {
             "created_at": datetime.now(UTC).isoformat(),
@@ -259,12 +279,7 @@ class Registry:
             "engine": engine,
         }
         VersionInfo.model_validate({**info, "name": "v1"})  # fail before publishing, not on every read
-        with open(stage / VERSION_FILE, "w", encoding="utf-8") as handle:
-            handle.write(json.dumps(info, indent=2))
-            handle.flush()
-            os.fsync(handle.fileno())
-        (stage / VERSION_FILE).chmod(FILE_MODE)
-        fsync_path(stage)
+        write_atomic(stage / VERSION_FILE, json.dumps(info, indent=2))
         name = self._rename_to_next_name(stage)
         fsync_path(self.root)
         return self.get(name)

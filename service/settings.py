@@ -177,6 +177,12 @@ class Settings(BaseSettings):
         description="A task delivered while another step holds the model line (or an older task waits) is "
         "delivered again after this many seconds.",
     )
+    resend_after_s: float = Field(
+        60.0,
+        gt=0,
+        description="A queued task whose message was neither sent nor delivered for this long while no step "
+        "runs is sent again (its message was lost); must exceed twice line_wait_s.",
+    )
     orphan_timeout_s: float = Field(
         60.0,
         gt=0,
@@ -204,6 +210,11 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"model_retry_max_s ({self.model_retry_max_s}) must be at least model_retry_s "
                 f"({self.model_retry_s})"
+            )
+        if self.resend_after_s <= 2 * self.line_wait_s:
+            raise ValueError(
+                f"resend_after_s ({self.resend_after_s}) must exceed twice line_wait_s ({self.line_wait_s}), "
+                "or the messages of waiting tasks would be sent again while they are redelivered"
             )
         if self.orphan_timeout_s <= 2 * self.heartbeat_interval_s:
             raise ValueError(

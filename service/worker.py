@@ -1,19 +1,22 @@
-"""The worker process: its task store and registry, start-up recovery, the orphan sweep, ``incseg worker``.
+"""The worker process: its task store and registry, start-up recovery, the sweep, ``incseg worker``'s argv.
 
-Recovery (a task never stays "running" after its worker died):
+Recovery (a task never stays "running" after its worker died, and never stays "queued" without a message):
 
 * On start (Celery's ``worker_ready``), a worker requeues orphaned tasks (running, and their holder's
   process gone or their heartbeat older than ``orphan_timeout_s``) or fails those already started
   ``max_deliveries`` times, deletes the staged data of the failed ones and the uploads no task owns
   (``service.staging``), removes staging directories a crashed worker left in the registry, and sends a
   fresh message for every queued task (the embedded broker loses a fetched message with its worker; with
-  Redis, an unacknowledged message would otherwise wait for the visibility timeout). Duplicate messages
-  are harmless: claims drop them.
-* While it runs, a thread repeats the orphan sweep every ``orphan_timeout_s / 2``, so a task whose worker
-  host vanished is requeued by any live worker.
+  Redis, an unacknowledged message would otherwise wait for the visibility timeout). Duplicate messages are harmless: claims drop them.
+* While it runs, a thread repeats the sweep every half of the smaller of ``orphan_timeout_s`` and
+  ``resend_after_s``: orphans are requeued by any live worker, and the task table works as an outbox:
+  every send and every delivery of a task's message is recorded (``message_at``), and a queued task whose
+  message was not seen for ``resend_after_s`` while no step holds the line is sent again. That covers
+  every way of losing a message: an API killed between recording the task and sending it, a Redis that
+  lost its keys (flushed, evicted, restarted without persistence), a worker killed while it held a
+  countdown retry (Redis would redeliver that one only after the visibility timeout).
 * When its broker connection comes back after a loss (Redis restarted), a worker sends a fresh message for
-  every queued task again: a Redis restarted without persistence has lost the messages of queued tasks,
-  which would otherwise stay queued until a worker restarts. Running steps are not interrupted by the loss
+  every queued task at once, without waiting for the sweep. Running steps are not interrupted by the loss
   (``worker_cancel_long_running_tasks_on_connection_loss`` is off); the duplicates are dropped by claims.
 
 Engines are per process: a pool process forked from the worker's main process drops the inherited
@@ -29,9 +32,12 @@ from typing import Any
 
 from celery import bootsteps, signals
 
-from service.db import TaskStore
+from service.db import TaskState, TaskStore
+from service.jobs import dispatch, remove_dataset
 from service.registry import Registry
 from service.settings import Settings
+from service.staging import clean_staging
+from service.train_queue import broker_queue_dir
 
 logger = logging.getLogger(__name__)
 
@@ -63,8 +69,6 @@ def process_registry(settings: Settings) -> Registry:
 
 def prepare_data_dir(settings: Settings) -> None:
     """Creates the data directory's parts (registry, staging, broker folder)."""
-    from service.celery_app import broker_queue_dir
-
     for path in (settings.registry_dir, settings.staging_dir):
         path.mkdir(parents=True, exist_ok=True)
     if settings.embedded:
@@ -79,10 +83,6 @@ def sweep_orphans(settings: Settings) -> tuple[list[str], list[str]]:
     Returns:
         Ids requeued and ids failed.
     """
-    from service.celery_app import send_train
-    from service.pipeline import remove_dataset
-    from service.staging import clean_staging
-
     store = process_store(settings)
     requeued, exhausted = store.requeue_orphans(settings.orphan_timeout_s, settings.max_deliveries)
     for task_id, message in exhausted.items():
@@ -90,7 +90,7 @@ def sweep_orphans(settings: Settings) -> tuple[list[str], list[str]]:
         store.fail(task_id, None, message)
         logger.warning("task %s failed: %s", task_id, message)
     for task_id in requeued:
-        send_train(settings, task_id)
+        dispatch(store, settings, task_id)
         logger.warning("task %s requeued: its worker died", task_id)
     clean_staging(settings, store)
     return requeued, list(exhausted)
@@ -98,15 +98,26 @@ def sweep_orphans(settings: Settings) -> tuple[list[str], list[str]]:
 
 def resend_queued(settings: Settings, skip: frozenset[str] = frozenset()) -> list[str]:
     """Sends a fresh message for every queued task (but those in ``skip``); returns their ids."""
-    from service.celery_app import send_train
-    from service.db import TaskState
-
     store = process_store(settings)
     sent = []
     for task_id in store.unfinished():
         if task_id not in skip and store.get(task_id).state == TaskState.QUEUED:
-            send_train(settings, task_id)
+            dispatch(store, settings, task_id)
             sent.append(task_id)
+    return sent
+
+
+def resend_unsent(settings: Settings) -> list[str]:
+    """Sends a fresh message for every queued task whose message was not seen for ``resend_after_s``.
+
+    Returns:
+        Their ids.
+    """
+    store = process_store(settings)
+    sent = store.unsent_queued(settings.resend_after_s)
+    for task_id in sent:
+        dispatch(store, settings, task_id)
+        logger.warning("task %s re-sent: no message seen for %s s", task_id, settings.resend_after_s)
     return sent
 
 
@@ -140,19 +151,22 @@ class ResendQueuedOnReconnect(bootsteps.StartStopStep):
 
 
 class OrphanSweeper:
-    """Daemon thread of the worker's main process repeating :func:`sweep_orphans`."""
+    """Daemon thread of the worker's main process repeating :func:`sweep_orphans` and
+    :func:`resend_unsent`."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self.period_s = min(settings.orphan_timeout_s, settings.resend_after_s) / 2
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="incseg-orphan-sweep", daemon=True)
 
     def _run(self) -> None:
-        while not self._stop.wait(self.settings.orphan_timeout_s / 2):
+        while not self._stop.wait(self.period_s):
             try:
                 sweep_orphans(self.settings)
-            except Exception:  # the database may be briefly unreachable; the next sweep retries
-                logger.exception("orphan sweep failed")
+                resend_unsent(self.settings)
+            except Exception:  # the database or the broker may be briefly unreachable; the next sweep retries
+                logger.exception("sweep failed")
 
     def start(self) -> None:
         self._thread.start()
@@ -205,11 +219,3 @@ def worker_argv(settings: Settings, loglevel: str = "INFO") -> list[str]:
         "--without-gossip",
         "--without-mingle",
     ]
-
-
-def run_worker(settings: Settings, loglevel: str = "INFO") -> None:
-    """Runs a worker in this process until it is stopped (SIGTERM: finish the step; SIGQUIT: now)."""
-    from service.celery_app import celery_app_for
-
-    logging.basicConfig(level=loglevel, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    celery_app_for(settings).worker_main(worker_argv(settings, loglevel))

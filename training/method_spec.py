@@ -75,3 +75,25 @@ def sigmoid_family(spec: str) -> bool:
         ValueError: The spec does not parse.
     """
     return any(parse_part(part)[0] in SIGMOID_METHODS for part in split_top_level(spec, "+"))
+
+
+def check_continuation(model: str, sigmoid_model: bool, method: str) -> None:
+    """Refuses a method of another kind than the model it continues.
+
+    A model with per-class sigmoid outputs (trained with ``star``) continues only with ``star``, a softmax
+    model only with the other methods.
+
+    Args:
+        model: What the model is, for the message (e.g. "the active model v3 was trained with star").
+        sigmoid_model: Whether the model has per-class sigmoid outputs.
+        method: The method spec that is to continue it.
+
+    Raises:
+        ValueError: ``method`` is of the other kind; the message names the model and what to use instead.
+    """
+    if sigmoid_family(method) == sigmoid_model:
+        return
+    family, example = ("per-class sigmoids", "star") if sigmoid_model else ("a softmax", "e.g. mib")
+    raise ValueError(
+        f"{model} ({family}); {method} cannot continue it: use a method of the same kind ({example})"
+    )

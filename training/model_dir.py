@@ -32,13 +32,13 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from torch import Tensor
 
+from training.durable import fsync_path, sync_tree
 from training.models.bisenet import BiSeNet, BiSeNetConfig
 
 FORMAT_VERSION = 1
 MODEL_FILE = "model.json"
 WEIGHTS_FILE = "weights.pt"
 STATE_DIR = "state"
-DIR_MODE = 0o755
 REPLACE_ATTEMPTS = 100
 
 
@@ -89,23 +89,6 @@ class ModelFile(BaseModel):
         return BiSeNetConfig(**self.config)
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def sync_tree(root: Path) -> None:
-    """Fsyncs every file and directory under ``root`` (deepest first) and makes directories 0755."""
-    for directory, subdirs, names in os.walk(root, topdown=False):
-        for name in [*names, *subdirs]:
-            _fsync(Path(directory) / name)
-        Path(directory).chmod(DIR_MODE)
-    _fsync(root)
-
-
 def replace_dir(tmp: Path, target: Path) -> None:
     """Moves the finished directory ``tmp`` to ``target``, replacing an existing one.
 
@@ -133,7 +116,7 @@ def replace_dir(tmp: Path, target: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         raise OSError(errno.EBUSY, f"could not replace {target} after {REPLACE_ATTEMPTS} attempts")
-    _fsync(target.parent)
+    fsync_path(target.parent)
 
 
 def is_model_dir(path: Path) -> bool:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from training.method_spec import check_continuation
 from training.methods import Method, StepContext
 from training.methods.base import Batch
 from training.metrics import ConfusionMatrix, SegmentationScores
@@ -142,11 +143,7 @@ def train_step(
             model.load_backbone_weights(options.backbone_weights)
         history, state = [], {}
     else:
-        if base.model.config.sigmoid_outputs and not method.needs_own_base:
-            raise ValueError(
-                f"the base model has per-class sigmoid outputs (its steps were trained with star); "
-                f"{method.name} needs a softmax model: continue this model with star"
-            )
+        check_continuation("the base model", base.model.config.sigmoid_outputs, method.name)
         model, num_old = copy.deepcopy(base.model), base.model.num_classes
         old_model = _frozen_teacher(base.model).to(device)
         model.add_classes(len(new_classes))

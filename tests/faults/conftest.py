@@ -143,6 +143,7 @@ def fault_settings(data_dir: Path, redis_url: str) -> Settings:
         heartbeat_interval_s=0.5,
         orphan_timeout_s=120.0,
         line_wait_s=1.0,
+        resend_after_s=3.0,
     )
 
 

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
+from sqlalchemy.exc import OperationalError
 
 from service.api.main import create_app
 from service.db import TaskStore
@@ -258,3 +259,16 @@ def test_get_and_cancel_a_task(client: TestClient, settings: Settings) -> None:
     missing = client.get("/tasks/does-not-exist")
     assert missing.status_code == 404 and "does-not-exist" in missing.json()["detail"]
     store.dispose()
+
+
+def test_a_database_error_after_staging_leaves_no_upload(settings: Settings, dataset: Path) -> None:
+    """The task table refuses the row once the dataset is extracted: 500, and the images are deleted."""
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+
+        def database_down(*_: object, **__: object) -> None:
+            raise OperationalError("INSERT INTO incseg_tasks", {}, Exception("database is locked"))
+
+        client.app.state.store.create = database_down
+        response = post_dataset(client, "data.zip", zip_bytes(dataset_files(dataset)))
+    assert response.status_code == 500, response.text
+    assert staging_leftovers(settings) == []

@@ -154,3 +154,16 @@ def test_spec_check_refuses_what_build_method_refuses(spec: str) -> None:
     with pytest.raises(ValueError) as built:
         build_method(spec)
     assert str(parsed.value) == str(built.value)
+
+
+def test_the_api_imports_no_worker_code(tmp_path: Path) -> None:
+    """An API process sends tasks through service.train_queue: the worker's app, fork hooks and signal
+    handlers (service.celery_app, service.worker) and the pipeline are never imported."""
+    worker_modules = ("service.worker", "service.celery_app", "service.pipeline")
+    code = (
+        "import service.api.main, service.api.routes.tasks, service.jobs\n"
+        f"print(sorted(m for m in {worker_modules!r} if m in sys.modules))"
+    )
+    result = run_without_torch(code, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

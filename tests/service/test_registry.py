@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from service.registry import ACTIVE_FILE, EXPORT_SUBDIR, MODEL_SUBDIR, Registry
+from service.registry import ACTIVE_FILE, EXPORT_SUBDIR, LOCK_FILE, MODEL_SUBDIR, Registry
 from tests.service.conftest import publish_tiny_version
 
 
@@ -123,7 +123,7 @@ def test_pointer_never_missing_for_a_polling_reader(active_registry: Registry) -
     reader.join(timeout=30)
     assert reads > 200 and missing == 0
     assert active_registry.active() == "v1"
-    assert sorted(p.name for p in active_registry.root.iterdir()) == [ACTIVE_FILE, "v1", "v2"]
+    assert sorted(p.name for p in active_registry.root.iterdir()) == [LOCK_FILE, ACTIVE_FILE, "v1", "v2"]
 
 
 def test_remove_stale_stages(registry: Registry) -> None:

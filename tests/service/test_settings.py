@@ -68,8 +68,9 @@ def test_bad_values_are_refused(values: dict, message: str) -> None:
 @pytest.mark.parametrize(
     ("modules", "absent"),
     [
-        ("service.settings, service.db, service.registry, service.celery_app", ("torch", "training")),
-        ("service.jobs", ("torch",)),  # the archive checks datasets with training.data's torch-free readers
+        ("service.settings, service.db, service.registry, service.train_queue", ("torch", "training")),
+        # the archive checks datasets with training.data's torch-free readers
+        ("service.jobs, service.celery_app", ("torch",)),
     ],
 )
 def test_api_side_modules_do_not_import_torch(modules: str, absent: tuple[str, ...]) -> None:

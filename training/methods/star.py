@@ -252,11 +252,6 @@ class StarClassification(LossTerm):
         if ctx.old_model is None:
             ctx.model.config = dataclasses.replace(ctx.model.config, sigmoid_outputs=True)
             return
-        if not ctx.old_model.config.sigmoid_outputs:
-            raise ValueError(
-                "star needs a base model trained with star (per-class sigmoids); this one has a softmax "
-                "classifier: train step 0 with star"
-            )
         init_new_rows(ctx.model, ctx.old_model, self.aux_init)
         if self.spatial_path_at_backbone_rate:
             factor = self.lr_multipliers[ParamGroup.BACKBONE] / self.lr_multipliers[ParamGroup.HEAD]

@@ -8,7 +8,7 @@ from service.announce import announce_active
 from service.api.deps import ApiKeyDep, ModelServerDep, RegistryDep, SettingsDep
 from service.api.schemas import Activation, ErrorBody, ModelList, ModelSummary
 from service.model_server import ModelServerStatus
-from service.registry import Registry, VersionInfo
+from service.registry import ActivationConflict, Registry, VersionInfo
 
 router = APIRouter(prefix="/models", tags=["models"])
 
@@ -66,7 +66,10 @@ def get_model(version: str, registry: RegistryDep, server: ModelServerDep) -> Mo
         **VERSION_NOT_FOUND,
         401: {"model": ErrorBody, "description": "Missing or wrong X-API-Key."},
         403: {"model": ErrorBody, "description": "Read-only key, or a cross-site request from a browser."},
-        409: {"model": ErrorBody, "description": "The version did not pass the parity gate."},
+        409: {
+            "model": ErrorBody,
+            "description": "The version did not pass the parity gate, or another activation came first.",
+        },
     },
 )
 def activate_model(
@@ -76,9 +79,13 @@ def activate_model(
     _version(registry, version)
     previous = registry.active()
     try:
-        registry.activate(version)
+        registry.activate(version, expected=previous)
     except ValueError as err:  # the parity gate did not pass
         raise HTTPException(status.HTTP_409_CONFLICT, detail=f"{err}; activate another version") from err
+    except ActivationConflict as err:  # a worker or another client activated a version meanwhile
+        raise HTTPException(
+            status.HTTP_409_CONFLICT, detail=f"{err}; read GET /models and activate again if still wanted"
+        ) from err
     announce_active(settings, version)
     server.request_version(version)
     return Activation(active=version, previous=previous, serving=server.status().serving_version)

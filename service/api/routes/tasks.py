@@ -18,7 +18,7 @@ from service.jobs import cancel_task, submit_task
 from service.registry import Registry, VersionInfo
 from service.settings import Settings
 from training.extra import train_extra_installed
-from training.method_spec import parse_method_spec, sigmoid_family
+from training.method_spec import check_continuation, parse_method_spec, sigmoid_family
 
 router = APIRouter(prefix="/tasks", tags=["tasks"])
 
@@ -99,15 +99,14 @@ def _form_options(
     if continued is None:
         return method, options
     model, trained_with = continued
-    if (sigmoid := sigmoid_family(trained_with)) != sigmoid_family(method):
+    try:
+        check_continuation(f"{model} was trained with {trained_with}", sigmoid_family(trained_with), method)
+    except ValueError as err:
         if form.method is None:
             return trained_with, options
-        family, example = ("per-class sigmoids", "star") if sigmoid else ("a softmax", "e.g. mib")
         raise HTTPException(
-            status.HTTP_422_UNPROCESSABLE_CONTENT,
-            detail=f"form field method: {model} was trained with {trained_with} "
-            f"({family}); {method} cannot continue it: post a method of the same kind ({example})",
-        )
+            status.HTTP_422_UNPROCESSABLE_CONTENT, detail=f"form field method: {err}"
+        ) from err
     return method, options
 
 

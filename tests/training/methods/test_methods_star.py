@@ -172,7 +172,7 @@ def test_sigmoid_outputs_give_the_papers_label_map() -> None:
 def test_a_softmax_base_is_refused_with_what_to_do() -> None:
     ft = build_method("ft")
     softmax_base, _ = train_step(None, ["a", "b"], TinySet([1, 2], n=4), None, ft, TINY_OPTIONS)
-    with pytest.raises(ValueError, match="trained with star"):
+    with pytest.raises(ValueError, match=r"base model \(a softmax\); star cannot continue it"):
         train_step(softmax_base, ["c"], TinySet([3], n=4), None, build_method("star"), TINY_OPTIONS)
 
 
@@ -181,7 +181,9 @@ def test_a_sigmoid_base_is_refused_by_softmax_methods_with_what_to_do(method: st
     star_base, _ = train_step(
         None, ["a", "b"], TinySet([1, 2], n=4), None, build_method("star"), TINY_OPTIONS
     )
-    with pytest.raises(ValueError, match=r"sigmoid outputs .* continue this model with star"):
+    with pytest.raises(
+        ValueError, match=r"sigmoids\); .* cannot continue it: use a method of the same kind \(star\)"
+    ):
         train_step(star_base, ["c"], TinySet([3], n=4), None, build_method(method), TINY_OPTIONS)
 
 
