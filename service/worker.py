@@ -7,7 +7,8 @@ Recovery (a task never stays "running" after its worker died, and never stays "q
   ``max_deliveries`` times, deletes the staged data of the failed ones and the uploads no task owns
   (``service.staging``), removes staging directories a crashed worker left in the registry, and sends a
   fresh message for every queued task (the embedded broker loses a fetched message with its worker; with
-  Redis, an unacknowledged message would otherwise wait for the visibility timeout). Duplicate messages are harmless: claims drop them.
+  Redis, an unacknowledged message would otherwise wait for the visibility timeout). Duplicate messages
+  are harmless: claims drop them.
 * While it runs, a thread repeats the sweep every half of the smaller of ``orphan_timeout_s`` and
   ``resend_after_s``: orphans are requeued by any live worker, and the task table works as an outbox:
   every send and every delivery of a task's message is recorded (``message_at``), and a queued task whose
