@@ -2,12 +2,12 @@
 
 Archives are built from a valid two-image dataset, mutated and mixed with hostile members: names with
 ``..`` and absolute paths aimed inside the sandbox, backslashes, NUL and control characters, long and
-unicode names, symbolic and hard links, devices and FIFOs, duplicates, incompressible padding (past the
-upload limit), random and truncated image bytes, masks of random sizes and labels, random class lists,
-truncated or random archive bytes. The property:
-``receive_dataset`` either returns a :class:`StagedDataset` inside the staging root, or raises an
-:class:`UploadError` with a 4xx status and a message; never another exception; nothing is written outside
-the staging root, and nothing is left in it after a refusal.
+unicode names, paths past 1024 bytes, symbolic and hard links, devices and FIFOs, duplicates,
+incompressible padding (past the upload limit), random and truncated image bytes, masks of random sizes and
+labels, random class lists, truncated or random archive bytes; tars with long names in PAX or GNU headers.
+The property: ``receive_dataset`` either returns a :class:`StagedDataset` inside the staging root, or
+raises an :class:`UploadError` with a 4xx status and a message of bounded length; never another exception;
+nothing is written outside the staging root, and nothing is left in it after a refusal.
 
 The CI run takes ``ci`` (a modest number of examples); ``INCSEG_FUZZ_PROFILE=thorough`` runs many more
 (README, "Set up and run").
@@ -51,6 +51,7 @@ LIMITS = Settings(
     max_compression_ratio=50.0,
     max_image_pixels=96 * 96,
 )
+ERROR_BOUND_CHARS = 1500  # names echoed are cut to 200 characters, a dataset problem to 600
 STAGED_DEPTH = 3  # SANDBOX/data/staging/upload-*/: this many ".." from an extracted member reach SANDBOX
 
 
@@ -130,6 +131,7 @@ def hostile_names(draw: st.DrawFn, sandbox: str) -> str:
                 "masks/a\0.png",
                 "images/\x1bx.png",
                 "x" * draw(st.integers(200, 300)),
+                "/".join(["d" * 250] * draw(st.integers(4, 24))),  # past 1024 bytes, past PATH_MAX
                 "/".join(parts),
                 "/".join(["top", *parts]),
             ]
@@ -190,7 +192,7 @@ def _zip_bytes(members: list[Member], method: int) -> bytes:
     return buffer.getvalue()
 
 
-def _tar_bytes(members: list[Member], compression: str) -> bytes:
+def _tar_bytes(members: list[Member], compression: str, tar_format: int) -> bytes:
     buffer = io.BytesIO()
     types = {
         "file": tarfile.REGTYPE,
@@ -200,7 +202,7 @@ def _tar_bytes(members: list[Member], compression: str) -> bytes:
         "fifo": tarfile.FIFOTYPE,
         "device": tarfile.CHRTYPE,
     }
-    with tarfile.open(fileobj=buffer, mode=f"w:{compression}", format=tarfile.PAX_FORMAT) as archive:
+    with tarfile.open(fileobj=buffer, mode=f"w:{compression}", format=tar_format) as archive:
         for member in members:
             info = tarfile.TarInfo(member.name)
             info.type = types[member.kind]
@@ -222,7 +224,8 @@ def archives(draw: st.DrawFn, sandbox: str) -> tuple[str, bytes]:
         elif kind == "random":
             data = draw(st.binary(max_size=2048))
         else:
-            data = _tar_bytes(members, {"tar": "", "tar.gz": "gz", "tar.xz": "xz"}[kind])
+            tar_format = draw(st.sampled_from([tarfile.PAX_FORMAT, tarfile.GNU_FORMAT]))  # long names: x or L
+            data = _tar_bytes(members, {"tar": "", "tar.gz": "gz", "tar.xz": "xz"}[kind], tar_format)
     except (ValueError, UnicodeError, tarfile.TarError):
         reject()  # a name the writer cannot encode: no such archive exists
     event(f"archive: {kind}")
@@ -269,6 +272,7 @@ def test_receive_dataset_refuses_cleanly_or_stages_inside_the_staging_root(
     except UploadError as error:
         event(f"refused with {error.status_code}")
         assert error.status_code in (400, 413, 415, 422) and error.message, repr(error)
+        assert len(str(error)) < ERROR_BOUND_CHARS, f"an error of {len(str(error))} characters"
         assert list(staging.iterdir()) == [], "a refused upload leaves nothing staged"
         assert _tree(SANDBOX_PARENT) == before, "nothing written outside the staging root"
         return
