@@ -94,7 +94,7 @@ def test_hot_swap_under_load_never_fails_and_switches_once(api: Api) -> None:
         stop = threading.Event()
 
         def hammer(answers: list[tuple[int, str | None]]) -> None:
-            with httpx.Client(base_url=api.url, timeout=30) as client:
+            with api.client() as client:
                 while not stop.is_set():
                     response = client.post("/segment", content=image, headers={"Content-Type": "image/png"})
                     answers.append((response.status_code, response.headers.get("X-Model-Version")))

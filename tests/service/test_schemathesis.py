@@ -109,7 +109,12 @@ class ScaledSetup:
         self.api = ApiProcess(self.settings, logs / "api.log", cwd=sandbox)
         self.api.wait_healthy()
         # /models, not /ready: a 503 of /ready while v1 loads would count among the answers checked at the end
-        wait_until(lambda: httpx.get(f"{self.api.url}/models").json()["serving"] == "v1", 60, "v1 to serve")
+        keyed = {"X-API-Key": API_KEY}
+        wait_until(
+            lambda: httpx.get(f"{self.api.url}/models", headers=keyed).json()["serving"] == "v1",
+            60,
+            "v1 to serve",
+        )
         self.outside = self.files_outside_data_dir()
 
     def files_outside_data_dir(self) -> set[str]:
