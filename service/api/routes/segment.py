@@ -125,6 +125,9 @@ def decode_image(
         canvas: The model's input (H, W).
         with_preview: Also make the overlay preview.
 
+    Returns:
+        The image's size and its reduced RGB copies; the full-size decoded image is released on return.
+
     Raises:
         HTTPException: 422 for bytes that are no PNG or JPEG, a truncated or corrupt image, or more than
             ``max_pixels`` pixels (a decompression bomb: a few kilobytes that decode to gigabytes).
