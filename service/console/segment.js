@@ -94,7 +94,7 @@ async function segment(file, page) {
     const mask = await response.blob();
     const [maskBitmap, imageBitmap, model] = await Promise.all([
       createImageBitmap(mask, { colorSpaceConversion: "none", premultiplyAlpha: "none" }),
-      createImageBitmap(file),
+      createImageBitmap(file, { imageOrientation: "none" }),  // the service reads pixels as stored (no EXIF turn)
       apiJson(`/models/${encodeURIComponent(version)}`),
     ]);
     const { width, height } = maskBitmap;
