@@ -77,7 +77,7 @@ def sigmoid_family(spec: str) -> bool:
     return any(parse_part(part)[0] in SIGMOID_METHODS for part in split_top_level(spec, "+"))
 
 
-def check_continuation(model: str, sigmoid_model: bool, method: str) -> None:
+def check_continuation(model: str, sigmoid_model: bool, method: str, sigmoid_method: bool) -> None:
     """Refuses a method of another kind than the model it continues.
 
     A model with per-class sigmoid outputs (trained with ``star``) continues only with ``star``, a softmax
@@ -86,12 +86,14 @@ def check_continuation(model: str, sigmoid_model: bool, method: str) -> None:
     Args:
         model: What the model is, for the message (e.g. "the active model v3 was trained with star").
         sigmoid_model: Whether the model has per-class sigmoid outputs.
-        method: The method spec that is to continue it.
+        method: The method's name or spec, for the message.
+        sigmoid_method: Whether the method trains per-class sigmoids (:func:`sigmoid_family` of a spec,
+            ``Method.needs_own_base`` of a built method).
 
     Raises:
         ValueError: ``method`` is of the other kind; the message names the model and what to use instead.
     """
-    if sigmoid_family(method) == sigmoid_model:
+    if sigmoid_method == sigmoid_model:
         return
     family, example = ("per-class sigmoids", "star") if sigmoid_model else ("a softmax", "e.g. mib")
     raise ValueError(

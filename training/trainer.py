@@ -143,7 +143,9 @@ def train_step(
             model.load_backbone_weights(options.backbone_weights)
         history, state = [], {}
     else:
-        check_continuation("the base model", base.model.config.sigmoid_outputs, method.name)
+        check_continuation(
+            "the base model", base.model.config.sigmoid_outputs, method.name, method.needs_own_base
+        )
         model, num_old = copy.deepcopy(base.model), base.model.num_classes
         old_model = _frozen_teacher(base.model).to(device)
         model.add_classes(len(new_classes))

@@ -100,7 +100,12 @@ def _form_options(
         return method, options
     model, trained_with = continued
     try:
-        check_continuation(f"{model} was trained with {trained_with}", sigmoid_family(trained_with), method)
+        check_continuation(
+            f"{model} was trained with {trained_with}",
+            sigmoid_family(trained_with),
+            method,
+            sigmoid_family(method),
+        )
     except ValueError as err:
         if form.method is None:
             return trained_with, options
