@@ -115,7 +115,13 @@ def test_a_worker_killed_holding_a_countdown_retry(
         assert time.monotonic() < deadline, "no worker delivered the queued task"
         time.sleep(0.1)
     holder = next(worker for worker in workers if waiting in worker.log())
+    # kill it while it holds the message: none in the queue, A's and B's unacknowledged (kombu's "unacked")
+    deadline = time.monotonic() + 60
+    while not (_queue_length(stack) == 0 and stack.redis.cli("hlen", "unacked").stdout.strip() == "2"):
+        assert time.monotonic() < deadline, "the waiting worker never held the queued task's message"
+        time.sleep(0.05)
     holder.kill()
+    assert _queue_length(stack) == 0 and stack.redis.cli("hlen", "unacked").stdout.strip() == "2"
     assert store.get(running.id).state in (TaskState.RUNNING, TaskState.EXPORTING), "the kill came too late"
     survivor = next(worker for worker in workers if worker is not holder)
     first = wait_for_task(store, running.id, finished, timeout_s=240)
