@@ -180,7 +180,7 @@ class Claim:
 
 
 @dataclass(frozen=True)
-class Heartbeat:
+class HoldStatus:
     """Answer to a heartbeat: whether the worker still holds the task and whether cancel was asked."""
 
     held: bool
@@ -424,7 +424,7 @@ class TaskStore:
         with self.reader.connect() as conn:
             return _view(self._row(conn, task_id))
 
-    def list(self, offset: int = 0, limit: int = 20) -> tuple[list[TaskView], int]:
+    def page(self, offset: int = 0, limit: int = 20) -> tuple[list[TaskView], int]:
         """A page of tasks, newest first, and the total count."""
         with self.reader.connect() as conn:
             rows = conn.execute(
@@ -575,14 +575,14 @@ class TaskStore:
             )
             return Claim(ClaimOutcome.RUN, _view(self._row(conn, task_id)), reason)
 
-    def heartbeat(self, task_id: str, worker: str) -> Heartbeat:
+    def heartbeat(self, task_id: str, worker: str) -> HoldStatus:
         """Refreshes the heartbeat of a task ``worker`` holds; tells whether it still holds it."""
         with self.engine.begin() as conn:
             held = self._held(task_id, worker)
             result = conn.execute(update(tasks_table).where(*held).values(heartbeat_at=_now()))
             if result.rowcount == 0:
-                return Heartbeat(False, False)
-            return Heartbeat(True, bool(self._row(conn, task_id)["cancel_requested"]))
+                return HoldStatus(False, False)
+            return HoldStatus(True, bool(self._row(conn, task_id)["cancel_requested"]))
 
     def progress(
         self,
@@ -670,7 +670,7 @@ class TaskStore:
             return []
         return [task_id for task_id, _, sent, created in rows if _utc(sent or created) < cutoff]
 
-    def stage_version(self, task_id: str, worker: str, version: str) -> Heartbeat:
+    def stage_version(self, task_id: str, worker: str, version: str) -> HoldStatus:
         """Records the version a held task published, unless cancellation was requested first.
 
         From then on the task can no longer be cancelled (:meth:`request_cancel` answers a conflict), and
@@ -687,10 +687,10 @@ class TaskStore:
                 .values(staged_version=version, heartbeat_at=_now())
             ).rowcount
             if recorded:
-                return Heartbeat(True, False)
+                return HoldStatus(True, False)
             row = self._row(conn, task_id)
             held = row["worker"] == worker and TaskState(row["state"]) in ACTIVE_STATES
-            return Heartbeat(held, bool(row["cancel_requested"]))
+            return HoldStatus(held, bool(row["cancel_requested"]))
 
     def staged_version(self, task_id: str) -> str | None:
         """The version the task published (recorded by :meth:`stage_version`), or None."""

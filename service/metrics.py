@@ -83,7 +83,7 @@ class TaskCollector(Collector):
     def _all_tasks(self) -> Iterator[TaskView]:
         offset = 0
         while True:
-            tasks, total = self.store.list(offset, TASK_PAGE)
+            tasks, total = self.store.page(offset, TASK_PAGE)
             yield from tasks
             offset += len(tasks)
             if not tasks or offset >= total:

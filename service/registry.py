@@ -127,7 +127,7 @@ class Registry:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
 
-    def list(self) -> list[VersionInfo]:
+    def versions(self) -> list[VersionInfo]:
         """Every published version, oldest first."""
         names = [path.name for path in self.root.iterdir() if NAME_PATTERN.match(path.name)]
         return [self.get(name) for name in sorted(names, key=version_number)]

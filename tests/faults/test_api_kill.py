@@ -60,7 +60,7 @@ def test_api_sigkill_mid_swap_then_restart_serves_the_active_version(stack: Faul
         assert segment(client, image) == (200, v2)
         models = client.get("/models").json()
     assert models["active"] == models["serving"] == v2 and models["swap_failures"] == 0, models
-    assert [v.name for v in registry.list()] == ["v1", v2] and registry.active() == v2
+    assert [v.name for v in registry.versions()] == ["v1", v2] and registry.active() == v2
     print(
         f"\nAPI SIGKILL {moment} (loading={kill_status['loading']}): "
         f"restarted API ready on {v2} in {ready_s:.1f} s"

@@ -43,7 +43,7 @@ def test_worker_sigkill_mid_step_then_a_new_worker_finishes_it(stack: FaultStack
         # the dead worker's task reads running, the registry is untouched, v1 still serves
         orphan = client.get(f"/tasks/{task_id}").json()
         assert orphan["state"] == "running" and orphan["attempts"] == 1, orphan
-        assert registry.active() == "v1" and [v.name for v in registry.list()] == ["v1"]
+        assert registry.active() == "v1" and [v.name for v in registry.versions()] == ["v1"]
         assert segment(client, image) == (200, "v1")
 
         new_worker = stack.start_worker()
@@ -56,7 +56,7 @@ def test_worker_sigkill_mid_step_then_a_new_worker_finishes_it(stack: FaultStack
         wait_until(lambda: segment(client, image) == (200, "v2"), 30, "the API to serve v2")
         models = client.get("/models").json()
         assert models["active"] == models["serving"] == "v2", models
-    assert [v.name for v in registry.list()] == ["v1", "v2"] and registry.active() == "v2"
+    assert [v.name for v in registry.versions()] == ["v1", "v2"] and registry.active() == "v2"
     assert image_files(stack.settings.data_dir / "staging") == [], "the staged dataset is deleted"
     print(
         f"\nworker SIGKILL: killed at fraction {training['fraction']:.2f}, "

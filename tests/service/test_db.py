@@ -35,7 +35,7 @@ def test_create_get_list_newest_first(store: TaskStore) -> None:
     view = store.get(ids[0])
     assert view.state == TaskState.QUEUED and view.classes == ["0"] and view.attempts == 0
     assert view.created_at.tzinfo is not None
-    page, total = store.list(offset=1, limit=2)
+    page, total = store.page(offset=1, limit=2)
     assert total == 5
     assert [task.id for task in page] == [ids[3], ids[2]]
     assert store.counts()[TaskState.QUEUED] == 5 and store.counts()[TaskState.DONE] == 0

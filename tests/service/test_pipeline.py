@@ -103,7 +103,7 @@ def test_parity_failure_fails_the_task_and_activates_nothing(
     assert task.state == TaskState.FAILED and task.model_version is None
     assert "parity gate failed" in task.error and "max abs logit error" in task.error
     assert "nothing was activated" in task.error
-    assert registry.active() is None and registry.list() == []
+    assert registry.active() is None and registry.versions() == []
     assert image_files(settings.data_dir) == [] and list(registry.root.iterdir()) == []
 
 
@@ -123,7 +123,7 @@ def test_cancel_a_running_task(
     task = outcome["claim"].task
     assert task.state == TaskState.CANCELLED and task.finished_at is not None
     assert "on request" in task.error and task.fraction < 1
-    assert active_registry.active() == "v1" and [v.name for v in active_registry.list()] == ["v1"]
+    assert active_registry.active() == "v1" and [v.name for v in active_registry.versions()] == ["v1"]
     assert image_files(settings.data_dir) == []
 
 

@@ -108,13 +108,13 @@ def test_a_takeover_finishes_the_publication_of_a_dead_worker(
         with pytest.raises(WorkerDied):
             run_task(task_id, settings, store, registry, worker=dead_worker())
     assert store.get(task_id).state == TaskState.EXPORTING
-    assert [info.name for info in registry.list()] == ["v1", "v2"]
+    assert [info.name for info in registry.versions()] == ["v1", "v2"]
 
     claim = run_task(task_id, settings, store, registry)  # a live worker takes the orphan over
     task = claim.task
     assert claim.outcome == ClaimOutcome.RUN and task.state == TaskState.DONE, task.error
     assert (task.attempts, task.base_version, task.model_version) == (2, "v1", "v2")
-    assert registry.active() == "v2" and [info.name for info in registry.list()] == ["v1", "v2"]
+    assert registry.active() == "v2" and [info.name for info in registry.versions()] == ["v1", "v2"]
     assert task.metrics is not None and task.metrics == registry.get("v2").metrics
     assert image_files(settings.data_dir) == [] and store.dataset_dir(task_id) is None
 

@@ -59,7 +59,7 @@ def test_activation_needs_parity(registry: Registry) -> None:
     with pytest.raises(ValueError, match="did not pass the parity gate.*0.5"):
         registry.activate(bad.name)
     assert registry.active() == good.name
-    assert [v.name for v in registry.list()] == ["v1", "v2"]
+    assert [v.name for v in registry.versions()] == ["v1", "v2"]
 
 
 def test_failed_write_leaves_nothing(registry: Registry) -> None:
@@ -68,7 +68,7 @@ def test_failed_write_leaves_nothing(registry: Registry) -> None:
         raise RuntimeError("crash while writing")
     with registry.staging() as stage, pytest.raises(ValueError, match="model.json"):
         registry.publish(stage, metrics=None, task_id=None, base_version=None, engine="x")
-    assert list(registry.root.iterdir()) == [] and registry.list() == []
+    assert list(registry.root.iterdir()) == [] and registry.versions() == []
 
 
 def test_concurrent_publishers_get_distinct_names(registry: Registry) -> None:
@@ -92,7 +92,7 @@ def test_concurrent_publishers_get_distinct_names(registry: Registry) -> None:
     for thread in threads:
         thread.join()
     assert sorted(names, key=lambda n: int(n[1:])) == [f"v{i}" for i in range(2, 8)]
-    assert all(v.files == source.files for v in registry.list()), "every version whole"
+    assert all(v.files == source.files for v in registry.versions()), "every version whole"
 
 
 def _poll_pointer(

@@ -81,7 +81,7 @@ def test_sigkill_of_the_worker_requeues_on_restart(
     wait_for(store, task.id, _training(1))
     worker.kill()  # main and pool process: nobody is left to requeue the message
     assert store.get(task.id).state == TaskState.RUNNING
-    assert active_registry.active() == "v1" and [v.name for v in active_registry.list()] == ["v1"]
+    assert active_registry.active() == "v1" and [v.name for v in active_registry.versions()] == ["v1"]
     start_worker(settings)  # start-up recovery: the holder is dead, the task is requeued and runs again
     retried = wait_for(store, task.id, _training(2))
     assert retried.state == TaskState.RUNNING and retried.base_version == "v1"
@@ -111,7 +111,7 @@ def test_sigkill_of_the_pool_process_until_the_delivery_cap(
     # or the orphan sweep sees the dead holder of attempt 2 first ("died during attempt 2 of 2").
     assert failed.state == TaskState.FAILED and failed.attempts == 2
     assert "gave up after 2 deliveries" in failed.error or "died during attempt 2 of 2" in failed.error
-    assert active_registry.active() == "v1" and [v.name for v in active_registry.list()] == ["v1"]
+    assert active_registry.active() == "v1" and [v.name for v in active_registry.versions()] == ["v1"]
     assert image_files(settings.data_dir) == []
 
 
@@ -131,4 +131,4 @@ def test_embedded_broker_runs_a_task(
         assert time.monotonic() < deadline, "the broker folder does not drain"
         time.sleep(0.5)
     time.sleep(2)
-    assert store.get(task.id).attempts == 1 and [v.name for v in registry.list()] == ["v1"]
+    assert store.get(task.id).attempts == 1 and [v.name for v in registry.versions()] == ["v1"]

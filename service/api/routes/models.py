@@ -28,7 +28,7 @@ def _version(registry: Registry, version: str) -> VersionInfo:
     try:
         return registry.get(version)
     except KeyError as err:
-        known = ", ".join(info.name for info in registry.list()) or "none yet"
+        known = ", ".join(info.name for info in registry.versions()) or "none yet"
         raise HTTPException(
             status.HTTP_404_NOT_FOUND, detail=f"no model version {version!r}; versions: {known}"
         ) from err
@@ -48,7 +48,7 @@ def list_models(registry: RegistryDep, server: ModelServerDep) -> ModelList:
         retry=serving.retry,
         load_retries=serving.load_retries,
         last_swap=serving.last_swap,
-        versions=[_summary(info, active, serving) for info in registry.list()],
+        versions=[_summary(info, active, serving) for info in registry.versions()],
     )
 
 

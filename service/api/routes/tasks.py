@@ -206,7 +206,7 @@ def list_tasks(
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE, description="Tasks per page.")] = 20,
 ) -> TaskPage:
     """One page of the task table, newest first, with the total count."""
-    items, total = store.list(offset, limit)
+    items, total = store.page(offset, limit)
     return TaskPage(items=items, total=total, offset=offset, limit=limit)
 
 
