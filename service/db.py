@@ -7,11 +7,9 @@ a queued task starts only when it is the oldest unfinished task and no other tas
 :meth:`TaskStore.claim`). A running task refreshes ``heartbeat_at``; one whose heartbeat is older than the
 orphan timeout, or whose worker process is gone, is orphaned and taken over or failed.
 
-On SQLite (in WAL mode) only writes take the write lock: a transaction opened by ``engine.begin()`` starts
-with ``BEGIN IMMEDIATE``, a read through :attr:`TaskStore.reader` with a deferred ``BEGIN``, which never
-blocks a writer. The schema is versioned (:func:`create_schema`): the first process to open an empty or
-older database creates or upgrades it while it holds the database's schema lock, the others wait and
-find it current.
+Writes open ``engine.begin()``; reads go through :attr:`TaskStore.reader`, which on SQLite never blocks a
+writer. Tables, upgrades and the engine's locking are in :mod:`service.db_schema`; who holds a running task
+and whether it lives, in :mod:`service.holder`.
 
 This module imports neither torch nor ``training`` (the API process uses it).
 """
@@ -20,10 +18,7 @@ from __future__ import annotations
 
 import enum
 import logging
-import os
-import socket
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -31,28 +26,24 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 from sqlalchemy import (
-    JSON,
-    Boolean,
-    Column,
-    DateTime,
-    Engine,
-    Float,
-    Integer,
-    MetaData,
-    String,
-    Table,
-    Text,
-    create_engine,
-    event,
     func,
     insert,
-    inspect,
     select,
-    text,
     update,
 )
 from sqlalchemy.engine import Connection, RowMapping
 from sqlalchemy.exc import OperationalError
+
+from service.db_schema import (
+    DEFAULT_BUSY_TIMEOUT_S,
+    DEFERRED_OPTION,
+    LINE_LOCK,
+    create_schema,
+    locks_table,
+    make_engine,
+    tasks_table,
+)
+from service.holder import holder_alive
 
 logger = logging.getLogger(__name__)
 
@@ -70,62 +61,6 @@ class TaskState(enum.StrEnum):
 
 ACTIVE_STATES = (TaskState.RUNNING, TaskState.EXPORTING)
 FINISHED_STATES = (TaskState.DONE, TaskState.FAILED, TaskState.CANCELLED)
-LINE_LOCK = "model_line"
-
-metadata = MetaData()
-tasks_table = Table(
-    "incseg_tasks",
-    metadata,
-    Column("seq", Integer, primary_key=True, autoincrement=True),  # order posted
-    Column("id", String(32), nullable=False, unique=True),
-    Column("state", String(16), nullable=False, index=True),
-    Column("method", String(200), nullable=False),
-    Column("options", JSON, nullable=False),
-    Column("classes", JSON, nullable=False),
-    Column("dataset_dir", Text, nullable=True),
-    Column("base_version", String(32), nullable=True),
-    Column("phase", String(64), nullable=True),
-    Column("epoch", Integer, nullable=True),
-    Column("fraction", Float, nullable=False, default=0.0),
-    Column("loss", Float, nullable=True),
-    Column("metrics", JSON, nullable=True),
-    Column("model_version", String(32), nullable=True),
-    Column("error", Text, nullable=True),
-    Column("created_at", DateTime(timezone=True), nullable=False),
-    Column("started_at", DateTime(timezone=True), nullable=True),
-    Column("finished_at", DateTime(timezone=True), nullable=True),
-    Column("heartbeat_at", DateTime(timezone=True), nullable=True),
-    Column("attempts", Integer, nullable=False, default=0),
-    Column("cancel_requested", Boolean, nullable=False, default=False),
-    Column("worker", String(200), nullable=True),
-    Column("message_at", DateTime(timezone=True), nullable=True),  # last send or delivery of its message
-    Column("staged_version", String(32), nullable=True),  # version the task published, before it is done
-)
-locks_table = Table("incseg_locks", metadata, Column("name", String(64), primary_key=True))
-schema_table = Table("incseg_schema", metadata, Column("version", Integer, nullable=False))
-
-DEFERRED_OPTION = "incseg_deferred"  # execution option of TaskStore.reader: SQLite reads begin deferred
-SCHEMA_LOCK_KEY = 0x1AC5E6  # PostgreSQL advisory lock held while the schema is created or upgraded
-DEFAULT_BUSY_TIMEOUT_S = 30.0
-
-
-def _add_task_columns(conn: Connection, *names: str) -> None:
-    """``ALTER TABLE ... ADD COLUMN`` for columns of :data:`tasks_table` (nullable, no default) it lacks."""
-    present = {column["name"] for column in inspect(conn).get_columns(tasks_table.name)}
-    for name in (name for name in names if name not in present):
-        column_type = tasks_table.c[name].type.compile(dialect=conn.dialect)
-        conn.execute(text(f"ALTER TABLE {tasks_table.name} ADD COLUMN {name} {column_type}"))
-
-
-def _upgrade_to_2(conn: Connection) -> None:
-    """Version 2: the message outbox's ``message_at`` and the publishing step's ``staged_version``."""
-    _add_task_columns(conn, "message_at", "staged_version")
-
-
-# UPGRADES[v - 1] upgrades a version-v database to v + 1. Version 1 is the schema of databases made before
-# the schema was versioned (no incseg_schema table); a new database is created at SCHEMA_VERSION.
-UPGRADES: tuple[Callable[[Connection], None], ...] = (_upgrade_to_2,)
-SCHEMA_VERSION = 1 + len(UPGRADES)
 
 
 class TaskView(BaseModel):
@@ -187,66 +122,6 @@ class HoldStatus:
     cancel_requested: bool
 
 
-def worker_id() -> str:
-    """Identity of this process as a task holder: ``host:start:pid``.
-
-    ``start`` is the process's start time (``/proc``, clock ticks since boot; empty where there is no
-    ``/proc``): a worker container restarted with the same hostname gets a fresh PID namespace, and its
-    new pool process often has the PID of the old one, which a bare ``host:pid`` would take as alive.
-    Ticks since boot are immune to clock changes; a wall-clock start time (``psutil.Process.create_time``,
-    boot time plus ticks) moves when NTP sets the clock (a Jetson without a real-time clock at boot), and
-    a live holder would then read as dead.
-    """
-    return f"{socket.gethostname()}:{_start_time(os.getpid()) or ''}:{os.getpid()}"
-
-
-def holder_alive(holder: str | None) -> bool | None:
-    """Whether the process named ``host:start:pid`` (or ``host:pid``) is alive: known only on its host.
-
-    None on another host. A process with that PID but another start time is a different process (the
-    PID was reused): the holder is dead. A zombie (exited, not yet reaped: a pool process whose worker was
-    SIGKILLed with it waits for init to reap it, which can take seconds on a loaded machine) is dead.
-    """
-    if not holder or ":" not in holder:
-        return None
-    rest, _, pid = holder.rpartition(":")
-    host, sep, start = rest.rpartition(":")
-    if not sep:
-        host, start = rest, ""
-    if host != socket.gethostname() or not pid.isdigit():
-        return None
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    if start and _start_time(int(pid)) not in (None, start):
-        return False
-    return not _exited(int(pid))
-
-
-def _stat_fields(pid: int) -> list[str] | None:
-    """Fields of ``/proc/PID/stat`` from the state on (field 3), or None where it cannot be read."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat.rpartition(")")[2].split()  # the command name in parentheses may hold spaces
-
-
-def _start_time(pid: int) -> str | None:
-    """The process's start time in clock ticks since boot (field 22 of ``/proc/PID/stat``), or None."""
-    fields = _stat_fields(pid)
-    return fields[19] if fields and len(fields) > 19 else None
-
-
-def _exited(pid: int) -> bool:
-    """Whether ``/proc`` shows the process as a zombie or dead (False where there is no ``/proc``)."""
-    fields = _stat_fields(pid)
-    return bool(fields) and fields[0] in ("Z", "X")
-
-
 def _publishing_conflict(task_id: str, version: str, base_version: str | None) -> str:
     return (
         f"task {task_id} already published {version} and is activating it; it can no longer be cancelled: "
@@ -288,89 +163,6 @@ def _view(row: RowMapping) -> TaskView:
     )
 
 
-def _make_engine(database_url: str, busy_timeout_s: float) -> Engine:
-    """An engine; SQLite gets WAL, a busy timeout and ``BEGIN IMMEDIATE`` for every transaction but reads.
-
-    SQLite's deferred transactions let two claimers read "line free" and then both write; ``BEGIN
-    IMMEDIATE`` takes the write lock at the start, which makes every writing transaction serialisable. A
-    connection with the :data:`DEFERRED_OPTION` execution option (:attr:`TaskStore.reader`) begins
-    deferred: in WAL mode it reads a snapshot and never waits for, nor blocks, a writer.
-    """
-    if not database_url.startswith("sqlite"):
-        return create_engine(database_url, pool_pre_ping=True)
-    path = database_url.split("///", 1)[-1]
-    if path and path != ":memory:":
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(database_url, connect_args={"timeout": busy_timeout_s, "check_same_thread": False})
-
-    @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
-        dbapi_connection.isolation_level = None  # the driver issues no BEGIN; the event below does
-        cursor = dbapi_connection.cursor()
-        cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")  # before WAL: it may wait
-        cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.close()
-
-    @event.listens_for(engine, "begin")
-    def _on_begin(connection: Connection) -> None:
-        deferred = connection.get_execution_options().get(DEFERRED_OPTION, False)
-        connection.exec_driver_sql("BEGIN" if deferred else "BEGIN IMMEDIATE")
-
-    return engine
-
-
-def schema_version(engine: Engine) -> int | None:
-    """The schema version of the engine's database (None: no task table yet; 1: made before versioning)."""
-    with engine.connect() as conn:
-        return _stored_version(conn)
-
-
-def _stored_version(conn: Connection) -> int | None:
-    inspector = inspect(conn)
-    if not inspector.has_table(tasks_table.name):
-        return None
-    if not inspector.has_table(schema_table.name):
-        return 1
-    return conn.execute(select(func.max(schema_table.c.version))).scalar_one_or_none() or 1
-
-
-def create_schema(engine: Engine) -> None:
-    """Creates the tables, or upgrades an older database in place, under the database's schema lock.
-
-    The lock is PostgreSQL's transaction-level advisory lock :data:`SCHEMA_LOCK_KEY`, SQLite's write lock
-    (``BEGIN IMMEDIATE``); DDL is transactional on both, so a process that dies half way leaves the old
-    schema. Processes starting together (the API and the workers) wait for the first one and then find
-    the schema current.
-
-    Raises:
-        RuntimeError: The database was made by a newer version of the service.
-    """
-    with engine.begin() as conn:
-        if conn.dialect.name == "postgresql":
-            conn.execute(select(func.pg_advisory_xact_lock(SCHEMA_LOCK_KEY)))
-        version = _stored_version(conn)
-        if version is None:
-            metadata.create_all(conn)
-            conn.execute(insert(schema_table).values(version=SCHEMA_VERSION))
-            conn.execute(insert(locks_table).values(name=LINE_LOCK))
-            return
-        if version > SCHEMA_VERSION:
-            raise RuntimeError(
-                f"the task database has schema version {version}, newer than this service's "
-                f"{SCHEMA_VERSION}: run the newer service version (or a fresh database)"
-            )
-        if version == SCHEMA_VERSION:
-            return
-        for upgrade in UPGRADES[version - 1 :]:
-            upgrade(conn)
-        metadata.create_all(conn)  # the version table, on a database made before versioning
-        conn.execute(schema_table.delete())
-        conn.execute(insert(schema_table).values(version=SCHEMA_VERSION))
-        if conn.execute(select(locks_table).where(locks_table.c.name == LINE_LOCK)).first() is None:
-            conn.execute(insert(locks_table).values(name=LINE_LOCK))
-        logger.warning("task database upgraded from schema version %d to %d", version, SCHEMA_VERSION)
-
-
 class TaskStore:
     """The task table behind a SQLAlchemy URL (schema created or upgraded on first use).
 
@@ -384,7 +176,7 @@ class TaskStore:
 
     def __init__(self, database_url: str, busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S) -> None:
         self.database_url = database_url
-        self.engine = _make_engine(database_url, busy_timeout_s)
+        self.engine = make_engine(database_url, busy_timeout_s)
         self.reader = self.engine.execution_options(**{DEFERRED_OPTION: True})
         create_schema(self.engine)
 

@@ -37,7 +37,8 @@ from pathlib import Path
 
 from celery.exceptions import SoftTimeLimitExceeded
 
-from service.db import FINISHED_STATES, Claim, ClaimOutcome, TaskState, TaskStore, TaskView, worker_id
+from service.db import FINISHED_STATES, Claim, ClaimOutcome, TaskState, TaskStore, TaskView
+from service.holder import worker_id
 from service.jobs import remove_dataset
 from service.registry import EXPORT_SUBDIR, MODEL_SUBDIR, ActivationConflict, Registry, VersionInfo
 from service.settings import Settings

@@ -18,10 +18,9 @@ from service.db import (
     TaskNotFound,
     TaskState,
     TaskStore,
-    holder_alive,
-    tasks_table,
-    worker_id,
 )
+from service.db_schema import tasks_table
+from service.holder import holder_alive, worker_id
 
 ORPHAN_S = 30.0
 

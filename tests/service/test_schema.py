@@ -30,15 +30,8 @@ from sqlalchemy import (
     select,
 )
 
-from service.db import (
-    LINE_LOCK,
-    SCHEMA_VERSION,
-    TaskState,
-    TaskStore,
-    locks_table,
-    schema_table,
-    schema_version,
-)
+from service.db import TaskState, TaskStore
+from service.db_schema import LINE_LOCK, SCHEMA_VERSION, locks_table, schema_table, schema_version
 from tests.service.conftest import POSTGRES_ADMIN_URL
 
 OLD_TASK = "0" * 32

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from service.db import TaskState, TaskStore, TaskView, tasks_table
+from service.db import TaskState, TaskStore, TaskView
+from service.db_schema import tasks_table
 from service.jobs import cancel_task, submit_task
 from service.registry import Registry
 from service.settings import Settings
