@@ -340,7 +340,8 @@ class TaskStore:
                         ClaimOutcome.WAIT, _view(row), f"after task {blocker['id']} ({blocker['state']})"
                     )
             attempts = row["attempts"] + 1
-            if attempts > max_deliveries:
+            # a task whose version is published and recorded only needs activating: never given up on
+            if attempts > max_deliveries and row["staged_version"] is None:
                 message = (
                     f"gave up after {row['attempts']} deliveries: the worker running the task died each "
                     f"time (killed, out of memory or time limit); last holder {row['worker']}"
@@ -518,7 +519,7 @@ class TaskStore:
                 if not self._orphaned(row, now, orphan_timeout_s):
                     continue
                 where = tasks_table.c.id == row["id"]
-                if row["attempts"] >= max_deliveries:
+                if row["attempts"] >= max_deliveries and row["staged_version"] is None:
                     exhausted[row["id"]] = (
                         f"the worker running the task ({row['worker']}) died during attempt "
                         f"{row['attempts']} of {max_deliveries}; not retried"

@@ -127,6 +127,19 @@ def test_orphan_taken_over_then_given_up(store: TaskStore) -> None:
     assert store.fail(task_id, None, claim.reason).state == TaskState.FAILED
 
 
+def test_a_recorded_publication_is_finished_past_the_delivery_cap(store: TaskStore) -> None:
+    """Its version may already serve: the task is taken over to activate it, never failed as given up."""
+    task_id = _create(store)
+    assert store.claim(task_id, "otherhost:1", ORPHAN_S, 1, None).outcome == ClaimOutcome.RUN
+    assert store.stage_version(task_id, "otherhost:1", "v2").held
+    _age_heartbeat(store, task_id, ORPHAN_S + 1)
+    requeued, exhausted = store.requeue_orphans(ORPHAN_S, 1)
+    assert requeued == [task_id] and exhausted == {}
+    takeover = store.claim(task_id, "otherhost:2", ORPHAN_S, 1, None)
+    assert takeover.outcome == ClaimOutcome.RUN and takeover.task.attempts == 2
+    assert store.staged_version(task_id) == "v2"
+
+
 def test_dead_local_process_is_orphaned_at_once(store: TaskStore) -> None:
     """A holder on this host whose process is gone does not wait for the heartbeat timeout."""
     import socket
