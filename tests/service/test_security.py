@@ -300,10 +300,10 @@ def test_a_500_carries_no_exception_text_and_its_request_id_is_logged(
     app = create_app(settings)
     secret = "could not open /srv/private/tasks.db as user incseg"
 
-    def broken_list(offset: int, limit: int) -> None:
+    def broken_page(offset: int, limit: int) -> None:
         raise RuntimeError(secret)
 
-    monkeypatch.setattr(app.state.store, "list", broken_list)
+    monkeypatch.setattr(app.state.store, "page", broken_page)
     with TestClient(app, raise_server_exceptions=False) as client, caplog.at_level(logging.ERROR):
         answer = client.get("/tasks")
     assert answer.status_code == 500
