@@ -25,7 +25,7 @@ from service.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-UPLOAD_PART_PREFIX = "incoming-"  # service.api.upload's spool files of request bodies
+UPLOAD_PART_PREFIX = "incoming-"  # the spool files of request bodies (service.api.upload writes them)
 
 
 @dataclass(frozen=True)

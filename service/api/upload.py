@@ -19,6 +19,8 @@ from typing import BinaryIO
 from fastapi import HTTPException, Request, status
 from python_multipart.multipart import MultipartParser, parse_options_header
 
+from service.staging import UPLOAD_PART_PREFIX
+
 MAX_FIELD_BYTES = 1024
 MAX_PARTS = 16
 
@@ -214,7 +216,7 @@ async def stream_upload(request: Request, file_field: str, directory: Path, max_
 
     def open_file() -> BinaryIO:
         file = tempfile.NamedTemporaryFile(  # noqa: SIM115 (the collector closes it)
-            dir=directory, prefix="incoming-", suffix=".part", delete=False
+            dir=directory, prefix=UPLOAD_PART_PREFIX, suffix=".part", delete=False
         )
         upload.path = Path(file.name)
         return file
