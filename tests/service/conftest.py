@@ -46,23 +46,26 @@ def instance() -> str:
     return f"test-{uuid.uuid4().hex[:12]}"
 
 
+def tiny_settings(data_dir: Path, instance: str, **overrides: object) -> Settings:
+    """Embedded-mode settings (no Redis) in ``data_dir``, tiny training options, fast intervals."""
+    values: dict = {
+        "serve_size": 32,
+        "ort_threads": 1,
+        "default_epochs": 1,
+        "default_size": 32,
+        "default_batch_size": 2,
+        "step_options": TINY_STEP_OPTIONS,
+        "progress_interval_s": 0.2,
+        "heartbeat_interval_s": 0.5,
+        "orphan_timeout_s": 15.0,
+    }
+    return Settings(_env_file=None, data_dir=data_dir, instance=instance, **{**values, **overrides})
+
+
 @pytest.fixture
 def settings(tmp_path: Path, instance: str) -> Settings:
     """Embedded-mode settings (no Redis) under a temporary data directory, tiny training options."""
-    return Settings(
-        _env_file=None,
-        data_dir=tmp_path / "data",
-        instance=instance,
-        serve_size=32,
-        ort_threads=1,
-        default_epochs=1,
-        default_size=32,
-        default_batch_size=2,
-        step_options=TINY_STEP_OPTIONS,
-        progress_interval_s=0.2,
-        heartbeat_interval_s=0.5,
-        orphan_timeout_s=15.0,
-    )
+    return tiny_settings(tmp_path / "data", instance)
 
 
 @pytest.fixture

@@ -35,7 +35,7 @@ from tests.service.api_support import (
     publish_version,
     wait_until,
 )
-from tests.service.conftest import TINY_STEP_OPTIONS, make_dataset_archive
+from tests.service.conftest import make_dataset_archive, tiny_settings
 from training.data import write_synthetic_dataset
 
 sync_api = pytest.importorskip(
@@ -88,23 +88,12 @@ class Service:
         wait_until(lambda: self.get("/models")["serving"] == version, 60, f"{version} to be served")
 
 
-def tiny_settings(data_dir: Path, **overrides: object) -> Settings:
-    """Embedded-mode settings with the conftest's tiny training options."""
-    return Settings(
-        _env_file=None,
-        data_dir=data_dir,
-        instance=f"test-{uuid.uuid4().hex[:12]}",
-        serve_size=32,
-        ort_threads=1,
-        default_epochs=1,
-        default_size=32,
-        default_batch_size=2,
-        step_options=TINY_STEP_OPTIONS,
-        progress_interval_s=0.2,
-        heartbeat_interval_s=0.5,
-        orphan_timeout_s=120.0,
-        poll_interval_s=0.2,
-        **overrides,
+def console_settings(data_dir: Path, **overrides: object) -> Settings:
+    """The conftest's tiny embedded settings with a long orphan timeout and a fast pointer poll."""
+    return tiny_settings(
+        data_dir,
+        f"test-{uuid.uuid4().hex[:12]}",
+        **{"orphan_timeout_s": 120.0, "poll_interval_s": 0.2, **overrides},
     )
 
 
@@ -120,7 +109,7 @@ def published_registry(settings: Settings) -> Registry:
 def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     """``incseg serve`` (API + one worker, embedded broker) on a free port, v2 serving."""
     root = tmp_path_factory.mktemp("console-service")
-    settings = tiny_settings(root / "data")
+    settings = console_settings(root / "data")
     registry = published_registry(settings)
     url = f"http://127.0.0.1:{free_port()}"
     command = [str(INCSEG_SCRIPT), "serve", "--host", "127.0.0.1", "--port", url.rsplit(":", 1)[1]]
@@ -380,7 +369,7 @@ def test_a_bad_archive_shows_the_services_message(service: Service, console: Con
 def test_the_api_key_is_asked_once_and_sent_on_every_request(
     browser: sync_api.Browser, tmp_path: Path
 ) -> None:
-    settings = tiny_settings(tmp_path / "data", api_key="console-test-key")
+    settings = console_settings(tmp_path / "data", api_key="console-test-key")
     published_registry(settings)
     api = ApiProcess(settings, tmp_path / "api.log")
     try:
