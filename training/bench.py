@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -157,7 +158,7 @@ def step_record(
 ) -> dict:
     """One step's scores; ``miou_step`` is the mean IoU of the classes this step added (right after it)."""
     added = bundle.history[-1]["classes_added"] if bundle.history else []
-    added_iou = [scores.per_class_iou[name] for name in added if scores.per_class_iou.get(name) is not None]
+    added_iou = [iou for name in added if (iou := scores.per_class_iou.get(name)) is not None]
     return {
         "step": step,
         "classes": list(bundle.classes),
@@ -202,7 +203,7 @@ def run_benchmark(
     options = options.model_copy(update={"setting": Setting(setting).value})
     data = ProtocolData(source, protocol, Setting(setting), options)
     last = protocol.num_steps - 1
-    results = {
+    results: dict[str, Any] = {
         "protocol": protocol_spec,
         "setting": setting,
         "options": options.model_dump(mode="json"),
@@ -233,7 +234,7 @@ def run_benchmark(
             _save(save_dir, spec, last, bundle)
         else:
             base_seconds = None
-            if shares_base:
+            if shares_base and shared_base is not None:
                 bundle = run_end_of_step_hooks(shared_base, method, data.train_set(0), options)
             else:
                 log(f"[{spec}] step 0: {len(data.step_names(0))} classes, its own")

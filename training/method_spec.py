@@ -25,7 +25,9 @@ BENCH_METHODS = (DEFAULT_METHOD, "mib", "alife", "plop", "mib(kd=100)+sdr", "ft"
 
 def split_top_level(text: str, separator: str) -> list[str]:
     """Splits on ``separator`` outside parentheses: ``"mib(kd=1,x=2),ft"`` -> ``["mib(kd=1,x=2)", "ft"]``."""
-    parts, depth, current = [], 0, []
+    parts: list[str] = []
+    current: list[str] = []
+    depth = 0
     for char in text:
         depth += {"(": 1, ")": -1}.get(char, 0)
         if char == separator and depth == 0:
@@ -47,8 +49,8 @@ def parse_part(part: str) -> tuple[str, dict]:
         return name, {}
     try:
         call = ast.parse(f"f({arguments})", mode="eval").body
-        if call.args:
-            raise ValueError("positional")
+        if not isinstance(call, ast.Call) or call.args:
+            raise ValueError("not keyword arguments of one call")
         return name, {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords}
     except (SyntaxError, ValueError) as err:
         raise ValueError(f"bad arguments in {part!r}: use keyword=literal pairs, e.g. mib(kd=100)") from err

@@ -148,7 +148,8 @@ def run_step(
 
     def relay(progress: StepProgress) -> None:
         reports[:] = [progress]
-        on_progress(progress)
+        if on_progress is not None:
+            on_progress(progress)
 
     bundle, scores = train_step(
         base,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sized
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -118,7 +118,12 @@ def train_step(
 
     Raises:
         StepCancelled: ``should_stop`` returned True.
+        TypeError: A dataset without a length (the epochs and iterations are counted from it).
     """
+    if not isinstance(train_set, Sized):
+        raise TypeError(f"the training set needs a length, got {type(train_set).__name__}")
+    if val_set is not None and not isinstance(val_set, Sized):
+        raise TypeError(f"the validation set needs a length, got {type(val_set).__name__}")
     epoch, iteration, total, last_loss = 0, 0, 0, float("nan")
 
     def begin(phase: str) -> None:
@@ -170,7 +175,9 @@ def train_step(
     for norm in frozen_norms:
         norm.requires_grad_(False)
     multipliers = resolve_multipliers(
-        old_model is not None, *(term.lr_multipliers for term in method.terms), options.lr_multipliers
+        old_model is not None,
+        *(term.lr_multipliers for term in method.terms),
+        {ParamGroup(group): rate for group, rate in (options.lr_multipliers or {}).items()},
     )
     optimizer = build_optimizer(model, lr, multipliers, options.momentum, options.weight_decay)
     row_hooks = scale_new_rows(

@@ -51,8 +51,8 @@ def class_styles(num_classes: int) -> tuple[ClassStyle, ...]:
         hue = (i * GOLDEN) % 1.0
         shape, texture = SHAPES[i % len(SHAPES)], TEXTURES[(i + i // len(SHAPES)) % len(TEXTURES)]
         hue_name = HUE_NAMES[round(hue * len(HUE_NAMES)) % len(HUE_NAMES)]
-        rgb = tuple(255.0 * channel for channel in colorsys.hsv_to_rgb(hue, 0.85, 0.95))
-        styles.append(ClassStyle(f"{hue_name}_{shape}_{texture}", shape, texture, rgb))
+        red, green, blue = (255.0 * channel for channel in colorsys.hsv_to_rgb(hue, 0.85, 0.95))
+        styles.append(ClassStyle(f"{hue_name}_{shape}_{texture}", shape, texture, (red, green, blue)))
     return tuple(styles)
 
 
@@ -173,9 +173,8 @@ class _Renderer:
         """Desaturated blotches, lines and outlines with no class colour or shape fill."""
         cells = max(2, self.size // 16)
         blotches = Image.fromarray((self.rng.random((cells, cells)) * 255).astype(np.uint8))
-        luminance = (
-            np.asarray(blotches.resize((self.size, self.size), Image.BILINEAR), dtype=np.float32) / 255
-        )
+        smooth = blotches.resize((self.size, self.size), Image.Resampling.BILINEAR)
+        luminance = np.asarray(smooth, dtype=np.float32) / 255
         base = self.rng.uniform(70, 180) + self.rng.uniform(-15, 15, 3)  # (3,) grey with a slight tint
         canvas = Image.fromarray(np.clip(base + (luminance[..., None] - 0.5) * 90, 0, 255).astype(np.uint8))
         draw = ImageDraw.Draw(canvas)

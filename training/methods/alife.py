@@ -44,6 +44,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from training.losses import cross_entropy_over_all_pixels
 from training.methods.base import Batch, LossTerm, Method, StepContext, over_heads
+from training.models.bisenet import BiSeNet, bias_of
 
 IGNORE = 255
 FEATURE_MEMORY = "feature_memory"
@@ -248,6 +249,9 @@ class CayleyRotation(nn.Module):
         dim: D, the dimension they act on.
     """
 
+    rows: Tensor  # (D (D - 1) / 2,) row and column of each parameter in A (buffers)
+    cols: Tensor
+
     def __init__(self, count: int, dim: int) -> None:
         super().__init__()
         self.dim = dim
@@ -356,7 +360,7 @@ def soft_class_assignment(
     return torch.softmax(temperature * scores, dim=1)
 
 
-def _embeddings(model: nn.Module, images: Tensor) -> Tensor:
+def _embeddings(model: BiSeNet, images: Tensor) -> Tensor:
     """(B, 3, H, W) -> (B h w, D) embeddings, one row per pixel."""
     features = model.forward_features(images).float()
     return features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])
@@ -380,14 +384,15 @@ def train_rotations(ctx: StepContext, memory: FeatureMemory, options: ReplayOpti
     optimizer = torch.optim.Adam(rotation.parameters(), lr=options.rotation_lr)
     scheduler = poly_schedule(optimizer, options.rotation_epochs * len(ctx.train_loader))
     classifier = ctx.model.head.classifier
-    weight, bias = classifier.weight.detach().flatten(1), classifier.bias.detach()  # (C, D), (C,)
+    weight, bias = classifier.weight.detach().flatten(1), bias_of(classifier).detach()  # (C, D), (C,)
+    old_model = ctx.require_old_model()
     lam = options.rotation_lambda
     ctx.model.eval()
     for _ in range(options.rotation_epochs):
         for images, _ in ctx.train_loader:
             with torch.no_grad():
                 images = images.to(ctx.device)
-                prev, curr = _embeddings(ctx.old_model, images), _embeddings(ctx.model, images)  # (P, D)
+                prev, curr = _embeddings(old_model, images), _embeddings(ctx.model, images)  # (P, D)
                 weights = soft_class_assignment(memory, classes, prev, options.temperature)  # (K, P)
                 rep_prev, rep_curr = weights @ prev, weights @ curr  # (K, D)
                 off_prev, off_curr = rep_prev.mean(dim=0), rep_curr.mean(dim=0)
@@ -422,7 +427,10 @@ def finetune_classifier(ctx: StepContext, memory: FeatureMemory, options: Replay
     (as a 1x1 input) against its class. SGD, poly decay. ``options`` must have its weights filled in
     (``ReplayOptions.for_step``).
     """
-    model, classifier = ctx.model, ctx.model.head.classifier
+    if options.finetune_ali is None or options.memory_weight is None:
+        raise ValueError("finetune_classifier needs the step's weights: pass options.for_step(ctx)")
+    finetune_ali, memory_weight = options.finetune_ali, options.memory_weight
+    model, classifier, old_model = ctx.model, ctx.model.head.classifier, ctx.require_old_model()
     flags = [(p, p.requires_grad) for p in model.parameters()]
     for param, _ in flags:
         param.requires_grad_(False)
@@ -439,15 +447,15 @@ def finetune_classifier(ctx: StepContext, memory: FeatureMemory, options: Replay
             images, labels = images.to(ctx.device), labels.to(ctx.device)
             with torch.no_grad():
                 features = model.forward_features(images)
-                old_logits = ctx.old_model(images)  # (B, C_old, H, W)
+                old_logits = old_model(images)  # (B, C_old, H, W)
             logits = model.forward_head(features, images.shape[2:])  # (B, C, H, W)
             targets = torch.where(labels == 0, old_logits.argmax(dim=1), labels)
             loss = focal_loss(logits, targets, gamma=options.focal_gamma)
             background = labels < ctx.num_old_classes
-            loss = loss + options.finetune_ali * adaptive_logit_regularizer(logits, old_logits, background)
+            loss = loss + finetune_ali * adaptive_logit_regularizer(logits, old_logits, background)
             if len(memory):
                 memory_logits = classifier(vectors).flatten(1)  # (N, C)
-                loss = loss + options.memory_weight * F.cross_entropy(memory_logits, memory.classes)
+                loss = loss + memory_weight * F.cross_entropy(memory_logits, memory.classes)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -542,7 +550,7 @@ class AdaptiveLogitRegularizer(StepWeightedTerm):
 
     def __call__(self, batch: Batch, ctx: StepContext) -> Tensor:
         background = batch.labels < ctx.num_old_classes
-        return adaptive_logit_regularizer(batch.out.logits, batch.old_out.logits, background)
+        return adaptive_logit_regularizer(batch.out.logits, batch.require_old_out().logits, background)
 
 
 class ForegroundDistillation(StepWeightedTerm):
@@ -556,7 +564,7 @@ class ForegroundDistillation(StepWeightedTerm):
     needs_old_model = True
 
     def __call__(self, batch: Batch, ctx: StepContext) -> Tensor:
-        old_logits = batch.old_out.logits.float()
+        old_logits = batch.require_old_out().logits.float()
         log_q = torch.log_softmax(batch.out.logits.float()[:, : old_logits.shape[1]], dim=1)
         per_pixel = -(log_q * torch.softmax(old_logits, dim=1)).mean(dim=1)  # (B, H, W)
         return masked_average(per_pixel, batch.labels >= ctx.num_old_classes)
@@ -589,8 +597,7 @@ def alife(ali: float | None = None, kd: float | None = None, replay: bool = True
         if dtype not in MEMORY_DTYPES:
             raise ValueError(f"memory_dtype must be one of {sorted(MEMORY_DTYPES)}, got {dtype!r}")
         replay_options["memory_dtype"] = MEMORY_DTYPES[dtype]
-    replay = ReplayOptions(**replay_options) if replay else None
-    feature_replay = FeatureReplay(replay) if replay is not None else None
+    feature_replay = FeatureReplay(ReplayOptions(**replay_options)) if replay else None
     terms = [
         NewClassCrossEntropy(replay=feature_replay),
         AdaptiveLogitRegularizer(ali),

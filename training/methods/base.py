@@ -20,7 +20,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -64,6 +63,16 @@ class StepContext:
     def new_class_indices(self) -> range:
         return range(self.num_old_classes, self.num_classes)
 
+    def require_old_model(self) -> BiSeNet:
+        """The previous step's model, for the terms and hooks that only run after step 0.
+
+        Raises:
+            ValueError: At step 0, which has no previous model.
+        """
+        if self.old_model is None:
+            raise ValueError("this loss term needs the previous step's model; step 0 has none")
+        return self.old_model
+
 
 @dataclass
 class Batch:
@@ -80,6 +89,16 @@ class Batch:
     labels: Tensor
     out: SegmentationOutput
     old_out: SegmentationOutput | None
+
+    def require_old_out(self) -> SegmentationOutput:
+        """The previous model's output, for the ``needs_old_model`` terms (run only after step 0).
+
+        Raises:
+            ValueError: At step 0, which has no previous model.
+        """
+        if self.old_out is None:
+            raise ValueError("this loss term needs the previous model's output; step 0 has none")
+        return self.old_out
 
 
 class LossTerm:
@@ -98,7 +117,7 @@ class LossTerm:
     needs_old_model: bool = False
     classifies: bool = False
     needs_own_base: bool = False
-    lr_multipliers: ClassVar[Mapping[ParamGroup, float]] = {}
+    lr_multipliers: Mapping[ParamGroup, float] = {}
 
     def __init__(self, weight: float = 1.0) -> None:
         self.weight = weight

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -172,6 +171,8 @@ class PseudoLabelCrossEntropy(LossTerm):
 
     def pseudo_labels(self, labels: Tensor, old_logits: Tensor) -> tuple[Tensor, Tensor]:
         """Returns the training targets (B, H, W) and the per-image loss factor (B,)."""
+        if self.thresholds is None:
+            raise RuntimeError("pseudo-labels need the thresholds that on_step_start sets after step 0")
         probs = torch.softmax(old_logits.float(), dim=1)  # (B, C_old, H, W)
         old_pred = probs.argmax(dim=1)  # (B, H, W)
         confident = plop_entropy(probs, self.num_classes) < self.thresholds[old_pred]
@@ -183,7 +184,7 @@ class PseudoLabelCrossEntropy(LossTerm):
     def __call__(self, batch: Batch, ctx: StepContext) -> Tensor:
         if ctx.old_model is None:
             return over_heads(batch, lambda logits: cross_entropy_over_all_pixels(logits, batch.labels))
-        targets, factor = self.pseudo_labels(batch.labels, batch.old_out.logits)
+        targets, factor = self.pseudo_labels(batch.labels, batch.require_old_out().logits)
 
         def weighted_ce(logits: Tensor) -> Tensor:
             per_pixel = F.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="none")  # (B, H, W)
@@ -212,7 +213,7 @@ class LocalPOD(LossTerm):
     # overlapped (96 px, seed 0) old-class mIoU after two steps was 42.5 at 10x against 57.2 at 1x,
     # new-class IoU of each step's class about the same (28.2 / 65.7 against 31.7 / 64.1); all at 1x,
     # new rows included, the step-1 class was never predicted (0.0). BENCHMARKS.md has the table.
-    lr_multipliers: ClassVar[Mapping[ParamGroup, float]] = {ParamGroup.HEAD: 1.0, ParamGroup.CLASSIFIER: 1.0}
+    lr_multipliers: Mapping[ParamGroup, float] = {ParamGroup.HEAD: 1.0, ParamGroup.CLASSIFIER: 1.0}
 
     def __init__(
         self,
@@ -227,10 +228,10 @@ class LocalPOD(LossTerm):
         self.scales = tuple(scales)
 
     def __call__(self, batch: Batch, ctx: StepContext) -> Tensor:
-        out, old = batch.out, batch.old_out
+        out, old = batch.out, batch.require_old_out()
         logits = ctx.model.head.classifier(out.features)  # (B, C, h, w)
         with torch.no_grad():
-            old_logits = ctx.old_model.head.classifier(old.features)  # (B, C_old, h, w)
+            old_logits = ctx.require_old_model().head.classifier(old.features)  # (B, C_old, h, w)
         pairs = [
             (o, n, self.feature_factor)
             for o, n in zip([*old.stages, old.features], [*out.stages, out.features], strict=True)

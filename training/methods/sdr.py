@@ -219,7 +219,8 @@ class PrototypeMatching(SDRTerm):
     needs_old_model = True
 
     def loss(self, features: Tensor, labels: Tensor, batch: Batch, ctx: StepContext) -> Tensor:
-        old_pred = downsample_labels(batch.old_out.logits.argmax(dim=1), features.shape[2:])  # (B, h, w)
+        old_logits = batch.require_old_out().logits  # (B, C_old, H, W)
+        old_pred = downsample_labels(old_logits.argmax(dim=1), features.shape[2:])  # (B, h, w)
         pseudo = torch.where(labels == 0, old_pred, torch.where(labels < ctx.num_old_classes, labels, IGNORE))
         means, present = class_means(features, pseudo, ctx.num_old_classes)  # (K, D), (K,)
         keep = (present > 0) & (self.bank.counts(ctx)[present] > 0)

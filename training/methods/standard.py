@@ -54,7 +54,7 @@ class Distillation(LossTerm):
     needs_old_model = True
 
     def __call__(self, batch: Batch, ctx: StepContext) -> Tensor:
-        return losses.knowledge_distillation(batch.out.logits, batch.old_out.logits)
+        return losses.knowledge_distillation(batch.out.logits, batch.require_old_out().logits)
 
 
 class UnbiasedDistillation(LossTerm):
@@ -64,7 +64,7 @@ class UnbiasedDistillation(LossTerm):
     needs_old_model = True
 
     def __call__(self, batch: Batch, ctx: StepContext) -> Tensor:
-        return losses.unbiased_distillation(batch.out.logits, batch.old_out.logits)
+        return losses.unbiased_distillation(batch.out.logits, batch.require_old_out().logits)
 
 
 class EncoderDistillation(LossTerm):
@@ -74,7 +74,7 @@ class EncoderDistillation(LossTerm):
     needs_old_model = True
 
     def __call__(self, batch: Batch, ctx: StepContext) -> Tensor:
-        return losses.feature_distillation(batch.out.stages[-1], batch.old_out.stages[-1])
+        return losses.feature_distillation(batch.out.stages[-1], batch.require_old_out().stages[-1])
 
 
 def ft() -> Method:

@@ -76,7 +76,7 @@ from torch.utils.hooks import RemovableHandle
 
 from training.methods.base import Batch, LossTerm, Method, StepContext
 from training.methods.star_memory import STAR_MEMORY, ClassMemory, MemoryBuilder, labels_at
-from training.models.bisenet import BiSeNet
+from training.models.bisenet import BiSeNet, bias_of
 from training.optim import ParamGroup
 
 # STAR train_voc.py:123-142 and scripts/voc/overlapped/train_voc_15-1.sh: base lr 1e-3 at step 0,
@@ -178,7 +178,7 @@ def prototype_separation(
     return (1 / distances.min(dim=1).values).mean()
 
 
-def _feature_positions(labels: Tensor, size: tuple[int, int]) -> Tensor:
+def _feature_positions(labels: Tensor, size: tuple[int, ...]) -> Tensor:
     return labels_at(labels, size)
 
 
@@ -267,24 +267,22 @@ class StarClassification(LossTerm):
                 f"star memory holds {self.memory.num_classes} classes, the base model "
                 f"{ctx.num_old_classes - 1}"
             )
-        self._plan_replay(ctx)
+        self._plan_replay(ctx, ctx.old_model, self.memory)
 
     @torch.no_grad()
-    def _plan_replay(self, ctx: StepContext) -> None:
+    def _plan_replay(self, ctx: StepContext, old_model: BiSeNet, memory: ClassMemory) -> None:
         """STAR trainer_voc.py:362-378 and 502-527 (overlapped formulas, used for every setting)."""
         found = torch.zeros(ctx.num_old_classes, device=ctx.device)  # [0] = background for both
         positions_per_batch = 0
         for images, labels in ctx.train_loader:
             images, labels = images.to(ctx.device), labels.to(ctx.device)
-            features = ctx.old_model.forward_features(images)
+            features = old_model.forward_features(images)
             size = features.shape[2:]
-            old_pred = _feature_positions(
-                ctx.old_model.forward_head(features, images.shape[2:]).argmax(1), size
-            )
+            old_pred = _feature_positions(old_model.forward_head(features, images.shape[2:]).argmax(1), size)
             small = _feature_positions(labels, size)
             found += torch.bincount(old_pred[small == 0], minlength=ctx.num_old_classes).float()
             positions_per_batch = max(positions_per_batch, small.numel())
-        counts = self.memory.counts
+        counts = memory.counts
         n_new = ctx.num_classes - ctx.num_old_classes
         previous_background = counts[0] * (1 - 0.01 * n_new)
         self.background_seen = float(found[0])
@@ -338,13 +336,18 @@ class StarClassification(LossTerm):
         classifier = ctx.model.head.classifier
         weight = classifier.weight.flatten(1)  # (C, D)
         parts, weights = [real], [1.0]
-        if self.replay and self.fakes_per_iteration is not None and self.fakes_per_iteration.sum() > 0:
+        if (
+            self.replay
+            and self.memory is not None
+            and self.fakes_per_iteration is not None
+            and self.fakes_per_iteration.sum() > 0
+        ):
             fakes = self.memory.sample(self.fakes_per_iteration)  # (N, D)
             parts.append(negative_bce(F.linear(fakes, weight, classifier.bias)[:, first:]))
             weights.append(len(fakes) / positions)
         if self.background_repeat and self.background_ratio > 0:
             size = features.shape[2:]
-            old_pred = _feature_positions(batch.old_out.logits.argmax(1), size)
+            old_pred = _feature_positions(batch.require_old_out().logits.argmax(1), size)
             background = (old_pred == 0) & (_feature_positions(batch.labels, size) == 0)  # (B, h, w)
             repeated = features.permute(0, 2, 3, 1)[background]  # (M, D)
             parts.append(negative_bce(F.linear(repeated, weight, classifier.bias)[:, first:]))
@@ -352,7 +355,7 @@ class StarClassification(LossTerm):
         replayed = sum(weights[1:])
         if self.max_replay_weight is not None and replayed > self.max_replay_weight:
             weights[1:] = [w * self.max_replay_weight / replayed for w in weights[1:]]
-        total = sum(w * p for w, p in zip(weights, parts, strict=True))
+        total = sum((w * p for w, p in zip(weights, parts, strict=True)), torch.zeros_like(real))
         return (total / sum(weights)).sum()
 
 
@@ -367,7 +370,7 @@ class AuxiliaryClassifier(LossTerm):
 
     def __call__(self, batch: Batch, ctx: StepContext) -> Tensor:
         classifier = ctx.model.head.classifier
-        logits = F.conv2d(batch.out.features.detach(), classifier.weight[:1], classifier.bias[:1])
+        logits = F.conv2d(batch.out.features.detach(), classifier.weight[:1], bias_of(classifier)[:1])
         return F.softplus(logits).mean()
 
 
@@ -378,7 +381,7 @@ class SigmoidDistillation(LossTerm):
     needs_old_model = True
 
     def __call__(self, batch: Batch, ctx: StepContext) -> Tensor:
-        return sigmoid_distillation(batch.out.logits, batch.old_out.logits, ctx.num_old_classes)
+        return sigmoid_distillation(batch.out.logits, batch.require_old_out().logits, ctx.num_old_classes)
 
 
 class OldRegionFeatures(LossTerm):
@@ -393,9 +396,9 @@ class OldRegionFeatures(LossTerm):
     needs_old_model = True
 
     def __call__(self, batch: Batch, ctx: StepContext) -> Tensor:
-        old_pred = batch.old_out.logits.argmax(1)  # (B, H, W); channel 0 is the constant threshold
+        old_pred = batch.require_old_out().logits.argmax(1)  # (B, H, W); channel 0 is the constant threshold
         region = ((batch.labels == 0) & (old_pred > 0)).unsqueeze(1).float()
-        return old_region_mse(batch.out.features, batch.old_out.features, region)
+        return old_region_mse(batch.out.features, batch.require_old_out().features, region)
 
 
 class PrototypeSeparation(LossTerm):
@@ -429,17 +432,18 @@ def scale_gradients(parameters: Iterable[nn.Parameter], factor: float) -> list[R
 def init_new_rows(model: BiSeNet, old_model: BiSeNet, aux_init: bool) -> None:
     """Old rows from the teacher (undoing ``add_classes``' MiB rewrite of row 0), new rows as DKD or STAR."""
     classifier, old = model.head.classifier, old_model.head.classifier
+    bias, old_bias = bias_of(classifier), bias_of(old)
     num_old = old.out_channels
     classifier.weight[:num_old] = old.weight
-    classifier.bias[:num_old] = old.bias
+    bias[:num_old] = old_bias
     if aux_init:  # DKD model.py:110-115
         classifier.weight[num_old:] = old.weight[:1]
-        classifier.bias[num_old:] = old.bias[:1]
+        bias[num_old:] = old_bias[:1]
     else:  # STAR model.py:85-92: Kaiming normal weights, PyTorch's default bias
         fresh = nn.Conv2d(classifier.in_channels, classifier.out_channels - num_old, 1).to(classifier.weight)
         nn.init.kaiming_normal_(fresh.weight)
         classifier.weight[num_old:] = fresh.weight
-        classifier.bias[num_old:] = fresh.bias
+        bias[num_old:] = bias_of(fresh)
 
 
 def star(

@@ -29,7 +29,7 @@ STAR_MEMORY = "star_memory"
 IGNORE = 255
 
 
-def labels_at(labels: Tensor, size: tuple[int, int]) -> Tensor:
+def labels_at(labels: Tensor, size: tuple[int, ...]) -> Tensor:
     """Nearest-neighbour labels at the feature resolution: (B, H, W) -> (B, h, w).
 
     The reference samples the pixel in the middle of each output-stride cell (``label[:, 8::16, 8::16]``

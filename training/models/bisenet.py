@@ -200,6 +200,17 @@ class SegmentationHead(nn.Module):
         self.classifier = mib_init_classifier(self.classifier, n)
 
 
+def bias_of(conv: nn.Conv2d) -> Tensor:
+    """The bias of a convolution built with one (every classifier here), for code that reads or edits it.
+
+    Raises:
+        ValueError: When ``conv`` was built with ``bias=False``.
+    """
+    if conv.bias is None:
+        raise ValueError(f"{conv} has no bias")
+    return conv.bias
+
+
 @torch.no_grad()
 def mib_init_classifier(classifier: nn.Conv2d, n_new: int) -> nn.Conv2d:
     """Returns a copy of ``classifier`` with ``n_new`` more outputs, initialised as in MiB.
@@ -210,12 +221,13 @@ def mib_init_classifier(classifier: nn.Conv2d, n_new: int) -> nn.Conv2d:
     """
     old_c = classifier.out_channels
     grown = nn.Conv2d(classifier.in_channels, old_c + n_new, 1).to(classifier.weight)
+    bias, grown_bias = bias_of(classifier), bias_of(grown)
     grown.weight[:old_c] = classifier.weight
-    grown.bias[:old_c] = classifier.bias
-    bg_bias = classifier.bias[0] - math.log(n_new + 1)
+    grown_bias[:old_c] = bias
+    bg_bias = bias[0] - math.log(n_new + 1)
     grown.weight[old_c:] = classifier.weight[0:1]
-    grown.bias[old_c:] = bg_bias
-    grown.bias[0] = bg_bias
+    grown_bias[old_c:] = bg_bias
+    grown_bias[0] = bg_bias
     return grown
 
 
@@ -269,7 +281,7 @@ class BiSeNet(nn.Module):
             return logits
         return torch.cat([torch.zeros_like(logits[:, :1]), logits[:, 1:]], dim=1)
 
-    def forward_head(self, features: Tensor, size: tuple[int, int]) -> Tensor:
+    def forward_head(self, features: Tensor, size: tuple[int, ...]) -> Tensor:
         """Classifies an embedding and upsamples: (B, D, h, w) -> (B, C, *size)."""
         logits = self._outputs(self.head.classifier(features))
         return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
