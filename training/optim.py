@@ -69,9 +69,10 @@ def classifiers(model: BiSeNet) -> list[nn.Conv2d]:
 
 
 def resolve_multipliers(
-    incremental: bool, *overrides: Mapping[ParamGroup, float] | None
+    incremental: bool, *overrides: Mapping[ParamGroup, float] | Mapping[str, float] | None
 ) -> dict[ParamGroup, float]:
-    """The defaults of the step kind, updated by each mapping in order (later ones win).
+    """The defaults of the step kind, updated by each mapping in order (later ones win; keys are groups or
+    their names).
 
     Raises:
         ValueError: A multiplier that is not positive.

@@ -175,9 +175,7 @@ def train_step(
     for norm in frozen_norms:
         norm.requires_grad_(False)
     multipliers = resolve_multipliers(
-        old_model is not None,
-        *(term.lr_multipliers for term in method.terms),
-        {ParamGroup(group): rate for group, rate in (options.lr_multipliers or {}).items()},
+        old_model is not None, *(term.lr_multipliers for term in method.terms), options.lr_multipliers
     )
     optimizer = build_optimizer(model, lr, multipliers, options.momentum, options.weight_decay)
     row_hooks = scale_new_rows(
