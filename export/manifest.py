@@ -174,9 +174,9 @@ def verify_model_file(export_dir: Path, manifest: ExportManifest, fp16: bool = F
     Raises:
         InvalidExportError: The file is missing, or truncated, corrupt or replaced (hash mismatch).
     """
-    if fp16 and manifest.fp16 is None:
-        raise InvalidExportError(f"{Path(export_dir) / MANIFEST_FILE}: the export has no FP16 model")
     if fp16:
+        if manifest.fp16 is None:
+            raise InvalidExportError(f"{Path(export_dir) / MANIFEST_FILE}: the export has no FP16 model")
         name, expected = manifest.fp16.file, manifest.fp16.sha256
     else:
         name, expected = manifest.onnx_file, manifest.onnx_sha256

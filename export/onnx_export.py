@@ -171,8 +171,11 @@ def export_onnx(
     Raises:
         ParityError: The export disagrees with PyTorch; nothing is written.
     """
-    source_dir = None if isinstance(bundle_or_model_dir, ModelBundle) else Path(bundle_or_model_dir)
-    bundle = ModelBundle.load(source_dir, aux=False) if source_dir else bundle_or_model_dir
+    if isinstance(bundle_or_model_dir, ModelBundle):
+        bundle, source_dir = bundle_or_model_dir, None
+    else:
+        source_dir = Path(bundle_or_model_dir)
+        bundle = ModelBundle.load(source_dir, aux=False)
     model = copy.deepcopy(bundle.model).cpu().eval()
     size = (int(size[0]), int(size[1]))
     out_dir = Path(out_dir)

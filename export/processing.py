@@ -48,7 +48,7 @@ class Letterbox:
         scale = min(ch / h, cw / w)
         height = min(ch, max(1, round(h * scale)))
         width = min(cw, max(1, round(w * scale)))
-        return cls(tuple(original), tuple(canvas), (ch - height) // 2, (cw - width) // 2, height, width)
+        return cls((h, w), (ch, cw), (ch - height) // 2, (cw - width) // 2, height, width)
 
 
 def _nearest_indices(size_in: int, size_out: int) -> np.ndarray:
@@ -82,9 +82,10 @@ def letterbox_image(
     box = Letterbox.fit(image.shape[:2], canvas)
     resized = image
     if (box.height, box.width) != image.shape[:2]:
-        resized = np.asarray(Image.fromarray(image).resize((box.width, box.height), Image.BILINEAR))
-    mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
-    normalised = (resized.astype(np.float32) / 255.0 - mean) / std
+        placed = Image.fromarray(image).resize((box.width, box.height), Image.Resampling.BILINEAR)
+        resized = np.asarray(placed)
+    mean_rgb, std_rgb = np.asarray(mean, np.float32), np.asarray(std, np.float32)  # (3,)
+    normalised = (resized.astype(np.float32) / 255.0 - mean_rgb) / std_rgb
     out = np.zeros((3, *canvas), dtype=np.float32)
     out[:, box.top : box.top + box.height, box.left : box.left + box.width] = normalised.transpose(2, 0, 1)
     return out, box

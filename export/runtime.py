@@ -44,7 +44,9 @@ from export.processing import postprocess, preprocess
 if TYPE_CHECKING:
     import torch
 
+    from export.tensorrt_engine import EngineRunner
     from training.model_dir import ModelBundle
+    from training.models.bisenet import BiSeNet
 
 BACKENDS = ("trt", "ort-cuda", "ort-cpu", "torch")
 BACKEND_CHOICES = ("auto", "trt", "ort", "ort-cpu", "ort-cuda", "torch")
@@ -139,6 +141,12 @@ def _checked_size(export_dir: Path, size: tuple[int, int] | None) -> None:
         )
 
 
+def _serving_size(size: tuple[int, int] | None) -> tuple[int, int]:
+    """``size`` (H, W) as a tuple (a caller may pass a list), or the default serving size."""
+    height, width = size or DEFAULT_SIZE
+    return height, width
+
+
 def current_export(model_dir: Path, size: tuple[int, int] | None = None, fp16: bool = False) -> Path | None:
     """The cached export of a model directory when it matches the weights (and has FP16 if asked), else None.
 
@@ -146,7 +154,7 @@ def current_export(model_dir: Path, size: tuple[int, int] | None = None, fp16: b
     """
     from training.model_dir import WEIGHTS_FILE
 
-    out = export_dir_for(model_dir, tuple(size or DEFAULT_SIZE))
+    out = export_dir_for(model_dir, _serving_size(size))
     if not is_export_dir(out):
         return None
     try:
@@ -181,7 +189,7 @@ def ensure_export(model: Path, size: tuple[int, int] | None = None, fp16: bool =
         return model
     if not is_model_dir(model):
         raise FileNotFoundError(f"{model} is neither a model directory nor an export directory")
-    size = tuple(size or DEFAULT_SIZE)
+    size = _serving_size(size)
     cached = current_export(model, size, fp16)
     if cached is not None:
         return cached
@@ -349,7 +357,7 @@ class TorchRuntime(SegmentationRuntime):
 
         super().__init__("torch", bundle.classes, size, f"v{bundle.version}", IMAGENET_MEAN, IMAGENET_STD)
         self.device = device
-        self.model = bundle.model.to(device).eval()
+        self.model: BiSeNet | None = bundle.model.to(device).eval()  # None once released
 
     @classmethod
     def load(
@@ -372,12 +380,15 @@ class TorchRuntime(SegmentationRuntime):
                 f"run it; pass the model directory instead{f' ({source})' if source else ''} "
                 "or choose an ONNX backend"
             )
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        return cls(ModelBundle.load(model_dir, aux=False, map_location=device), size or DEFAULT_SIZE, device)
+        torch_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        bundle = ModelBundle.load(model_dir, aux=False, map_location=torch_device)
+        return cls(bundle, size or DEFAULT_SIZE, torch_device)
 
     def _forward(self, batch: np.ndarray) -> torch.Tensor:
         import torch
 
+        if self.model is None:
+            raise RuntimeClosedError(f"{self!r} is closed")
         with torch.inference_mode():
             return self.model(torch.from_numpy(np.ascontiguousarray(batch, np.float32)).to(self.device))
 
@@ -480,7 +491,7 @@ class TensorRTRuntime(SegmentationRuntime):
         manifest = read_manifest(export_dir)
         precision = serving_precision(export_dir, fp16)
         self.build = ensure_engine(export_dir, precision, max_batch)
-        self.runner = EngineRunner(self.build.engine_path)
+        self.runner: EngineRunner | None = EngineRunner(self.build.engine_path)  # None once released
         super().__init__(
             "trt",
             manifest.classes,
@@ -492,13 +503,18 @@ class TensorRTRuntime(SegmentationRuntime):
             self.runner.max_batch,
         )
 
+    def _live_runner(self) -> EngineRunner:
+        if self.runner is None:
+            raise RuntimeClosedError(f"{self!r} is closed")
+        return self.runner
+
     def _logits(self, batch: np.ndarray) -> np.ndarray:
-        return self.runner.logits(np.ascontiguousarray(batch, np.float32))
+        return self._live_runner().logits(np.ascontiguousarray(batch, np.float32))
 
     def _labels(self, batch: np.ndarray) -> np.ndarray:
         import torch
 
-        logits = self.runner.run(torch.from_numpy(np.ascontiguousarray(batch, np.float32)))
+        logits = self._live_runner().run(torch.from_numpy(np.ascontiguousarray(batch, np.float32)))
         return logits.argmax(1).to(torch.uint8).cpu().numpy()
 
     def _release(self) -> None:
@@ -557,7 +573,7 @@ def open_runtime(
     name = resolve_backend(backend)
     if name == "torch":
         return TorchRuntime.load(model, size)
-    size = tuple(size or DEFAULT_SIZE)
+    size = _serving_size(size)
     with_fp16 = fp16 and name != "ort-cpu"
     cached = current_export(model, size, with_fp16)
     if cached is not None:

@@ -363,7 +363,8 @@ def ensure_engine(
     onnx_sha = file_sha256(onnx_path)
     engine_path = export_dir / ENGINE_FILE
     existing = read_engine_manifest(export_dir)
-    if not force and engine_is_stale(existing, device_info, onnx_sha, precision, max_batch) is None:
+    stale = engine_is_stale(existing, device_info, onnx_sha, precision, max_batch)
+    if not force and stale is None and existing is not None:  # no reason: an engine exists and is current
         return EngineBuild(engine_path, existing, False, None)
     cache_dir = Path(cache_dir or default_cache_dir())
     with _build_lock(cache_dir / f"build-{onnx_sha[:16]}-{precision}.lock"):
@@ -372,7 +373,7 @@ def ensure_engine(
         reason = engine_is_stale(existing, device_info, onnx_sha, precision, max_batch)
         if force:
             reason = f"rebuild forced ({reason or 'engine was current'})"
-        if reason is None:
+        if reason is None and existing is not None:  # no reason: an engine exists and is current
             return EngineBuild(engine_path, existing, False, None)
         manifest = _build_checked_engine(
             export_dir, export_manifest, onnx_path, onnx_sha, precision, max_batch, cache_dir, device_info
