@@ -120,10 +120,12 @@ class ActiveWatcher:
             self._reported = None  # a restarted watcher reports the pointer again
         self.check()
         self._threads = [threading.Thread(target=self._poll, name="incseg-active-poll", daemon=True)]
-        if self._settings.redis_url is not None:
-            self._threads.append(
-                threading.Thread(target=self._listen, name="incseg-active-redis", daemon=True)
+        redis_url = self._settings.redis_url
+        if redis_url is not None:
+            listener = threading.Thread(
+                target=self._listen, args=(redis_url,), name="incseg-active-redis", daemon=True
             )
+            self._threads.append(listener)
         for thread in self._threads:
             thread.start()
 
@@ -155,12 +157,12 @@ class ActiveWatcher:
         while not self._stop.wait(self._settings.poll_interval_s):
             self.check()
 
-    def _listen(self) -> None:
+    def _listen(self, redis_url: str) -> None:
         """Subscribes to the channel and re-reads the pointer on every message; reconnects on errors."""
         delay = RECONNECT_MIN_S
         while not self._stop.is_set():
             client = redis.Redis.from_url(
-                self._settings.redis_url,
+                redis_url,
                 socket_connect_timeout=2,
                 health_check_interval=10,
                 client_name=f"{self._settings.instance}-active-watcher",

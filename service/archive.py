@@ -37,10 +37,9 @@ import tempfile
 import zipfile
 import zlib
 from collections.abc import Iterator
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Protocol
+from typing import IO, Any, Protocol
 
 from training.data import DataError, read_source, validate_dataset
 
@@ -172,7 +171,7 @@ class _Entry:
 
 class _Archive(Protocol):
     def entries(self) -> Iterator[_Entry]: ...
-    def open(self, entry: _Entry) -> AbstractContextManager[IO[bytes]]: ...
+    def open(self, entry: _Entry) -> IO[bytes]: ...
     def close(self) -> None: ...
 
 
@@ -243,7 +242,9 @@ def _open_archive(path: Path, filename: str, settings: UploadLimits) -> _Archive
             raise UploadError(400, filename, f"damaged zip archive ({error}); create it again") from error
     try:
         extension_bytes = settings.max_archive_entries * TAR_EXTENSION_BYTES_PER_ENTRY
-        return _TarArchive(_BoundedTarFile.open(path, "r:*", extension_bytes=extension_bytes))
+        # TarFile.open passes extra keywords on to the class; typeshed's overloads list only TarFile's own.
+        tar = _BoundedTarFile.open(path, "r:*", extension_bytes=extension_bytes)  # type: ignore[call-overload]
+        return _TarArchive(tar)
     except _TarHeaderRefused as refusal:
         raise refusal.upload_error(filename) from None
     except READ_ERRORS:  # not a tar, or one that ends before its first member (e.g. a truncated gzip)
@@ -256,6 +257,10 @@ def _open_archive(path: Path, filename: str, settings: UploadLimits) -> _Archive
     )
 
 
+# ZipFile's end-record reader and header constants: private, so typeshed does not declare them.
+_ZIP_PRIVATE: Any = zipfile
+
+
 def _check_central_directory(path: Path, filename: str, settings: UploadLimits) -> None:
     """Counts a zip's members and bounds its central directory before ``zipfile.ZipFile`` reads it.
 
@@ -265,18 +270,18 @@ def _check_central_directory(path: Path, filename: str, settings: UploadLimits) 
     """
     limit = settings.max_archive_entries
     with path.open("rb", buffering=COPY_CHUNK_BYTES) as file:
-        end = zipfile._EndRecData(file)  # what ZipFile itself reads first; is_zipfile found it
-        size = end[zipfile._ECD_SIZE]
-        start = end[zipfile._ECD_LOCATION] - size  # ZipFile's start_dir, prepended data accounted for
-        if end[zipfile._ECD_SIGNATURE] == zipfile.stringEndArchive64:
-            start -= zipfile.sizeEndCentDir64 + zipfile.sizeEndCentDir64Locator
+        end = _ZIP_PRIVATE._EndRecData(file)  # what ZipFile itself reads first; is_zipfile found it
+        size = end[_ZIP_PRIVATE._ECD_SIZE]
+        start = end[_ZIP_PRIVATE._ECD_LOCATION] - size  # ZipFile's start_dir, prepended data accounted for
+        if end[_ZIP_PRIVATE._ECD_SIGNATURE] == _ZIP_PRIVATE.stringEndArchive64:
+            start -= _ZIP_PRIVATE.sizeEndCentDir64 + _ZIP_PRIVATE.sizeEndCentDir64Locator
         if start < 0:
             return  # ZipFile refuses it: "Bad offset for central directory"
         file.seek(start)
         count = walked = 0
         while walked < size:
-            header = file.read(zipfile.sizeCentralDir)
-            if len(header) < zipfile.sizeCentralDir or header[:4] != zipfile.stringCentralDir:
+            header = file.read(_ZIP_PRIVATE.sizeCentralDir)
+            if len(header) < _ZIP_PRIVATE.sizeCentralDir or header[:4] != _ZIP_PRIVATE.stringCentralDir:
                 break  # ZipFile stops here too, refusing the archive as damaged
             count += 1
             if count > limit:
@@ -285,7 +290,7 @@ def _check_central_directory(path: Path, filename: str, settings: UploadLimits) 
                 )
             variable = sum(struct.unpack_from("<3H", header, 28))  # name, extra field and comment lengths
             file.seek(variable, os.SEEK_CUR)
-            walked += zipfile.sizeCentralDir + variable
+            walked += _ZIP_PRIVATE.sizeCentralDir + variable
     plausible = limit * CENTRAL_DIRECTORY_BYTES_PER_ENTRY
     if size > plausible:
         raise UploadError(
@@ -317,7 +322,9 @@ class _ZipArchive:
                 )
             yield _Entry(name, _name_parts(name), info.is_dir(), info.file_size, info.compress_size, info)
 
-    def open(self, entry: _Entry) -> AbstractContextManager[IO[bytes]]:
+    def open(self, entry: _Entry) -> IO[bytes]:
+        if not isinstance(entry.handle, zipfile.ZipInfo):
+            raise TypeError(f"{entry.name}: not a member of a zip archive")
         return self.archive.open(entry.handle)
 
     def close(self) -> None:
@@ -349,7 +356,7 @@ class _BoundedTarInfo(tarfile.TarInfo):
             archive.count_extension(self)
         elif self.type == tarfile.GNUTYPE_SPARSE:
             raise _TarHeaderRefused(self.name, SPARSE_ENTRY)
-        return super()._proc_member(archive)
+        return super()._proc_member(archive)  # type: ignore[misc]  # tarfile's hook, private: not in typeshed
 
     def _proc_gnusparse_10(
         self, member: tarfile.TarInfo, pax_headers: dict[str, str], archive: tarfile.TarFile
@@ -370,7 +377,7 @@ class _BoundedTarFile(tarfile.TarFile):
 
     tarinfo = _BoundedTarInfo
 
-    def __init__(self, *args: object, extension_bytes: int, **kwargs: object) -> None:
+    def __init__(self, *args: Any, extension_bytes: int, **kwargs: Any) -> None:
         self.extension_bytes = extension_bytes
         self.member_headers = 0  # extension headers read before the member being read
         self.member_header_bytes = 0
@@ -438,7 +445,9 @@ class _TarArchive:
                 raise UploadError(400, member.name, SPARSE_ENTRY)
             yield _Entry(member.name, _name_parts(member.name), member.isdir(), member.size, None, member)
 
-    def open(self, entry: _Entry) -> AbstractContextManager[IO[bytes]]:
+    def open(self, entry: _Entry) -> IO[bytes]:
+        if not isinstance(entry.handle, tarfile.TarInfo):
+            raise TypeError(f"{entry.name}: not a member of a tar archive")
         handle = self.archive.extractfile(entry.handle)
         assert handle is not None  # regular members always have data
         return handle

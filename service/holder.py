@@ -67,5 +67,5 @@ def _start_time(pid: int) -> str | None:
 
 def _exited(pid: int) -> bool:
     """Whether ``/proc`` shows the process as a zombie or dead (False where there is no ``/proc``)."""
-    fields = _stat_fields(pid)
-    return bool(fields) and fields[0] in ("Z", "X")
+    fields = _stat_fields(pid) or []
+    return len(fields) > 0 and fields[0] in ("Z", "X")

@@ -405,6 +405,7 @@ class ModelServer:
                 if self._wanted is not None:
                     request, self._wanted, attempt = self._wanted, None, 1
                 else:
+                    assert self._retry is not None  # with nothing wanted, the wait ended on a due retry
                     request, attempt, self._retry = self._retry.request, self._retry.attempts + 1, None
                     self._load_retries += 1
                     LOAD_RETRIES.inc()
@@ -491,9 +492,13 @@ class ModelServer:
             return
         SWAPS.inc()
         ACTIVE_VERSION.labels(version=name).set(1)
-        for phase in ("notice", "load", "warmup"):
-            if self._last_swap[f"{phase}_s"] is not None:
-                SWAP_PHASE_SECONDS.labels(phase=phase).set(self._last_swap[f"{phase}_s"])
+        for phase, seconds in (
+            ("notice", request.notice_s),
+            ("load", loaded - started),
+            ("warmup", warmed - loaded),
+        ):
+            if seconds is not None:
+                SWAP_PHASE_SECONDS.labels(phase=phase).set(seconds)
         logger.info(
             "serving %s (was %s): notice %s s, load %.3f s, warm-up %.3f s",
             name,

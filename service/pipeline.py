@@ -34,6 +34,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from celery.exceptions import SoftTimeLimitExceeded
 
@@ -42,6 +43,9 @@ from service.holder import worker_id
 from service.jobs import remove_dataset
 from service.registry import EXPORT_SUBDIR, MODEL_SUBDIR, ActivationConflict, Registry, VersionInfo
 from service.settings import Settings
+
+if TYPE_CHECKING:  # training (torch) is imported where a step runs, not when the worker starts
+    from training.trainer import StepOptions, StepProgress
 
 logger = logging.getLogger(__name__)
 
@@ -170,8 +174,7 @@ class ProgressWriter:
         self.phase: str | None = None
         self.last_write = -math.inf
 
-    def __call__(self, progress: object) -> None:
-        """Takes a ``training.trainer.StepProgress``."""
+    def __call__(self, progress: StepProgress) -> None:
         phase = progress.phase
         now = time.monotonic()
         final = progress.iteration == progress.total_iterations
@@ -180,10 +183,20 @@ class ProgressWriter:
         loss = progress.loss if math.isfinite(progress.loss) else None
         self.write(phase, epoch=progress.epoch, fraction=progress.fraction, loss=loss)
 
-    def write(self, phase: str, state: TaskState | None = None, **values: float | int | None) -> None:
+    def write(
+        self,
+        phase: str,
+        state: TaskState | None = None,
+        epoch: int | None = None,
+        fraction: float | None = None,
+        loss: float | None = None,
+    ) -> None:
         """Writes one progress record; notes a lost task for the next stop check."""
         self.phase, self.last_write = phase, time.monotonic()
-        if not self.store.progress(self.task_id, self.worker, phase, state=state, **values):
+        recorded = self.store.progress(
+            self.task_id, self.worker, phase, epoch=epoch, fraction=fraction, loss=loss, state=state
+        )
+        if not recorded:
             self.heartbeat.lost = True
             self.heartbeat.stop.set()
 
@@ -200,7 +213,7 @@ def machine_options() -> dict:
     return {} if torch.cuda.is_available() else dict(CPU_MODEL_OPTIONS)
 
 
-def step_options(settings: Settings, task_options: dict) -> object:
+def step_options(settings: Settings, task_options: dict) -> StepOptions:
     """The task's ``StepOptions``: settings defaults < :func:`machine_options` < ``settings.step_options``
     < the task's own options.
 

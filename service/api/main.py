@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.api.admission import Admission
@@ -37,7 +38,7 @@ logger = logging.getLogger(__name__)
 
 QUEUE_RETRY_AFTER_S = 5  # Retry-After of a 503 while the broker is unreachable (Redis restarts in seconds)
 REQUEST_ID_HEADER = "X-Request-ID"
-KEY_REFUSED = {
+KEY_REFUSED: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorBody, "description": "Missing or wrong X-API-Key (the service has a key)."}
 }
 
@@ -99,6 +100,19 @@ async def _internal_error(request: Request, err: Exception) -> JSONResponse:
     return response
 
 
+# Exception class -> handler; FastAPI's parameter for them takes handlers of each class's own type.
+EXCEPTION_HANDLERS: dict[int | type[Exception], Callable[[Request, Any], Coroutine[Any, Any, Response]]] = {
+    UploadError: _upload_error,
+    TaskNotFound: _task_not_found,
+    TaskConflict: _task_conflict,
+    NoModelLoaded: _no_model,
+    QueueUnavailable: _queue_unavailable,
+    RequestValidationError: _validation_error,
+    StarletteHTTPException: _http_error,
+    Exception: _internal_error,
+}
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Builds the API for ``settings`` (default: the environment's, see :func:`get_settings`)."""
     settings = settings or get_settings()
@@ -123,6 +137,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Class-incremental semantic segmentation: POST /tasks adds classes, POST /segment segments.",
         version="0.1.0",
         lifespan=lifespan,
+        exception_handlers=EXCEPTION_HANDLERS,
     )
     app.state.settings = settings
     app.state.store = store
@@ -139,14 +154,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_headers=[API_KEY_HEADER, "Content-Type"],
             expose_headers=["Location", "Retry-After", VERSION_HEADER, REQUEST_ID_HEADER],
         )
-    app.add_exception_handler(UploadError, _upload_error)
-    app.add_exception_handler(TaskNotFound, _task_not_found)
-    app.add_exception_handler(TaskConflict, _task_conflict)
-    app.add_exception_handler(NoModelLoaded, _no_model)
-    app.add_exception_handler(QueueUnavailable, _queue_unavailable)
-    app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(StarletteHTTPException, _http_error)
-    app.add_exception_handler(Exception, _internal_error)
     for module in (tasks, segment, models):  # reads need a key too when one is set
         app.include_router(module.router, dependencies=[ReadKeyDep], responses=KEY_REFUSED)
     for module in (system, console):

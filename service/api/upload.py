@@ -14,12 +14,15 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO, TYPE_CHECKING
 
 from fastapi import HTTPException, Request, status
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from service.staging import UPLOAD_PART_PREFIX
+
+if TYPE_CHECKING:
+    from python_multipart.multipart import MultipartCallbacks
 
 MAX_FIELD_BYTES = 1024
 MAX_PARTS = 16
@@ -41,6 +44,16 @@ class StreamedUpload:
     path: Path | None = None
     size: int = 0
 
+    def saved_path(self) -> Path:
+        """``path`` of an upload received to disk (every one that :func:`stream_upload` returns).
+
+        Raises:
+            ValueError: The file part was not written to a file.
+        """
+        if self.path is None:
+            raise ValueError("the upload was not written to a file")
+        return self.path
+
 
 class _PartCollector:
     """python-multipart callbacks that route each part to a form field or to the upload file.
@@ -60,7 +73,7 @@ class _PartCollector:
     def __init__(
         self,
         file_field: str,
-        open_file: Callable[[], BinaryIO],
+        open_file: Callable[[], IO[bytes]],
         max_bytes: int,
         too_large: str,
         upload: StreamedUpload,
@@ -79,9 +92,9 @@ class _PartCollector:
         self.headers: dict[bytes, bytes] = {}
         self.field_name: str | None = None
         self.field_value = bytearray()
-        self.file: BinaryIO | None = None
+        self.file: IO[bytes] | None = None
 
-    def callbacks(self) -> dict:
+    def callbacks(self) -> MultipartCallbacks:
         return {
             "on_part_begin": self.on_part_begin,
             "on_header_field": lambda data, start, end: self._append_header("header_field", data[start:end]),
@@ -127,6 +140,8 @@ class _PartCollector:
             self.upload.size += end - start
             if self.upload.size > self.max_bytes:
                 raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, detail=self.too_large)
+            if self.file is None:  # python-multipart calls on_headers_finished, which opens it, first
+                raise _bad_request("file data before the part's headers")
             self.file.write(data[start:end])
         elif not self.keep_fields:
             self.dropped += end - start
@@ -214,7 +229,7 @@ async def stream_upload(request: Request, file_field: str, directory: Path, max_
     directory.mkdir(parents=True, exist_ok=True)
     upload = StreamedUpload()
 
-    def open_file() -> BinaryIO:
+    def open_file() -> IO[bytes]:
         file = tempfile.NamedTemporaryFile(  # noqa: SIM115 (the collector closes it)
             dir=directory, prefix=UPLOAD_PART_PREFIX, suffix=".part", delete=False
         )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, HTTPException, status
 
 from service.announce import announce_active
@@ -12,7 +14,9 @@ from service.registry import ActivationConflict, Registry, VersionInfo
 
 router = APIRouter(prefix="/models", tags=["models"])
 
-VERSION_NOT_FOUND = {404: {"model": ErrorBody, "description": "No version of this name in the registry."}}
+VERSION_NOT_FOUND: dict[int | str, dict[str, Any]] = {
+    404: {"model": ErrorBody, "description": "No version of this name in the registry."}
+}
 
 
 def _summary(info: VersionInfo, active: str | None, serving: ModelServerStatus) -> ModelSummary:

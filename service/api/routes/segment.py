@@ -180,6 +180,8 @@ def _encode(
     if output is OutputFormat.PNG:
         mask_image(resize_nearest(labels, size)).save(buffer, format="PNG")
         return buffer.getvalue(), "image/png"
+    if image.preview is None:
+        raise ValueError("an overlay needs the image decoded with its preview (with_preview=True)")
     preview_labels = resize_nearest(labels, image.preview.shape[:2])
     blended = overlay(image.preview, preview_labels)
     Image.fromarray(blended).save(buffer, format="JPEG", quality=OVERLAY_QUALITY)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
@@ -189,12 +189,13 @@ async def create_task(
 ) -> TaskCreated:
     """Validates the archive and its dataset, then queues a training step; 202 with the task id."""
     upload = await stream_upload(request, DATASET_FIELD, settings.staging_dir, settings.max_upload_bytes)
+    archive_path = upload.saved_path()
     try:
         task = await run_in_threadpool(
-            _submit, upload.path, upload.filename, upload.fields, settings, store, registry
+            _submit, archive_path, upload.filename, upload.fields, settings, store, registry
         )
     finally:
-        upload.path.unlink(missing_ok=True)
+        archive_path.unlink(missing_ok=True)
     response.headers["Location"] = f"/tasks/{task.id}"
     return TaskCreated(task_id=task.id, classes=task.classes)
 
@@ -210,7 +211,9 @@ def list_tasks(
     return TaskPage(items=items, total=total, offset=offset, limit=limit)
 
 
-TASK_NOT_FOUND = {404: {"model": ErrorBody, "description": "No task with this id."}}
+TASK_NOT_FOUND: dict[int | str, dict[str, Any]] = {
+    404: {"model": ErrorBody, "description": "No task with this id."}
+}
 
 
 @router.get("/{task_id}", summary="A task's state, progress and metrics", responses=TASK_NOT_FOUND)
