@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
+from typing import cast
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from training.model_dir import ModelBundle
 from training.models.bisenet import BiSeNet, BiSeNetConfig
@@ -53,3 +55,11 @@ def save_tiny_model(path: Path, classes: list[str], grow: int = 0, history: list
         model.add_classes(grow)
     ModelBundle(model, list(classes), history or []).save(path)
     return path
+
+
+def stub_model(**attributes: object) -> BiSeNet:
+    """A stand-in for a BiSeNet with only the attributes that the code under test reads (e.g. sizes)."""
+    return cast(BiSeNet, SimpleNamespace(**attributes))
+
+
+NO_DATA = DataLoader(TinySet([], n=0))  # the (empty) loader of a context whose code under test reads no data

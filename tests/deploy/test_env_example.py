@@ -16,7 +16,9 @@ LINE = re.compile(r"^# ([A-Z][A-Z0-9_]*)=(.*)$")
 
 def example_lines() -> list[tuple[str, str]]:
     return [
-        m.groups() for line in (ROOT / ".env.example").read_text().splitlines() if (m := LINE.match(line))
+        (m.group(1), m.group(2))
+        for line in (ROOT / ".env.example").read_text().splitlines()
+        if (m := LINE.match(line))
     ]
 
 

@@ -251,13 +251,13 @@ def images(timings: Timings) -> None:
         timings.seconds[f"build {image}"] = float(seconds)
         timings.image_bytes[image] = int(size)
     for image in ("localhost/incseg-base:bookworm", REDIS_IMAGE):
-        size = subprocess.run(
+        inspected = subprocess.run(
             ["podman", "image", "inspect", "--format", "{{.Size}}", image],
             capture_output=True,
             text=True,
             timeout=30,
         )
-        timings.image_bytes[image] = int(size.stdout)
+        timings.image_bytes[image] = int(inspected.stdout)
 
 
 @pytest.fixture(scope="module")
@@ -370,7 +370,7 @@ def test_worker_container_restarted_mid_step(
 def test_redis_container_restarted_during_segment_traffic(
     stack: Stack, http: httpx.Client, archives: dict[int, Path], image: bytes, timings: Timings
 ) -> None:
-    statuses: Counter[int] = Counter()
+    statuses: Counter[int | str] = Counter()  # HTTP status, or the name of a transport error
     slowest = 0.0
     stop = threading.Event()
 

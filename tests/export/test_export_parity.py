@@ -101,7 +101,7 @@ def test_cli_export_exits_nonzero_on_parity_failure(
     model_dir: Path, tmp_path: Path, monkeypatch, capsys
 ) -> None:
     def strict_export(*args, **kwargs):
-        return export_onnx(*args, **kwargs, max_abs_tol=-1.0, parity_batches=(1,))
+        return export_onnx(*args, **{**kwargs, "max_abs_tol": -1.0, "parity_batches": (1,)})
 
     monkeypatch.setattr(onnx_export, "export_onnx", strict_export)  # the command imports it when it runs
     parser = argparse.ArgumentParser()

@@ -97,11 +97,11 @@ def test_ensure_export_caches_once_and_open_only_reads_it(model_dir: Path) -> No
 def test_ort_sessions_use_the_given_thread_count(model_dir: Path) -> None:
     export_dir = ensure_export(model_dir, SIZE)
     with open_runtime(export_dir, "ort-cpu", threads=1) as runtime:
-        assert runtime.threads == 1
+        assert isinstance(runtime, OrtRuntime) and runtime.threads == 1
         options = runtime.session.get_session_options()
         assert options.intra_op_num_threads == 1 and options.inter_op_num_threads == 1
     with open_runtime(export_dir, "ort-cpu") as runtime:
-        assert runtime.threads == physical_cores()
+        assert isinstance(runtime, OrtRuntime) and runtime.threads == physical_cores()
 
 
 def test_opening_an_export_imports_neither_torch_nor_the_training_stack(model_dir: Path) -> None:
@@ -138,6 +138,7 @@ class _GatedSession:
 
 def test_close_waits_for_calls_in_flight(model_dir: Path) -> None:
     runtime = open_runtime(ensure_export(model_dir, SIZE), "ort-cpu", threads=1)
+    assert isinstance(runtime, OrtRuntime)
     gated = runtime.session = _GatedSession(runtime.session)
     batch = np.zeros((2, 3, *SIZE), np.float32)
     results = []
@@ -150,7 +151,12 @@ def test_close_waits_for_calls_in_flight(model_dir: Path) -> None:
     with pytest.raises(RuntimeClosedError, match="closed"):
         runtime.predict([np.zeros((8, 8, 3), np.uint8)])
     closer_done = threading.Event()
-    closer = threading.Thread(target=lambda: (runtime.close(), closer_done.set()))
+
+    def close_then_note() -> None:
+        runtime.close()
+        closer_done.set()
+
+    closer = threading.Thread(target=close_then_note)
     closer.start()
     assert not closer_done.wait(0.2)  # close() blocks while the call runs
     gated.gate.set()

@@ -65,7 +65,7 @@ def test_disk_full_during_the_registry_write(stack: FaultStack, tmp_path: Path, 
         with httpx.Client(base_url=api.url, timeout=30) as client:
             wait_until(lambda: segment(client, image) == (200, "v1"), 60, "v1 to serve")
             task_id = post_task(client, make_dataset_archive(tmp_path, 3, seed=2), method="mib", epochs=1)
-            phases = []
+            phases: list[str] = []
 
             def finished(task: dict) -> bool:
                 if not phases or phases[-1] != task["phase"]:

@@ -115,7 +115,12 @@ def test_one_default_method_for_step_bench_demo_and_service(monkeypatch) -> None
     demo_methods: list[list[str]] = []
     monkeypatch.setattr(cli, "require_train_extra", lambda what: None)
     monkeypatch.setattr(cli, "write_synthetic_dataset", lambda *args: None)
-    monkeypatch.setattr(cli, "_bench", lambda args, methods, out: demo_methods.append(methods) or {})
+
+    def record_bench(args: object, methods: list[str], out: object) -> dict:
+        demo_methods.append(methods)
+        return {}
+
+    monkeypatch.setattr(cli, "_bench", record_bench)
     monkeypatch.setattr("training.bench.write_results", lambda results, out: None)
     monkeypatch.setattr("training.bench.plot_results", lambda results, out: None)
     assert main(["demo", "--out", "unused"]) == 0

@@ -103,6 +103,7 @@ class ServiceProcess:
     ) -> None:
         self.settings = settings
         self.log_path = log_path
+        self.command = command
         with log_path.open("ab") as log:
             self.process = subprocess.Popen(
                 command,
@@ -121,7 +122,7 @@ class ServiceProcess:
 
     def _check_alive(self) -> None:
         assert self.alive(), (
-            f"{self.process.args[:3]} exited with {self.process.returncode}:\n{self.log()[-4000:]}"
+            f"{self.command[:3]} exited with {self.process.returncode}:\n{self.log()[-4000:]}"
         )
 
     def wait_log(self, marker: str, timeout_s: float) -> None:

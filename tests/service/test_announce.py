@@ -72,6 +72,7 @@ def _watch(settings: Settings, registry: Registry) -> tuple[ActiveWatcher, Chang
 
 
 def test_announce_publishes_the_version_on_the_instance_channel(redis_settings: Settings) -> None:
+    assert redis_settings.redis_url is not None
     with redis.Redis.from_url(redis_settings.redis_url) as client, client.pubsub() as pubsub:
         pubsub.subscribe(f"{redis_settings.instance}:active")
         assert pubsub.get_message(timeout=5)["type"] == "subscribe"
@@ -173,6 +174,7 @@ def test_listener_recovers_after_its_connection_is_killed(
     watcher, changes = _watch(redis_settings.model_copy(update={"poll_interval_s": 30.0}), registry)
     try:
         assert watcher.subscribed.wait(10)
+        assert redis_settings.redis_url is not None
         with redis.Redis.from_url(redis_settings.redis_url) as admin:
             mine = [
                 c for c in admin.client_list() if c["name"] == f"{redis_settings.instance}-active-watcher"

@@ -10,12 +10,13 @@ from __future__ import annotations
 import io
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
 import numpy as np
@@ -30,6 +31,8 @@ from service.model_server import ModelServer
 from service.registry import Registry
 from service.settings import Settings
 from tests.service.api_support import ServiceProcess, free_port, publish_version, wait_until
+
+Sent = TypeVar("Sent")  # what a send function returns
 
 pytestmark = pytest.mark.badinput
 
@@ -67,7 +70,7 @@ class Api:
     url: str
     pid: int
 
-    def peak_growth(self, send) -> tuple[httpx.Response, int]:
+    def peak_growth(self, send: Callable[[], Sent]) -> tuple[Sent, int]:
         """Runs ``send()`` and returns its response and the process's peak RSS during it minus RSS before."""
         Path(f"/proc/{self.pid}/clear_refs").write_text("5")  # resets VmHWM to the current RSS
         before = proc_status_bytes(self.pid, "VmRSS")
@@ -289,12 +292,13 @@ def test_liveness_answers_and_admission_refuses_while_inference_is_blocked(
     runtime = BlockingRuntime(release)
     image = one_bit_png(40)
     headers = {"Content-Type": "image/png"}
-    with TestClient(create_app(settings)) as client, ThreadPoolExecutor(IN_FLIGHT + 3) as pool:
+    app = create_app(settings)
+    with TestClient(app) as client, ThreadPoolExecutor(IN_FLIGHT + 3) as pool:
         server = ModelServer(module_settings, source, loader=lambda _: runtime, warmup_iterations=0)
         server.start()
         try:
             assert server.wait_until_serving("v1", 60)
-            client.app.state.model_server = server
+            app.state.model_server = server
             segments = [
                 pool.submit(client.post, "/segment", content=image, headers=headers) for _ in range(48)
             ]

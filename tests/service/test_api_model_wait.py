@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from functools import partial
 from pathlib import Path
 
@@ -20,6 +20,7 @@ from fastapi.testclient import TestClient
 from prometheus_client import REGISTRY
 
 import service.api.main
+from export.runtime import SegmentationRuntime
 from service.api.main import create_app
 from service.model_server import ModelServer
 from service.registry import Registry
@@ -33,11 +34,11 @@ IMAGE = png_bytes(24, 40)
 
 
 @pytest.fixture
-def serve_with(monkeypatch: pytest.MonkeyPatch) -> Callable[..., Iterator[TestClient]]:
+def serve_with(monkeypatch: pytest.MonkeyPatch) -> Callable[..., AbstractContextManager[TestClient]]:
     """Runs the app for ``settings`` with ``loader`` as its model server's loader."""
 
     @contextmanager
-    def serve(settings: Settings, loader: Callable[[Path], object]) -> Iterator[TestClient]:
+    def serve(settings: Settings, loader: Callable[[Path], SegmentationRuntime]) -> Iterator[TestClient]:
         monkeypatch.setattr(service.api.main, "ModelServer", partial(ModelServer, loader=loader))
         with TestClient(create_app(settings)) as client:
             yield client

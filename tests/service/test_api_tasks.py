@@ -263,12 +263,13 @@ def test_get_and_cancel_a_task(client: TestClient, settings: Settings) -> None:
 
 def test_a_database_error_after_staging_leaves_no_upload(settings: Settings, dataset: Path) -> None:
     """The task table refuses the row once the dataset is extracted: 500, and the images are deleted."""
-    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+    app = create_app(settings)
+    with TestClient(app, raise_server_exceptions=False) as client:
 
         def database_down(*_: object, **__: object) -> None:
             raise OperationalError("INSERT INTO incseg_tasks", {}, Exception("database is locked"))
 
-        client.app.state.store.create = database_down
+        app.state.store.create = database_down
         response = post_dataset(client, "data.zip", zip_bytes(dataset_files(dataset)))
     assert response.status_code == 500, response.text
     assert staging_leftovers(settings) == []

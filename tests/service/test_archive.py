@@ -11,7 +11,7 @@ import shutil
 import stat
 import tarfile
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -60,7 +60,10 @@ def make_zip(path: Path, folder: Path, top: str | None = None, extra: dict[str, 
 
 
 def make_tar(
-    path: Path, folder: Path, top: str | None = None, members: list[tuple[tarfile.TarInfo, bytes | None]] = ()
+    path: Path,
+    folder: Path,
+    top: str | None = None,
+    members: Sequence[tuple[tarfile.TarInfo, bytes | None]] = (),
 ) -> Path:
     with tarfile.open(path, "w:gz") as archive:
         for name, file in _files(folder):

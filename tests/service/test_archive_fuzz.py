@@ -24,6 +24,7 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pytest
@@ -99,6 +100,7 @@ def masks(draw: st.DrawFn) -> bytes:
     return draw(st.sampled_from([_png(pixels, "L"), _png(pixels, "L")[:40]]) | st.binary(max_size=256))
 
 
+SURROGATES: tuple[Literal["Cs"]] = ("Cs",)  # the Unicode category no file name can encode
 NAME_PART = st.sampled_from(
     [
         "images",
@@ -113,7 +115,7 @@ NAME_PART = st.sampled_from(
         ".",
         "",
     ]
-) | st.text(st.characters(exclude_categories=("Cs",)), min_size=1, max_size=12)
+) | st.text(st.characters(exclude_categories=SURROGATES), min_size=1, max_size=12)
 
 
 @st.composite
@@ -192,7 +194,11 @@ def _zip_bytes(members: list[Member], method: int) -> bytes:
     return buffer.getvalue()
 
 
-def _tar_bytes(members: list[Member], compression: str, tar_format: int) -> bytes:
+# archive kind -> tarfile's write mode
+TAR_WRITE_MODES: dict[str, Literal["w:", "w:gz", "w:xz"]] = {"tar": "w:", "tar.gz": "w:gz", "tar.xz": "w:xz"}
+
+
+def _tar_bytes(members: list[Member], mode: Literal["w:", "w:gz", "w:xz"], tar_format: int) -> bytes:
     buffer = io.BytesIO()
     types = {
         "file": tarfile.REGTYPE,
@@ -202,7 +208,7 @@ def _tar_bytes(members: list[Member], compression: str, tar_format: int) -> byte
         "fifo": tarfile.FIFOTYPE,
         "device": tarfile.CHRTYPE,
     }
-    with tarfile.open(fileobj=buffer, mode=f"w:{compression}", format=tar_format) as archive:
+    with tarfile.open(fileobj=buffer, mode=mode, format=tar_format) as archive:
         for member in members:
             info = tarfile.TarInfo(member.name)
             info.type = types[member.kind]
@@ -225,7 +231,7 @@ def archives(draw: st.DrawFn, sandbox: str) -> tuple[str, bytes]:
             data = draw(st.binary(max_size=2048))
         else:
             tar_format = draw(st.sampled_from([tarfile.PAX_FORMAT, tarfile.GNU_FORMAT]))  # long names: x or L
-            data = _tar_bytes(members, {"tar": "", "tar.gz": "gz", "tar.xz": "xz"}[kind], tar_format)
+            data = _tar_bytes(members, TAR_WRITE_MODES[kind], tar_format)
     except (ValueError, UnicodeError, tarfile.TarError):
         reject()  # a name the writer cannot encode: no such archive exists
     event(f"archive: {kind}")

@@ -21,6 +21,7 @@ import tracemalloc
 import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any, Literal
 
 import pytest
 
@@ -31,6 +32,7 @@ from training.data import write_synthetic_dataset
 KNOWN = ["background"]
 PEAK_BOUND_BYTES = 4 << 20  # what a refusal may allocate (the zip scan reads through a 1 MiB buffer)
 ERROR_BOUND_CHARS = 1000  # the whole error text: the entry, cut, and the message
+ZIP_FMT: Any = zipfile  # zipfile's record layouts (struct formats): private, so typeshed omits them
 
 
 @pytest.fixture
@@ -53,7 +55,7 @@ def refused_with_peak(archive: Path, staging: Path, settings: Settings) -> tuple
     return caught.value, peak
 
 
-def header(name: str, kind: bytes, size: int, tar_format: int = tarfile.USTAR_FORMAT) -> bytes:
+def header(name: str, kind: bytes, size: int, tar_format: Literal[0, 1, 2] = tarfile.USTAR_FORMAT) -> bytes:
     """One 512-byte tar header, written as is (no long-name or PAX header added)."""
     info = tarfile.TarInfo(name)
     info.type, info.size = kind, size
@@ -214,10 +216,10 @@ def zip_of_empty_files(count: int, declared: int | None = None, extra: bytes = b
     offset = 0
     for index in range(count):
         name = b"d/%07d" % index
-        entry_local = struct.pack(zipfile.structFileHeader, b"PK\x03\x04", 20, 0, 0, 0, 0, 0, 0, 0, 0,
+        entry_local = struct.pack(ZIP_FMT.structFileHeader, b"PK\x03\x04", 20, 0, 0, 0, 0, 0, 0, 0, 0,
                                   len(name), 0) + name  # fmt: skip
         entry_central = struct.pack(
-            zipfile.structCentralDir, b"PK\x01\x02", 20, 0, 20, 0, 0, 0, 0, 0, 0, 0, 0,
+            ZIP_FMT.structCentralDir, b"PK\x01\x02", 20, 0, 20, 0, 0, 0, 0, 0, 0, 0, 0,
             len(name), len(extra), 0, 0, 0, 0, offset,
         ) + name + extra  # fmt: skip
         local.append(entry_local)
@@ -229,12 +231,12 @@ def zip_of_empty_files(count: int, declared: int | None = None, extra: bytes = b
     if declared > 0xFFFF:
         record_offset = offset + len(directory)
         end = struct.pack(
-            zipfile.structEndArchive64, b"PK\x06\x06", 44, 45, 45, 0, 0, declared, declared,
+            ZIP_FMT.structEndArchive64, b"PK\x06\x06", 44, 45, 45, 0, 0, declared, declared,
             len(directory), offset,
-        ) + struct.pack(zipfile.structEndArchive64Locator, b"PK\x06\x07", 0, record_offset, 1)  # fmt: skip
+        ) + struct.pack(ZIP_FMT.structEndArchive64Locator, b"PK\x06\x07", 0, record_offset, 1)  # fmt: skip
     short_count = min(declared, 0xFFFF)
     end += struct.pack(
-        zipfile.structEndArchive, b"PK\x05\x06", 0, 0, short_count, short_count, len(directory), offset, 0
+        ZIP_FMT.structEndArchive, b"PK\x05\x06", 0, 0, short_count, short_count, len(directory), offset, 0
     )
     return b"".join(local) + directory + end
 

@@ -17,6 +17,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 import numpy as np
@@ -38,15 +39,19 @@ from tests.service.api_support import (
 from tests.service.conftest import make_dataset_archive, tiny_settings
 from training.data import write_synthetic_dataset
 
-sync_api = pytest.importorskip(
-    "playwright.sync_api", reason="Playwright is in the dev extra: pip install -e .[dev]"
-)
+if TYPE_CHECKING:
+    from playwright import sync_api
+    from playwright.sync_api import ViewportSize
+else:
+    sync_api = pytest.importorskip(
+        "playwright.sync_api", reason="Playwright is in the dev extra: pip install -e .[dev]"
+    )
 
 pytestmark = pytest.mark.timeout(600)
 
 CHROMIUM = Path("/usr/bin/chromium")
-DESKTOP = {"width": 1280, "height": 860}
-PHONE = {"width": 390, "height": 844}
+DESKTOP: ViewportSize = {"width": 1280, "height": 860}
+PHONE: ViewportSize = {"width": 390, "height": 844}
 PAGES = ("segment", "tasks", "models")
 UI_TIMEOUT_MS = 30_000  # one UI step on a busy 2-core machine
 TASK_TIMEOUT_S = 300
@@ -277,7 +282,7 @@ def test_a_task_shows_its_progress_then_its_validation_table(
     row = console.testid("tasks-table").locator("tbody tr").first
     sync_api.expect(row).to_have_attribute("data-task-id", re.compile(".+"))
     task_id = row.get_attribute("data-task-id")
-    seen: set[str] = set()
+    seen: set[str | None] = set()
 
     def finished() -> bool:
         state = row.get_attribute("data-state")

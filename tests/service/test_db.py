@@ -203,7 +203,7 @@ def test_requeue_orphans(store: TaskStore) -> None:
     _age_heartbeat(store, exhausted, ORPHAN_S + 1)
     requeued, given_up = store.requeue_orphans(ORPHAN_S, 3)
     assert requeued == [retried] and list(given_up) == [exhausted] and "not retried" in given_up[exhausted]
-    assert store.get(retried).state == TaskState.QUEUED and "died" in store.get(retried).phase
+    assert store.get(retried).state == TaskState.QUEUED and "died" in (store.get(retried).phase or "")
     assert store.get(exhausted).state == TaskState.RUNNING, "the caller fails it after deleting its data"
     assert store.get(alive).state == TaskState.RUNNING
     assert store.unfinished() == [retried, exhausted, alive]

@@ -20,7 +20,7 @@ from prometheus_client import REGISTRY
 
 from export.manifest import MANIFEST_FILE, ONNX_FILE
 from export.onnx_export import export_onnx
-from export.runtime import SegmentationRuntime, resolve_backend
+from export.runtime import OrtRuntime, SegmentationRuntime, resolve_backend
 from service.announce import announce_active
 from service.model_server import ModelServer, NoModelLoaded, open_export
 from service.registry import EXPORT_SUBDIR, MODEL_SUBDIR, Registry
@@ -197,6 +197,7 @@ def test_swap_under_concurrent_clients_switches_once_and_never_back(
     assert _metric("incseg_active_model_version", {"version": new}) == 1.0
     assert _metric("incseg_active_model_version", {"version": old}) is None
     (old_runtime,) = loader.opened[old]
+    assert isinstance(old_runtime, OrtRuntime)
     assert old_runtime.closed and old_runtime.session is None  # closed after its last lease
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import export.onnx_export
-from service.db import ClaimOutcome, TaskState, TaskStore
+from service.db import Claim, ClaimOutcome, TaskState, TaskStore
 from service.pipeline import CPU_MODEL_OPTIONS, DiskFull, LostTask, disk_full_guard, run_task, step_options
 from service.registry import Registry
 from service.settings import Settings
@@ -25,9 +25,20 @@ class RecordingStore(TaskStore):
         super().__init__(database_url)
         self.writes: list[tuple[str, float | None]] = []
 
-    def progress(self, task_id: str, worker: str, phase: str, **values) -> bool:
-        self.writes.append((phase, values.get("fraction")))
-        return super().progress(task_id, worker, phase, **values)
+    def progress(
+        self,
+        task_id: str,
+        worker: str,
+        phase: str,
+        epoch: int | None = None,
+        fraction: float | None = None,
+        loss: float | None = None,
+        state: TaskState | None = None,
+    ) -> bool:
+        self.writes.append((phase, fraction))
+        return super().progress(
+            task_id, worker, phase, epoch=epoch, fraction=fraction, loss=loss, state=state
+        )
 
 
 @pytest.fixture
@@ -51,7 +62,7 @@ def test_step0_then_incremental_step(
     task = claim.task
     assert claim.outcome == ClaimOutcome.RUN and task.state == TaskState.DONE, task.error
     assert (task.model_version, task.base_version, task.attempts, task.fraction) == ("v1", None, 1, 1.0)
-    assert registry.active() == "v1" and task.metrics["miou_all"] is not None
+    assert registry.active() == "v1" and task.metrics is not None and task.metrics["miou_all"] is not None
     phases = [phase for phase, _ in store.writes]
     expected = [
         "checking-data",
@@ -101,6 +112,7 @@ def test_parity_failure_fails_the_task_and_activates_nothing(
     task_id = _submit(store, settings, make_dataset_archive(tmp_path, 2, seed=1), ["background"])
     task = run_task(task_id, settings, store, registry).task
     assert task.state == TaskState.FAILED and task.model_version is None
+    assert task.error is not None
     assert "parity gate failed" in task.error and "max abs logit error" in task.error
     assert "nothing was activated" in task.error
     assert registry.active() is None and registry.versions() == []
@@ -112,7 +124,7 @@ def test_cancel_a_running_task(
 ) -> None:
     known = active_registry.get("v1").classes
     task_id = _submit(store, settings, make_dataset_archive(tmp_path, 3, seed=2), known, epochs=200)
-    outcome = {}
+    outcome: dict[str, Claim] = {}
     runner = threading.Thread(
         target=lambda: outcome.update(claim=run_task(task_id, settings, store, active_registry))
     )
@@ -122,7 +134,7 @@ def test_cancel_a_running_task(
     runner.join(timeout=120)
     task = outcome["claim"].task
     assert task.state == TaskState.CANCELLED and task.finished_at is not None
-    assert "on request" in task.error and task.fraction < 1
+    assert task.error is not None and "on request" in task.error and task.fraction < 1
     assert active_registry.active() == "v1" and [v.name for v in active_registry.versions()] == ["v1"]
     assert image_files(settings.data_dir) == []
 
@@ -132,7 +144,8 @@ def test_missing_dataset_and_duplicate_delivery(
 ) -> None:
     task_id = store.create("mib", {}, ["x"], settings.staging_dir / "upload-gone").id
     task = run_task(task_id, settings, store, registry).task
-    assert task.state == TaskState.FAILED and "staged dataset" in task.error and "is gone" in task.error
+    assert task.state == TaskState.FAILED and task.error is not None
+    assert "staged dataset" in task.error and "is gone" in task.error
     again = run_task(task_id, settings, store, registry)
     assert again.outcome == ClaimOutcome.DROP and again.task.state == TaskState.FAILED
 
@@ -169,7 +182,11 @@ def test_disk_full_guard_names_a_full_disk_and_lets_other_errors_through(tmp_pat
                 raise OSError(errno.ENOSPC, "No space left on device")
             except OSError as error:
                 raise RuntimeError("writer failed") from error
-    for error in (RuntimeError("unexpected pos 10 vs 8"), OSError(errno.EACCES, "denied"), LostTask("taken")):
-        with pytest.raises(type(error)) as raised, disk_full_guard(tmp_path, "v3"):
-            raise error
-        assert raised.value is error
+    for failure in (
+        RuntimeError("unexpected pos 10 vs 8"),
+        OSError(errno.EACCES, "denied"),
+        LostTask("taken"),
+    ):
+        with pytest.raises(type(failure)) as raised, disk_full_guard(tmp_path, "v3"):
+            raise failure
+        assert raised.value is failure

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import socket
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -36,7 +36,7 @@ def dead_worker() -> str:
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> TaskStore:
+def store(tmp_path: Path) -> Iterator[TaskStore]:
     task_store = TaskStore(f"sqlite:///{tmp_path / 'tasks.db'}")
     yield task_store
     task_store.dispose()
@@ -49,7 +49,7 @@ def _submit(store: TaskStore, settings: Settings, tmp_path: Path, known: list[st
 
 def _die_after(method: Callable) -> Callable:
     """``method`` that runs, then kills the worker (once)."""
-    calls = []
+    calls: list[object] = []
 
     def dying(*args, **kwargs):
         result = method(*args, **kwargs)
@@ -63,7 +63,7 @@ def _die_after(method: Callable) -> Callable:
 
 def _die_before(method: Callable) -> Callable:
     """``method`` that kills the worker before it runs (once)."""
-    calls = []
+    calls: list[object] = []
 
     def dying(*args, **kwargs):
         if not calls:
@@ -155,6 +155,7 @@ def test_a_cancel_after_the_publishing_check_is_honoured(
     monkeypatch.setattr(registry, "publish", publish_with_a_cancel_arriving)
     task = run_task(task_id, settings, store, registry).task
     assert task.state == TaskState.CANCELLED and task.model_version is None
+    assert task.error is not None
     assert "v2 was published but not activated" in task.error and "(v1) is unchanged" in task.error
     assert registry.active() == "v1" and image_files(settings.data_dir) == []
 
@@ -206,6 +207,7 @@ def test_a_rollback_racing_the_activation_wins(
     monkeypatch.setattr(registry, "activate", activate_after_a_rollback)
     task = run_task(task_id, settings, store, registry).task
     assert task.state == TaskState.FAILED and task.model_version == "v3"
+    assert task.error is not None
     assert "changed from v2 to v1" in task.error and "POST /models/v3/activate" in task.error
     assert registry.active() == "v1"
 

@@ -6,6 +6,7 @@ import json
 import multiprocessing
 import shutil
 import threading
+from multiprocessing import synchronize
 from pathlib import Path
 
 import pytest
@@ -96,7 +97,7 @@ def test_concurrent_publishers_get_distinct_names(registry: Registry) -> None:
 
 
 def _poll_pointer(
-    root: str, ready: multiprocessing.Event, stop: multiprocessing.Event, result: multiprocessing.Queue
+    root: str, ready: synchronize.Event, stop: synchronize.Event, result: multiprocessing.Queue
 ) -> None:
     registry = Registry(Path(root))
     reads, missing = 0, 0

@@ -77,8 +77,10 @@ def _first_starts(url: str, count: int) -> list[subprocess.CompletedProcess]:
         for _ in range(count)
     ]
     for child in children:
+        assert child.stdout is not None and child.stderr is not None  # both piped
         assert child.stdout.readline().strip() == "ready", child.stderr.read()
     for child in children:
+        assert child.stdin is not None  # piped
         child.stdin.write("go\n")
         child.stdin.flush()
     results = []

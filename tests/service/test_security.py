@@ -88,7 +88,8 @@ def test_loopback_stays_key_free_and_a_set_key_wins(settings: Settings) -> None:
         assert secure_settings(settings, host).api_key is None, host
     assert not key_file(settings.data_dir).exists()
     keyed = settings.model_copy(update={"api_key": SecretStr(WRITE_KEY)})
-    assert secure_settings(keyed, "0.0.0.0").api_key.get_secret_value() == WRITE_KEY
+    api_key = secure_settings(keyed, "0.0.0.0").api_key
+    assert api_key is not None and api_key.get_secret_value() == WRITE_KEY
     assert not key_file(settings.data_dir).exists()
 
 
@@ -109,10 +110,18 @@ def test_serve_beyond_loopback_gets_the_key_too(
 
     started: list[Settings] = []
     monkeypatch.delenv("INCSEG_API_KEY", raising=False)
-    monkeypatch.setattr("service.embedded.serve", lambda s, host, port: started.append(s) or 0)
+
+    def serve(settings: Settings, host: str, port: int) -> int:
+        started.append(settings)
+        return 0
+
+    monkeypatch.setattr("service.embedded.serve", serve)
     assert main(["serve", "--host", "0.0.0.0", "--data-dir", str(settings.data_dir)]) == 0
     key = key_file(settings.data_dir).read_text().strip()
-    assert started[0].api_key.get_secret_value() == key and key in capsys.readouterr().out
+    started_key = started[0].api_key
+    assert (
+        started_key is not None and started_key.get_secret_value() == key and key in capsys.readouterr().out
+    )
     assert main(["serve", "--data-dir", str(settings.data_dir)]) == 0  # default 127.0.0.1: no key
     assert started[1].api_key is None
 

@@ -31,7 +31,11 @@ def test_environment_and_env_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("INCSEG_REDIS_URL", "redis://127.0.0.1:6379/3")
     settings = Settings(_env_file=env_file)
     assert settings.serve_size == 256 and settings.instance == "from-env", "the environment wins over .env"
-    assert settings.api_key.get_secret_value() == "secret" and "secret" not in repr(settings)
+    assert (
+        settings.api_key is not None
+        and settings.api_key.get_secret_value() == "secret"
+        and "secret" not in repr(settings)
+    )
     assert settings.step_options == {"backbone": "resnet10"} and not settings.embedded
     get_settings.cache_clear()
     try:

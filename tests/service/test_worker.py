@@ -55,6 +55,7 @@ def test_two_workers_run_the_line_in_order(
     first_done = wait_for(store, first.id, finished)
     second_done = wait_for(store, second.id, finished)
     assert first_done.state == second_done.state == TaskState.DONE, (first_done.error, second_done.error)
+    assert first_done.finished_at is not None and second_done.started_at is not None
     assert first_done.finished_at <= second_done.started_at, "the second step started after the first ended"
     assert (first_done.model_version, second_done.base_version, second_done.model_version) == (
         "v1",
@@ -111,6 +112,7 @@ def test_sigkill_of_the_pool_process_until_the_delivery_cap(
     # Two correct paths reach the cap: the redelivered message finds attempts == 2 ("gave up after"),
     # or the orphan sweep sees the dead holder of attempt 2 first ("died during attempt 2 of 2").
     assert failed.state == TaskState.FAILED and failed.attempts == 2
+    assert failed.error is not None
     assert "gave up after 2 deliveries" in failed.error or "died during attempt 2 of 2" in failed.error
     assert active_registry.active() == "v1" and [v.name for v in active_registry.versions()] == ["v1"]
     assert image_files(settings.data_dir) == []

@@ -4,7 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.helpers import NO_DATA
 from training.methods import build_method, split_top_level
+from training.methods.alife import NewClassCrossEntropy
 from training.methods.base import Batch, StepContext
 from training.models.bisenet import BiSeNet, BiSeNetConfig
 
@@ -17,7 +19,7 @@ def context_and_batch(step: int = 1) -> tuple[StepContext, Batch]:
     images = torch.randn(2, 3, 32, 32)
     labels = torch.randint(0, 5, (2, 32, 32))
     ctx = StepContext(
-        step, model, old if step else None, 3 if step else 0, list("abcde"), None, torch.device("cpu")
+        step, model, old if step else None, 3 if step else 0, list("abcde"), NO_DATA, torch.device("cpu")
     )
     batch = Batch(images, labels, model.forward_train(images), old.forward_train(images) if step else None)
     return ctx, batch
@@ -62,7 +64,7 @@ def test_weights_scale_terms() -> None:
     mib = build_method("mib").losses(batch, ctx)
     from training.losses import unbiased_distillation
 
-    expected = 10 * unbiased_distillation(batch.out.logits, batch.old_out.logits)
+    expected = 10 * unbiased_distillation(batch.out.logits, batch.require_old_out().logits)
     torch.testing.assert_close(mib["unbiased_kd"], expected)
 
 
@@ -102,4 +104,5 @@ def test_split_top_level() -> None:
 
 def test_boolean_and_string_arguments_keep_their_case() -> None:
     assert build_method("MiB(kd=1)").terms[1].weight == 1
-    assert build_method("alife(replay=False)").terms[0].replay is None
+    classification = build_method("alife(replay=False)").terms[0]
+    assert isinstance(classification, NewClassCrossEntropy) and classification.replay is None

@@ -30,6 +30,7 @@ def test_scores_group_old_and_new() -> None:
     assert scores.miou_new == pytest.approx((0.5 + 10 / 15) / 2)
     assert scores.miou_all == pytest.approx((0.8 + 10 / 12 + 0.5 + 10 / 15) / 4)
     assert scores.per_class_iou["b"] == pytest.approx(0.5)
+    assert scores.miou_old is not None and scores.miou_new is not None
     assert scores.hiou == pytest.approx(
         2 * scores.miou_old * scores.miou_new / (scores.miou_old + scores.miou_new)
     )

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torchvision.models import resnet18
 
-from training.models.bisenet import BiSeNet, BiSeNetConfig
+from training.models.bisenet import BiSeNet, BiSeNetConfig, SegmentationHead
 
 
 def tiny(num_classes: int = 4, backbone: str = "resnet10", aux: bool = True) -> BiSeNet:
@@ -48,7 +48,7 @@ def test_add_classes_keeps_old_probabilities_and_splits_background() -> None:
     for c in [0, 4, 5, 6]:
         torch.testing.assert_close(after[:, c], before[:, 0] / 4, atol=1e-5, rtol=1e-4)
     for head in model.aux_heads:
-        assert head.classifier.out_channels == 7
+        assert isinstance(head, SegmentationHead) and head.classifier.out_channels == 7
 
 
 def test_add_classes_rejects_zero() -> None:

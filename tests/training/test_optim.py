@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from training.models.bisenet import BACKBONES, BiSeNet, BiSeNetConfig
+from training.models.bisenet import BACKBONES, BiSeNet, BiSeNetConfig, bias_of
 from training.optim import (
     INCREMENTAL_STEP_MULTIPLIERS,
     ParamGroup,
@@ -70,7 +70,12 @@ def _classifier_grads(model: BiSeNet) -> list[torch.Tensor]:
     model.zero_grad()
     out = model.forward_train(torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)))
     (out.logits.square().mean() + sum(a.square().mean() for a in out.aux_logits)).backward()
-    return [p.grad.clone() for c in classifiers(model) for p in (c.weight, c.bias)]
+    grads = []
+    for classifier in classifiers(model):
+        for parameter in (classifier.weight, bias_of(classifier)):
+            assert parameter.grad is not None
+            grads.append(parameter.grad.clone())
+    return grads
 
 
 def test_new_rows_gradient_is_scaled_and_the_hooks_come_off() -> None:

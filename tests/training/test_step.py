@@ -13,7 +13,7 @@ from training.data import DataError, DatasetReport, Sample, SegmentationSource
 from training.model_dir import ModelBundle
 from training.protocols import Setting
 from training.step import CHECKING_DATA_PHASE, plan_step, run_step
-from training.trainer import StepOptions
+from training.trainer import StepOptions, StepProgress
 
 
 def subset(src: Path, dst: Path, keep: list[str]) -> Path:
@@ -40,9 +40,9 @@ def test_base_then_incremental_step(synth_dataset: Path, tmp_path: Path, tiny_op
 
     base, scores = run_step(None, first, "ft", tiny_options, tmp_path / "v1")
     assert base.classes == ["background", *names[1:4]] and scores is not None
-    assert scores.miou_new is None and 0 <= scores.miou_all <= 1
+    assert scores.miou_new is None and scores.miou_all is not None and 0 <= scores.miou_all <= 1
 
-    progress = []
+    progress: list[StepProgress] = []
     grown, scores = run_step(tmp_path / "v1", second, "mib", tiny_options, tmp_path / "v2", progress.append)
     assert grown.classes == ["background", *names[1:4], names[5], names[6]]
     assert grown.model.num_classes == 6
@@ -115,7 +115,7 @@ def test_new_class_without_pixels_fails_before_training(
     run_step(None, first, "ft", tiny_options, tmp_path / "v1")
     again = subset(synth_dataset, tmp_path / "again", names[1:4])
     (again / "classes.txt").write_text("\n".join(["background", *names[1:4], "unicorn"]) + "\n")
-    progress = []
+    progress: list[StepProgress] = []
     with pytest.raises(DataError, match="line 5: new class 'unicorn' \\(mask value 4\\) has no pixel"):
         run_step(tmp_path / "v1", again, "mib", tiny_options, tmp_path / "v2", progress.append)
     assert [report.phase for report in progress] == [CHECKING_DATA_PHASE] and not (tmp_path / "v2").exists()
@@ -127,7 +127,7 @@ def test_bad_validation_image_fails_before_training(
     data = tmp_path / "data"
     shutil.copytree(synth_dataset, data)
     (data / "images" / "val_00003.png").write_bytes(b"not an image")
-    progress = []
+    progress: list[StepProgress] = []
     with pytest.raises(DataError, match=r"val_00003\.png: cannot read image"):
         run_step(None, data, "ft", tiny_options, tmp_path / "v1", progress.append)
     assert [report.phase for report in progress] == [CHECKING_DATA_PHASE] and not (tmp_path / "v1").exists()

@@ -8,7 +8,7 @@ from training.methods import build_method
 from training.methods.base import Method
 from training.methods.standard import CrossEntropy
 from training.optim import INCREMENTAL_STEP_MULTIPLIERS, ParamGroup
-from training.trainer import StepCancelled, StepOptions, batchnorm_layers, train_step
+from training.trainer import StepCancelled, StepOptions, StepProgress, batchnorm_layers, train_step
 
 
 def test_frozen_batchnorm_keeps_statistics_and_affine_parameters() -> None:
@@ -20,7 +20,7 @@ def test_frozen_batchnorm_keeps_statistics_and_affine_parameters() -> None:
         torch.testing.assert_close(after.weight, before.weight)
     moving, _ = train_step(base, ["c"], TinySet([3]), None, build_method("ft"), TINY_OPTIONS)
     changed = [
-        not torch.equal(a.running_mean, b.running_mean)
+        not torch.equal(a.get_buffer("running_mean"), b.get_buffer("running_mean"))
         for a, b in zip(batchnorm_layers(base.model), batchnorm_layers(moving.model), strict=True)
     ]
     assert any(changed)  # without the flag the statistics move
@@ -32,7 +32,7 @@ def test_alife_freezes_batchnorm_and_combinations_keep_it() -> None:
 
 
 def test_progress_reports_every_phase_in_order() -> None:
-    reports = []
+    reports: list[StepProgress] = []
     train_step(
         None,
         ["a", "b"],
@@ -74,7 +74,7 @@ def test_incremental_step_learning_rates_per_group_and_iteration_floor() -> None
     base, _ = train_step(None, ["a", "b"], TinySet([1, 2]), None, build_method("ft"), floor)
     assert base.history[-1]["iterations"] == 2  # step 0: 4 images, batch 2, one epoch; no floor
     assert base.history[-1]["learning_rates"] == dict.fromkeys(ParamGroup, 0.01)
-    reports = []
+    reports: list[StepProgress] = []
     grown, _ = train_step(base, ["c"], TinySet([3]), None, build_method("ft"), floor, reports.append)
     record = grown.history[-1]
     assert record["iterations"] == 8  # 2 per epoch, raised to 4 epochs to reach 7
@@ -106,8 +106,8 @@ def test_an_incremental_step_on_tiny_data_learns_its_class(method: str) -> None:
     val = TinySet([3, 1], n=8, seed=5)
     step_options = TINY_OPTIONS.model_copy(update={"min_iterations": 30})
     _, scores = train_step(base, ["c"], TinySet([3], n=8), val, build_method(method), step_options)
-    assert scores.per_class_iou["c"] > 0.5
+    assert scores is not None and (iou := scores.per_class_iou["c"]) is not None and iou > 0.5
     one_rate = {group.value: 1.0 for group in ParamGroup}
     old_ways = TINY_OPTIONS.model_copy(update={"lr_multipliers": one_rate})  # one lr, 4 iterations
     _, scores = train_step(base, ["c"], TinySet([3], n=8), val, build_method(method), old_ways)
-    assert scores.per_class_iou["c"] < 0.1
+    assert scores is not None and (iou := scores.per_class_iou["c"]) is not None and iou < 0.1

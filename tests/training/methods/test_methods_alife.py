@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import copy
-from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from tests.helpers import TINY_OPTIONS, TinySet
+from tests.helpers import NO_DATA, TINY_OPTIONS, TinySet, stub_model
 from training.methods.alife import (
     FEATURE_MEMORY,
     ROTATIONS,
@@ -35,7 +35,7 @@ from training.model_dir import ModelBundle
 from training.models.bisenet import BiSeNet, BiSeNetConfig, SegmentationOutput
 from training.trainer import train_step
 
-REPLAY = {"memory_size": 8, "rotation_epochs": 2}
+REPLAY: dict[str, Any] = {"memory_size": 8, "rotation_epochs": 2}
 
 
 def logits_batch(logits: torch.Tensor, old_logits: torch.Tensor, labels: torch.Tensor) -> Batch:
@@ -47,7 +47,7 @@ def logits_batch(logits: torch.Tensor, old_logits: torch.Tensor, labels: torch.T
 def stub_ctx(num_classes: int, num_old: int) -> StepContext:
     """A step-1 context for the per-iteration terms, which read only the class counts."""
     classes = [f"c{i}" for i in range(num_classes)]
-    return StepContext(1, None, SimpleNamespace(), num_old, classes, None, torch.device("cpu"))
+    return StepContext(1, stub_model(), stub_model(), num_old, classes, NO_DATA, torch.device("cpu"))
 
 
 def test_ali_value_and_gradient() -> None:
@@ -59,6 +59,7 @@ def test_ali_value_and_gradient() -> None:
     assert loss.item() == pytest.approx(expected.item())
     loss.backward()
     softmax = torch.softmax(z.detach().flatten(), dim=0)
+    assert z.grad is not None
     torch.testing.assert_close(z.grad.flatten(), softmax - torch.cat([p_old, torch.zeros(1)]))
 
 
@@ -71,7 +72,7 @@ def test_ali_averages_over_background_pixels_only() -> None:
         adaptive_logit_regularizer(z[..., i : i + 1], old[..., i : i + 1], torch.ones(1, 1, 1).bool())
         for i in (0, 2)
     ]
-    assert loss.item() == pytest.approx(sum(per_pixel).item() / 2)
+    assert loss.item() == pytest.approx(torch.stack(per_pixel).sum().item() / 2)
 
 
 def test_new_class_cross_entropy_ignores_background_and_never_nans() -> None:
@@ -121,8 +122,8 @@ def test_stage_one_terms_take_the_reference_weight_of_each_step_unless_given() -
     method = alife(replay=False)
     given = alife(kd=7.0, replay=False)
     for step, (ali, kd) in enumerate([(3.0, 1.0), (5.0, 10.0), (2.0, 1.0)], start=1):
-        model = SimpleNamespace(num_classes=16 + step)  # a 1-class step after 15 + step classes
-        ctx = StepContext(step, model, SimpleNamespace(), 15 + step, [], None, torch.device("cpu"))
+        model = stub_model(num_classes=16 + step)  # a 1-class step after 15 + step classes
+        ctx = StepContext(step, model, stub_model(), 15 + step, [], NO_DATA, torch.device("cpu"))
         method.on_step_start(ctx)
         given.on_step_start(ctx)
         assert [t.weight for t in method.terms[1:]] == [ali, kd]

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import copy
 import math
-from types import SimpleNamespace
+from typing import cast
 
 import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from tests.helpers import TINY_OPTIONS, TinySet
+from tests.helpers import NO_DATA, TINY_OPTIONS, TinySet, stub_model
 from training.methods import build_method
 from training.methods.base import Batch, StepContext
 from training.methods.plop import (
@@ -68,8 +68,8 @@ def reference_find_median(histograms: torch.Tensor) -> torch.Tensor:
             continue
         half = total / 2
         running_sum = 0.0
-        for lower_border in range(nb_bins):
-            lower_border = lower_border / nb_bins
+        for bin_start in range(nb_bins):
+            lower_border = bin_start / nb_bins
             bin_index = int(lower_border * nb_bins)
             if half >= running_sum and half <= (running_sum + histograms[c, bin_index]):
                 break
@@ -143,10 +143,9 @@ def test_kept_background_fraction_follows_the_reference_rule() -> None:
     logits[0, 3] += 8.0  # image 0: mostly confident class 3
     labels = torch.zeros(2, 4, 5, dtype=torch.long)
     loader = DataLoader(TensorDataset(logits, labels), batch_size=2)
-    model = SimpleNamespace(num_classes=17)
-    ctx = StepContext(
-        1, model, torch.nn.Identity(), 16, [f"c{i}" for i in range(17)], loader, torch.device("cpu")
-    )
+    model = stub_model(num_classes=17)
+    old_model = cast(BiSeNet, torch.nn.Identity())  # the loader's "images" are the old model's logits
+    ctx = StepContext(1, model, old_model, 16, [f"c{i}" for i in range(17)], loader, torch.device("cpu"))
     term = PseudoLabelCrossEntropy()
     term.on_step_start(ctx)
 
@@ -180,13 +179,14 @@ def test_thresholds_from_one_pass_are_floored() -> None:
     ctx = StepContext(1, new, old, 3, ["bg", "a", "b", "c", "d"], loader, torch.device("cpu"))
     term = PseudoLabelCrossEntropy(min_threshold=0.3)
     term.on_step_start(ctx)
+    assert term.thresholds is not None
     assert term.thresholds.shape == (3,) and (term.thresholds >= 0.3).all() and term.num_classes == 5
 
 
 def test_local_pod_term_on_an_unchanged_model_only_sees_the_folded_logits() -> None:
     old, new = tiny_models()
     new.eval()
-    ctx = StepContext(1, new, old, 3, ["bg", "a", "b", "c", "d"], None, torch.device("cpu"))
+    ctx = StepContext(1, new, old, 3, ["bg", "a", "b", "c", "d"], NO_DATA, torch.device("cpu"))
     x = torch.randn(2, 3, 32, 32)
     out, old_out = new.forward_train(x), old.forward_train(x)
     loss = LocalPOD()(Batch(x, torch.zeros(2, 32, 32, dtype=torch.long), out, old_out), ctx)

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from tests.helpers import TINY_OPTIONS, TinySet
+from tests.helpers import TINY_OPTIONS, TinySet, stub_model
 from training.methods import build_method
 from training.methods.base import Batch, StepContext
 from training.methods.sdr import (
@@ -31,7 +30,7 @@ def make_ctx(
 ) -> StepContext:
     """A context with a real tiny BiSeNet when a loader is given, else a stub with only the sizes."""
     if loader is None:
-        model = SimpleNamespace(body_channels=dim, num_classes=num_classes)
+        model = stub_model(body_channels=dim, num_classes=num_classes)
         loader = DataLoader(TinySet([1]), batch_size=2)
     else:
         model = BiSeNet(BiSeNetConfig(num_classes, "resnet10", 16, dim), aux=False)
@@ -172,7 +171,7 @@ def test_sparsity_hand_computed_and_guarded() -> None:
     second = (math.exp(1.0) + math.exp(0.0)) / 1.0  # normalised by the class-2 max, 0.5
     assert loss.item() == pytest.approx((first + second) / 2)
     loss.backward()
-    assert torch.isfinite(features.grad).all()
+    assert features.grad is not None and torch.isfinite(features.grad).all()
 
 
 def test_on_step_end_fills_prototypes_without_training() -> None:

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from tests.helpers import TINY_OPTIONS, TinySet
+from tests.helpers import NO_DATA, TINY_OPTIONS, TinySet
 from training.bench import memory_bytes, run_benchmark
 from training.method_spec import METHOD_NAMES, sigmoid_family
 from training.methods import build_method
@@ -27,7 +27,7 @@ from training.methods.star import (
 )
 from training.methods.star_memory import STAR_MEMORY, ClassMemory, MemoryBuilder
 from training.model_dir import ModelBundle
-from training.models.bisenet import BiSeNet, BiSeNetConfig, SegmentationOutput
+from training.models.bisenet import BiSeNet, BiSeNetConfig, SegmentationOutput, bias_of
 from training.optim import ParamGroup
 from training.trainer import train_step
 
@@ -213,8 +213,8 @@ def _replay_context() -> tuple[StepContext, Batch]:
     with torch.no_grad():
         weight = _padded([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.5, -0.5]])
         model.head.classifier.weight.copy_(weight[..., None, None])
-        model.head.classifier.bias.copy_(torch.tensor([0.0, 0.1, -0.2, 0.3]))
-    ctx = StepContext(1, model, model, 3, ["bg", "a", "b", "c"], None, torch.device("cpu"), {})
+        bias_of(model.head.classifier).copy_(torch.tensor([0.0, 0.1, -0.2, 0.3]))
+    ctx = StepContext(1, model, model, 3, ["bg", "a", "b", "c"], NO_DATA, torch.device("cpu"), {})
     features = _padded([[1.0, 2.0], [-1.0, 0.5]]).T.reshape(1, 8, 1, 2)  # (1, D, 1, 2)
     logits = model.forward_head(features, (1, 2))
     old_logits = torch.tensor([[[[0.0, 0.0]], [[1.0, -1.0]], [[-1.0, -1.0]]]])  # pixel 1: background
@@ -286,13 +286,14 @@ def test_tiny_step_0_and_step_1_learn_and_keep_the_memory(tmp_path: Path) -> Non
         options.model_copy(update={"epochs": 3}),
     )
     replay = method.terms[0]
+    assert isinstance(replay, StarClassification) and replay.fakes_per_iteration is not None
     # capped at max_replay_ratio (4) fake vectors per feature position of a batch (2 x 4 x 4)
     assert 0 < replay.fakes_per_iteration.sum() <= 4 * 2 * 4 * 4
     memory = grown.state[STAR_MEMORY]
     assert memory["prototypes"].shape == (3, 16) and memory["counts"].shape == (4,)
     assert torch.equal(memory["prototypes"][:2], base.state[STAR_MEMORY]["prototypes"])
     assert memory["counts"][3] > 0
-    assert grown.model.num_classes == 4 and scores.per_class_iou["c"] is not None
+    assert grown.model.num_classes == 4 and scores is not None and scores.per_class_iou["c"] is not None
     assert grown.history[-1]["method"] == "star(kd=5)"
 
 
@@ -300,7 +301,9 @@ def test_spatial_path_trains_at_the_backbone_rate_in_incremental_steps() -> None
     base, _ = train_step(None, ["a", "b"], TinySet([1, 2], n=4), None, build_method("star"), TINY_OPTIONS)
     model = copy.deepcopy(base.model)
     model.add_classes(1)
-    model.spatial_path.blocks[0][1].requires_grad_(False)  # BatchNorm as an earlier step leaves it
+    model.get_submodule("spatial_path.blocks.0.1").requires_grad_(
+        False
+    )  # BatchNorm as an earlier step leaves it
     reference = copy.deepcopy(model)  # no hooks: the heads' rate
     teacher = copy.deepcopy(base.model).eval()
     loader = DataLoader(TinySet([3], n=4), batch_size=2)
@@ -314,7 +317,10 @@ def test_spatial_path_trains_at_the_backbone_rate_in_incremental_steps() -> None
     def gradients(net: BiSeNet) -> tuple[torch.Tensor, torch.Tensor]:
         net.zero_grad()
         net.forward_train(images).features.square().mean().backward()
-        return net.spatial_path.blocks[0][0].weight.grad.clone(), net.fusion.conv[0].weight.grad.clone()
+        spatial = net.get_parameter("spatial_path.blocks.0.0.weight").grad
+        fusion = net.get_parameter("fusion.conv.0.weight").grad
+        assert spatial is not None and fusion is not None
+        return spatial.clone(), fusion.clone()
 
     (spatial, fusion), (spatial_ref, fusion_ref) = gradients(model), gradients(reference)
     ratio = LR_MULTIPLIERS[ParamGroup.BACKBONE] / LR_MULTIPLIERS[ParamGroup.HEAD]  # STAR: 1e-4 / 1e-3
