@@ -107,7 +107,8 @@ class ActiveWatcher:
         self._registry = registry
         self._on_change = on_change
         self._reported: Pointer | None = None
-        self._report_lock = threading.Lock()
+        self._checked = threading.Condition()  # held while reporting, so reports stay in pointer order
+        self._checks = 0
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.subscribed = threading.Event()
@@ -116,7 +117,7 @@ class ActiveWatcher:
     def start(self) -> None:
         """Reports the current pointer (if any) at once, then starts the poller and the Redis listener."""
         self._stop.clear()
-        with self._report_lock:
+        with self._checked:
             self._reported = None  # a restarted watcher reports the pointer again
         self.check()
         self._threads = [threading.Thread(target=self._poll, name="incseg-active-poll", daemon=True)]
@@ -137,20 +138,37 @@ class ActiveWatcher:
         self._threads = []
         self.subscribed.clear()
 
+    @property
+    def checks(self) -> int:
+        """Pointer reads finished so far, each with its report (if it found a new activation) made."""
+        with self._checked:
+            return self._checks
+
+    def wait_for_checks(self, count: int, timeout: float) -> bool:
+        """Blocks until :attr:`checks` reaches ``count``; False after ``timeout`` seconds.
+
+        A finished read is the witness that whatever preceded it (an activation, a message) was seen: a
+        caller can wait for one instead of sleeping through a poll interval.
+        """
+        with self._checked:
+            return self._checked.wait_for(lambda: self._checks >= count, timeout)
+
     def check(self) -> Pointer | None:
         """Reads the pointer and reports it when it is a new activation; returns what it read."""
         try:
             pointer = read_pointer(self._registry)
         except OSError as error:  # a volume hiccup: the next poll tries again
             logger.warning("cannot read the active version pointer: %s", error)
-            return None
-        with self._report_lock:
+            pointer = None
+        with self._checked:
             if pointer is not None and pointer != self._reported:
                 self._reported = pointer
                 try:
                     self._on_change(pointer.version)
                 except Exception:
                     logger.exception("handling the activation of %s failed", pointer.version)
+            self._checks += 1
+            self._checked.notify_all()
         return pointer
 
     def _poll(self) -> None:

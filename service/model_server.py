@@ -289,6 +289,15 @@ class ModelServer:
         with self._state:
             return self._state.wait_for(serving, timeout)
 
+    def wait_until_settled(self, timeout: float = 60.0) -> bool:
+        """Blocks until no load is requested or under way (a retry may be pending); False after ``timeout``.
+
+        Once it returns True, every request made before the call has been acted on (swapped in, failed,
+        discarded, or found serving already), so a caller can check what did not happen without sleeping.
+        """
+        with self._state:
+            return self._state.wait_for(lambda: self._wanted is None and self._loading is None, timeout)
+
     def request_version(self, name: str) -> None:
         """Loads ``name`` in the background and swaps to it if the pointer still names it then.
 
@@ -410,6 +419,7 @@ class ModelServer:
                     self._load_retries += 1
                     LOAD_RETRIES.inc()
                 if self._served is not None and self._served.version == request.version:
+                    self._state.notify_all()  # nothing to load: settled
                     continue
                 self._loading = request
             try:

@@ -36,9 +36,12 @@ class FlakyLoader:
 
 
 class BlockingLoader:
-    """Each load of ``version`` waits at its start for :attr:`release`; :attr:`entered` says one began."""
+    """Each load of ``version`` waits at its start for :attr:`release`; :attr:`entered` says one began.
 
-    def __init__(self, settings: Settings, version: str) -> None:
+    With ``version`` None no load waits.
+    """
+
+    def __init__(self, settings: Settings, version: str | None) -> None:
         self.settings = settings
         self.version = version
         self.entered = threading.Event()

@@ -15,28 +15,27 @@ from service.registry import EXPORT_SUBDIR, MANIFEST_JSON, MODEL_JSON, MODEL_SUB
 from service.settings import Settings
 
 CLOSED_PORT_URL = "redis://127.0.0.1:1/0"  # nothing listens on port 1
+NEVER_S = 3600.0  # a poll interval no test outlives: only a Redis message can wake the watcher
+WAIT_S = 30.0  # how long a test waits for something that must happen (it happens in well under 1 s)
 
 
 class Changes:
-    """Records on_change calls with their time."""
+    """Records on_change calls in order."""
 
     def __init__(self) -> None:
         self.names: list[str] = []
-        self.times: list[float] = []
-        self.event = threading.Event()
+        self._reported = threading.Condition()
 
     def __call__(self, name: str) -> None:
-        self.names.append(name)
-        self.times.append(time.monotonic())
-        self.event.set()
+        with self._reported:
+            self.names.append(name)
+            self._reported.notify_all()
 
-    def wait_for(self, name: str, timeout: float, times: int = 1) -> float:
-        """When ``name`` was reported for the ``times``-th time (fails after ``timeout``)."""
-        deadline = time.monotonic() + timeout
-        while self.names.count(name) < times:
-            assert time.monotonic() < deadline, f"{name} not reported within {timeout} s (got {self.names})"
-            time.sleep(0.005)
-        return [when for seen, when in zip(self.names, self.times, strict=True) if seen == name][times - 1]
+    def wait_for(self, name: str, times: int = 1) -> None:
+        """Blocks until ``name`` was reported ``times`` times (fails after ``WAIT_S``)."""
+        with self._reported:
+            reported = self._reported.wait_for(lambda: self.names.count(name) >= times, WAIT_S)
+        assert reported, f"{name} not reported {times} time(s) within {WAIT_S} s (got {self.names})"
 
 
 def _publish_placeholder(registry: Registry) -> str:
@@ -71,6 +70,20 @@ def _watch(settings: Settings, registry: Registry) -> tuple[ActiveWatcher, Chang
     return watcher, changes
 
 
+def _wait_for_more_checks(watcher: ActiveWatcher, more: int) -> None:
+    """Blocks until the watcher has read the pointer ``more`` more times (the witness that it looked)."""
+    assert watcher.wait_for_checks(watcher.checks + more, WAIT_S), f"{more} more checks within {WAIT_S} s"
+
+
+def _wait_for_listener(watcher: ActiveWatcher) -> None:
+    """Blocks until the listener is subscribed and has read the pointer after subscribing.
+
+    With the poll an hour away, a later report can then only come from a message on the channel.
+    """
+    assert watcher.subscribed.wait(WAIT_S)
+    assert watcher.wait_for_checks(2, WAIT_S)  # the read at start, then the listener's catch-up read
+
+
 def test_announce_publishes_the_version_on_the_instance_channel(redis_settings: Settings) -> None:
     assert redis_settings.redis_url is not None
     with redis.Redis.from_url(redis_settings.redis_url) as client, client.pubsub() as pubsub:
@@ -95,19 +108,18 @@ def test_announce_without_redis_or_with_redis_down_does_not_raise(settings: Sett
 
 def test_poll_reports_the_pointer_once_per_change(settings: Settings, registry: Registry, versions) -> None:
     names = versions[1]
-    watcher, changes = _watch(settings.model_copy(update={"poll_interval_s": 0.1}), registry)
+    watcher, changes = _watch(settings.model_copy(update={"poll_interval_s": 0.05}), registry)
     try:
         assert changes.names == [names[0]]  # reported at start
-        started = time.monotonic()
-        registry.activate(names[1])
-        assert changes.wait_for(names[1], 5) - started < 1.0
-        time.sleep(0.5)  # several polls of an unchanged pointer
+        registry.activate(names[1])  # embedded mode: only the poll can notice it
+        changes.wait_for(names[1])
+        _wait_for_more_checks(watcher, 3)  # three polls of an unchanged pointer
         assert changes.names == names[:2]
         registry.activate(names[0])  # a rollback is a change like any other
-        changes.wait_for(names[0], 5, times=2)
+        changes.wait_for(names[0], times=2)
         registry.activate(names[0])  # so is activating the active version again (a retry)
-        changes.wait_for(names[0], 5, times=3)
-        time.sleep(0.3)
+        changes.wait_for(names[0], times=3)
+        _wait_for_more_checks(watcher, 3)
         assert changes.names == [names[0], names[1], names[0], names[0]]
     finally:
         watcher.stop()
@@ -117,15 +129,16 @@ def test_announcement_is_noticed_well_before_the_poll(
     redis_settings: Settings, registry: Registry, versions
 ) -> None:
     names = versions[1]
-    watcher, changes = _watch(redis_settings.model_copy(update={"poll_interval_s": 30.0}), registry)
+    watcher, changes = _watch(redis_settings.model_copy(update={"poll_interval_s": NEVER_S}), registry)
     try:
-        assert watcher.subscribed.wait(10)
+        _wait_for_listener(watcher)
+        checks = watcher.checks
         started = time.monotonic()
         registry.activate(names[2])
         announce_active(redis_settings, names[2])
-        notice = changes.wait_for(names[2], 5) - started
-        print(f"\nnotice through Redis: {1000 * notice:.1f} ms")
-        assert notice < 0.5
+        changes.wait_for(names[2])  # the poll is an hour away: the message woke the listener
+        print(f"\nnotice through Redis: {1000 * (time.monotonic() - started):.1f} ms")
+        assert changes.names == [names[0], names[2]] and watcher.checks == checks + 1  # one message, one read
     finally:
         watcher.stop()
 
@@ -134,14 +147,15 @@ def test_a_stale_announcement_reports_the_pointer_not_the_message(
     redis_settings: Settings, registry: Registry, versions
 ) -> None:
     names = versions[1]
-    watcher, changes = _watch(redis_settings.model_copy(update={"poll_interval_s": 30.0}), registry)
+    watcher, changes = _watch(redis_settings.model_copy(update={"poll_interval_s": NEVER_S}), registry)
     try:
-        assert watcher.subscribed.wait(10)
+        _wait_for_listener(watcher)
         registry.activate(names[1])
         announce_active(redis_settings, names[2])  # names a version the pointer does not
-        changes.wait_for(names[1], 5)
+        changes.wait_for(names[1])
+        checks = watcher.checks
         announce_active(redis_settings, names[0])  # a late announcement of an older activation
-        time.sleep(0.5)
+        assert watcher.wait_for_checks(checks + 1, WAIT_S), "the late announcement was not read"
         assert changes.names == [names[0], names[1]]
     finally:
         watcher.stop()
@@ -151,16 +165,16 @@ def test_redis_down_keeps_the_thread_alive_and_polling_works(
     settings: Settings, registry: Registry, versions
 ) -> None:
     names = versions[1]
-    down = settings.model_copy(update={"redis_url": CLOSED_PORT_URL, "poll_interval_s": 0.1})
+    down = settings.model_copy(update={"redis_url": CLOSED_PORT_URL, "poll_interval_s": 0.05})
     watcher, changes = _watch(down, registry)
     try:
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + WAIT_S
         while watcher.redis_errors < 2:
             assert time.monotonic() < deadline, "the listener did not retry"
             time.sleep(0.05)
         assert not watcher.subscribed.is_set()
         registry.activate(names[1])
-        changes.wait_for(names[1], 5)
+        changes.wait_for(names[1])
         assert all(thread.is_alive() for thread in watcher._threads)
     finally:
         watcher.stop()
@@ -171,9 +185,10 @@ def test_listener_recovers_after_its_connection_is_killed(
     redis_settings: Settings, registry: Registry, versions
 ) -> None:
     names = versions[1]
-    watcher, changes = _watch(redis_settings.model_copy(update={"poll_interval_s": 30.0}), registry)
+    watcher, changes = _watch(redis_settings.model_copy(update={"poll_interval_s": NEVER_S}), registry)
     try:
-        assert watcher.subscribed.wait(10)
+        _wait_for_listener(watcher)
+        checks = watcher.checks
         assert redis_settings.redis_url is not None
         with redis.Redis.from_url(redis_settings.redis_url) as admin:
             mine = [
@@ -181,17 +196,15 @@ def test_listener_recovers_after_its_connection_is_killed(
             ]
             assert len(mine) == 1
             admin.client_kill_filter(_id=mine[0]["id"])
-            deadline = time.monotonic() + 10
-            while not any(
-                c["name"] == f"{redis_settings.instance}-active-watcher" and c["id"] != mine[0]["id"]
-                for c in admin.client_list()
-            ):
-                assert time.monotonic() < deadline, "the listener did not reconnect"
-                time.sleep(0.05)
-        time.sleep(0.3)  # let the new connection subscribe
-        started = time.monotonic()
+        deadline = time.monotonic() + WAIT_S
+        while watcher.redis_errors < 1:  # set after `subscribed` is cleared: the next set is the new one
+            assert time.monotonic() < deadline, "the listener did not notice the kill"
+            time.sleep(0.05)
+        assert watcher.subscribed.wait(WAIT_S), "the listener did not subscribe again"
+        assert watcher.wait_for_checks(checks + 1, WAIT_S)  # its catch-up read on the new connection
         registry.activate(names[2])
         announce_active(redis_settings, names[2])
-        assert changes.wait_for(names[2], 5) - started < 1.0  # pub/sub again, not the 30 s poll
+        changes.wait_for(names[2])  # pub/sub again: the poll is an hour away
+        assert changes.names == [names[0], names[2]]
     finally:
         watcher.stop()
