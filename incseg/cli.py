@@ -76,8 +76,8 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
         "--lr-multipliers",
         type=json.loads,
         default=None,
-        help="JSON object overriding the learning-rate multiple of parameter groups (backbone, head, "
-        'classifier, new_classes), e.g. \'{"head": 1, "classifier": 1, "new_classes": 1}\'',
+        help="JSON object overriding the learning-rate multiple of parameter groups (backbone, spatial_path, "
+        'head, classifier, new_classes), e.g. \'{"head": 1, "classifier": 1, "new_classes": 1}\'',
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
