@@ -22,6 +22,7 @@ from training.methods.star import (
     OVERLAPPED_FORMULAS,
     SETTING_FORMULAS,
     AuxiliaryClassifier,
+    OldRegionFeatures,
     SettingFormulas,
     StarClassification,
     capped_fakes,
@@ -565,3 +566,26 @@ def test_star_reference_and_disjoint_run_tiny_steps() -> None:
         assert torch.allclose(grown.state[STAR_MEMORY]["counts"], expected)
         assert grown.history[-1]["learning_rates"]["spatial_path"] == pytest.approx(0.001 * 0.5)
         assert grown.history[-1]["learning_rates"]["new_classes"] == pytest.approx(0.001 * 10)
+
+
+def test_old_region_and_background_repetition_use_the_threshold() -> None:
+    ctx, batch = _replay_context()
+    # old logits at the two positions: class 1 at 0.3 / -1.0; position 0 is labelled 3, position 1 background
+    batch.old_out = SegmentationOutput(torch.tensor([[[[0.0, 0.0]], [[1.0, 0.3]], [[-1.0, -1.0]]]]), None, [])
+    features = batch.out.features
+    old_features = torch.zeros_like(features)
+    batch.old_out.features = old_features
+    mse = {t: OldRegionFeatures(1.0, t)(batch, ctx).item() for t in (0.0, 0.5)}
+    region = torch.tensor([[[[0.0, 1.0]]]])  # logit 0.3 > 0: the old model sees class 1 at position 1
+    assert mse[0.0] == pytest.approx(old_region_mse(features, old_features, region).item())
+    assert mse[0.5] == 0.0  # 0.3 < 0.5: background for STAR's trainer, no old region
+    losses = {}
+    for threshold in (0.0, 0.5):
+        term = StarClassification(replay=False, max_replay_weight=None, old_logit_threshold=threshold)
+        term.background_ratio = 1.5
+        losses[threshold] = term(batch, ctx).item()
+    z = [0.5 * 1 - 0.5 * 2 + 0.3, 0.5 * -1 - 0.5 * 0.5 + 0.3]  # the new class's logits at both positions
+    real = (_bce(z[0], 1, 4.0) + _bce(z[1], 0)) / 2
+    assert losses[0.0] == pytest.approx(real, abs=1e-5)  # no position is background for both
+    w_bg = 1.5 * 1 / 2  # at 0.5, position 1 is repeated
+    assert losses[0.5] == pytest.approx((real + w_bg * _bce(z[1], 0)) / (1 + w_bg), abs=1e-5)
