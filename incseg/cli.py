@@ -257,8 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
         default="overlapped",
         choices=["disjoint", "overlapped", "sequential"],
         help="overlapped and disjoint: known classes are background in the training masks (the same for one "
-        "step: disjoint differs only by dropping images of later steps' classes, and a step has none); "
-        "sequential: known classes keep their labels",
+        "step: disjoint differs only by dropping images of later steps' classes, and a step has none; star "
+        "still weighs its replay by setting, as STAR's code does); sequential: known classes keep their "
+        "labels",
     )
     p.add_argument("--out", type=Path, required=True, help="model directory to write")
     _add_training_options(p)
