@@ -612,10 +612,10 @@ def star_reference(
 
     What still differs, and why:
     - BiSeNet instead of DeepLabV3: its spatial path, which STAR does not have, reads the image as a
-      backbone does and trains at the backbone's rate in incremental steps (the heads' at step 0,
-      where its rate is the classifier's as BiSeNet trains); BiSeNet's two auxiliary heads are
-      trained at step 0 with the same BCE (its deep supervision, which STAR's single head lacks;
-      no loss reads them later) and are dropped from every exported model.
+      backbone does and trains at the backbone's rate in incremental steps, where the old-region
+      MSE must hold it (at step 0, with nothing to hold, the heads' rate, as ``star``); BiSeNet's
+      two auxiliary heads are trained at step 0 with the same BCE (its deep supervision, which
+      STAR's single head lacks; no loss reads them later) and are dropped from every exported model.
     - The embedding's stride is 8 (STAR's 16): labels at the feature resolution are picked by
       nearest interpolation, not ``[8::16, 8::16]`` (``star_memory.labels_at``).
     - Fake features draw one norm per vector, the paper's, not one per element as STAR's code does
