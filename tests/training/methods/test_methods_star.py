@@ -406,7 +406,7 @@ def test_replay_plan_and_end_of_step_counts_against_the_reference(
     assert merged.tolist() == pytest.approx(counts)
 
 
-def test_each_setting_has_its_formulas_and_the_step_passes_its_setting() -> None:
+def test_each_setting_has_its_formulas_and_nothing_seen_repeats_nothing() -> None:
     assert SETTING_FORMULAS[Setting.OVERLAPPED] is OVERLAPPED_FORMULAS
     assert SETTING_FORMULAS[Setting.DISJOINT] is DISJOINT_FORMULAS
     assert SETTING_FORMULAS[Setting.SEQUENTIAL] is DISJOINT_FORMULAS  # the disjoint images
