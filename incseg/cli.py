@@ -76,8 +76,8 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
         "--lr-multipliers",
         type=json.loads,
         default=None,
-        help="JSON object overriding the learning-rate multiple of parameter groups (backbone, head, "
-        'classifier, new_classes), e.g. \'{"head": 1, "classifier": 1, "new_classes": 1}\'',
+        help="JSON object overriding the learning-rate multiple of parameter groups (backbone, spatial_path, "
+        'head, classifier, new_classes), e.g. \'{"head": 1, "classifier": 1, "new_classes": 1}\'',
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
@@ -257,8 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
         default="overlapped",
         choices=["disjoint", "overlapped", "sequential"],
         help="overlapped and disjoint: known classes are background in the training masks (the same for one "
-        "step: disjoint differs only by dropping images of later steps' classes, and a step has none); "
-        "sequential: known classes keep their labels",
+        "step: disjoint differs only by dropping images of later steps' classes, and a step has none; star "
+        "still weighs its replay by setting, as STAR's code does); sequential: known classes keep their "
+        "labels",
     )
     p.add_argument("--out", type=Path, required=True, help="model directory to write")
     _add_training_options(p)

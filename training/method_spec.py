@@ -10,11 +10,11 @@ from __future__ import annotations
 import ast
 import re
 
-METHOD_NAMES = ("ft", "joint", "lwf", "ilt", "mib", "sdr", "alife", "plop", "star")
+METHOD_NAMES = ("ft", "joint", "lwf", "ilt", "mib", "sdr", "alife", "plop", "star", "star_reference")
 
 # Methods whose models have per-class sigmoid outputs and their own step 0 (``Method.needs_own_base``;
 # a test keeps the two equal). A model continues only with a method of its own family.
-SIGMOID_METHODS = ("star",)
+SIGMOID_METHODS = ("star", "star_reference")
 
 # The method of `incseg step`, of the demo's incremental step, of a service task posted without one,
 # and the first of `incseg bench`. STAR (with its replay weight capped, training.methods.star): the

@@ -2,14 +2,16 @@
 
 An incremental step starts from a trained model whose new classifier rows are copies of the
 background row (MiB's initialisation), on a dataset where the new classes cover a few percent
-of the pixels. At one small learning rate for every parameter (MiB's 0.001) and a few dozen
-iterations, those rows never move far enough from the background row to win a pixel, so the
-new classes score 0 (measured in BENCHMARKS.md, "Every step learns its classes"). As DKD and
-STAR do, the parts of the model train at their own rates, multiples of the step's ``lr``:
+of the pixels; at one small learning rate for every parameter those rows never move far enough
+from the background row to win a pixel (BENCHMARKS.md "Every step learns its classes"). As DKD
+and STAR do, the parts of the model train at their own rates, multiples of the step's ``lr``:
 
 - ``backbone``: the ResNet of the context path (stem and the four stages);
-- ``head``: everything between the backbone and the classifiers (spatial path, attention
-  refinement, fusion, the main and auxiliary embeddings);
+- ``spatial_path``: BiSeNet's spatial path (three stride-2 convolutions reading the image); by
+  default at the ``head`` rate (see ``resolve_multipliers``), a group of its own so that a method
+  (``star``) or a user can set it apart;
+- ``head``: everything else between the backbone and the classifiers (attention refinement,
+  fusion, the main and auxiliary embeddings);
 - ``classifier``: the rows of the 1x1 classifiers (main and auxiliary) of the classes the model
   knew before the step;
 - ``new_classes``: the rows of the classes the step adds.
@@ -37,18 +39,26 @@ from training.models.bisenet import BiSeNet
 from training.options import ParamGroup
 
 # Step 0 trains everything at the step's lr (0.01 by default), as MiB does.
-BASE_STEP_MULTIPLIERS: dict[ParamGroup, float] = {group: 1.0 for group in ParamGroup}
+BASE_STEP_MULTIPLIERS: dict[ParamGroup, float] = {
+    ParamGroup.BACKBONE: 1.0,
+    ParamGroup.HEAD: 1.0,
+    ParamGroup.CLASSIFIER: 1.0,
+    ParamGroup.NEW_CLASSES: 1.0,
+}
 
 # Incremental steps (lr 0.001 by default): backbone at lr, heads and old rows 10x, new rows 100x,
-# STAR's ratios (jinpeng0528/STAR train_voc.py: backbone lr, ASPP and old classifier lr x 10,
-# new classifier lr x 100). On the demo's MiB step they take the new classes from IoU 0.0 to 85.5
-# with old classes unchanged (89.8 -> 90.2); BENCHMARKS.md has the curves.
+# STAR's ratios (jinpeng0528/STAR train_voc.py:123-133: backbone lr, ASPP and old classifier lr x 10,
+# new classifier lr x 100), so that the new rows leave the background row within a short step
+# (BENCHMARKS.md "Every step learns its classes"). ``spatial_path`` follows ``head`` (below).
 INCREMENTAL_STEP_MULTIPLIERS: dict[ParamGroup, float] = {
     ParamGroup.BACKBONE: 1.0,
     ParamGroup.HEAD: 10.0,
     ParamGroup.CLASSIFIER: 10.0,
     ParamGroup.NEW_CLASSES: 100.0,
 }
+
+# A group no default or override names takes the multiplier of the group it follows.
+FOLLOWS: dict[ParamGroup, ParamGroup] = {ParamGroup.SPATIAL_PATH: ParamGroup.HEAD}
 
 _BACKBONE_PARTS = ("stem", "layer1", "layer2", "layer3", "layer4")
 _BACKBONE_PREFIXES = tuple(f"context_path.{part}." for part in _BACKBONE_PARTS)
@@ -58,6 +68,8 @@ def group_of(parameter_name: str) -> ParamGroup:
     """The group of a parameter of ``BiSeNet`` by its qualified name (classifier rows: ``classifier``)."""
     if parameter_name.startswith(_BACKBONE_PREFIXES):
         return ParamGroup.BACKBONE
+    if parameter_name.startswith("spatial_path."):
+        return ParamGroup.SPATIAL_PATH
     if ".classifier." in f".{parameter_name}":
         return ParamGroup.CLASSIFIER
     return ParamGroup.HEAD
@@ -74,12 +86,16 @@ def resolve_multipliers(
     """The defaults of the step kind, updated by each mapping in order (later ones win; keys are groups or
     their names).
 
+    A group of ``FOLLOWS`` that no mapping names takes the final multiplier of the group it follows
+    (the spatial path trains with the heads unless a method or the user sets it apart).
+
     Raises:
         ValueError: A multiplier that is not positive.
     """
     multipliers = dict(INCREMENTAL_STEP_MULTIPLIERS if incremental else BASE_STEP_MULTIPLIERS)
     for override in overrides:
         multipliers |= {ParamGroup(group): float(value) for group, value in (override or {}).items()}
+    multipliers = {**{group: multipliers[leader] for group, leader in FOLLOWS.items()}, **multipliers}
     bad = {group.value: value for group, value in multipliers.items() if not value > 0}
     if bad:
         raise ValueError(f"learning-rate multipliers must be > 0, got {bad}")

@@ -18,9 +18,9 @@ if TYPE_CHECKING:
 # Context paths of BiSeNet (``training.models.bisenet.BACKBONES`` builds them).
 BACKBONE_NAMES = ("resnet10", "resnet18", "resnet50", "resnet101")
 
-# Iteration floor of an incremental step (see ``training.optim``): a user's step may hold 30 images.
-# On the demo's step the new classes win their pixels after about 40 iterations at the group rates
-# (pixel accuracy 0.73 at 40, 0.96 at 80); the floor leaves room for the poly decay.
+# Iteration floor of an incremental step (see ``training.optim``): a user's step may hold 30 images, and
+# the new classes need some dozens of iterations at the group rates to win their pixels, plus room for
+# the poly decay (BENCHMARKS.md "Every step learns its classes").
 MIN_ITERATIONS = 100
 
 
@@ -28,6 +28,7 @@ class ParamGroup(StrEnum):
     """Parts of the model that train at their own learning rate (a multiple of the step's ``lr``)."""
 
     BACKBONE = "backbone"
+    SPATIAL_PATH = "spatial_path"
     HEAD = "head"
     CLASSIFIER = "classifier"
     NEW_CLASSES = "new_classes"
@@ -53,7 +54,7 @@ class StepOptions(BaseModel):
     setting: Literal["disjoint", "overlapped", "sequential"] = "overlapped"
     lr_multipliers: dict[str, float] | None = Field(
         None,
-        description="incremental steps: learning rate of each parameter group (backbone, head, classifier, "
+        description="learning rate of each parameter group (backbone, spatial_path, head, classifier, "
         "new_classes) as a multiple of lr; unset groups keep the method's or the defaults",
     )
     min_iterations: int = Field(

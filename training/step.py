@@ -11,7 +11,9 @@ Settings for one step (``training.protocols`` defines them for a protocol of man
 - *overlapped* and *disjoint*: classes the model already knows are labelled background in the
   training masks. They differ only in whether training images may show classes of *later* steps,
   and one step on a user's dataset has none: every class the dataset lists is either known, new, or
-  (fixed VOC/ADE20K lists only) absent from every training image. So the two are identical here.
+  (fixed VOC/ADE20K lists only) absent from every training image. So the two give the same data
+  here; ``star`` still weighs its replay by the setting, as STAR's trainer does
+  (``training.methods.star.SETTING_FORMULAS``).
 - *sequential*: known classes keep their labels in the training masks (same images).
 """
 

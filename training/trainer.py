@@ -25,6 +25,7 @@ from training.model_dir import ModelBundle
 from training.models.bisenet import BiSeNet, BiSeNetConfig
 from training.optim import build_optimizer, epochs_for, resolve_multipliers, scale_new_rows
 from training.options import ParamGroup, StepOptions
+from training.protocols import Setting
 
 PREPARING_PHASE = "preparing"  # growing the model, the methods' step-start work (e.g. PLOP's pseudo-labels)
 TRAINING_PHASE = "training"
@@ -167,7 +168,18 @@ def train_step(
     )
     if len(train_set) < 2:  # batch norm needs two samples per batch in training
         raise ValueError(f"the step has {len(train_set)} training images; it needs at least 2")
-    ctx = StepContext(len(history), model, old_model, num_old, classes, loader, device, state, options.epochs)
+    ctx = StepContext(
+        len(history),
+        model,
+        old_model,
+        num_old,
+        classes,
+        loader,
+        device,
+        state,
+        options.epochs,
+        Setting(options.setting),
+    )
     method.on_step_start(ctx)
 
     lr = options.learning_rate(ctx.step)

@@ -36,6 +36,8 @@ def test_every_parameter_has_one_group_and_the_groups_are_the_model_parts() -> N
     assert in_classifier == classifier_params
     assert len(classifier_params) == 6  # weight and bias of the main and two auxiliary classifiers
     assert groups["fusion.conv.0.weight"] is ParamGroup.HEAD
+    spatial = {name for name, group in groups.items() if group is ParamGroup.SPATIAL_PATH}
+    assert spatial == {f"spatial_path.{name}" for name, _ in model.spatial_path.named_parameters()}
     assert groups["head.embed.0.weight"] is ParamGroup.HEAD
     assert groups["context_path.arm16.conv.0.weight"] is ParamGroup.HEAD
 
@@ -46,6 +48,7 @@ def test_optimizer_groups_run_at_their_multiples_of_the_step_lr() -> None:
     optimizer = build_optimizer(model, 0.002, multipliers, momentum=0.9, weight_decay=1e-4)
     rates = {group["name"]: group["lr"] for group in optimizer.param_groups}
     expected = {g.value: 0.002 * m for g, m in INCREMENTAL_STEP_MULTIPLIERS.items()}
+    expected[ParamGroup.SPATIAL_PATH.value] = expected[ParamGroup.HEAD.value]  # follows the heads
     del expected[ParamGroup.NEW_CLASSES.value]
     assert rates == pytest.approx(expected)  # new rows: scaled inside the classifier group
     trained = {id(p) for group in optimizer.param_groups for p in group["params"]}
@@ -62,6 +65,16 @@ def test_multipliers_step_zero_defaults_then_method_then_options() -> None:
     assert merged[ParamGroup.BACKBONE] == INCREMENTAL_STEP_MULTIPLIERS[ParamGroup.BACKBONE]
     with pytest.raises(ValueError, match="must be > 0"):
         resolve_multipliers(True, {"classifier": 0.0})
+    with pytest.raises(ValueError, match="must be > 0"):
+        resolve_multipliers(True, {"spatial_path": 0.0})
+
+
+def test_spatial_path_follows_the_heads_unless_a_method_or_the_user_names_it() -> None:
+    assert resolve_multipliers(True)[ParamGroup.SPATIAL_PATH] == INCREMENTAL_STEP_MULTIPLIERS[ParamGroup.HEAD]
+    assert resolve_multipliers(True, {ParamGroup.HEAD: 1.0})[ParamGroup.SPATIAL_PATH] == 1.0  # e.g. PLOP's
+    assert resolve_multipliers(True, {"head": 1.0}, {"spatial_path": 0.5})[ParamGroup.SPATIAL_PATH] == 0.5
+    named = resolve_multipliers(True, {"spatial_path": 0.1}, {"head": 4.0})
+    assert named[ParamGroup.SPATIAL_PATH] == 0.1 and named[ParamGroup.HEAD] == 4.0
     with pytest.raises(ValueError):
         resolve_multipliers(True, {"decoder": 1.0})
 

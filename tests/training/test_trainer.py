@@ -80,12 +80,14 @@ def test_incremental_step_learning_rates_per_group_and_iteration_floor() -> None
     assert record["iterations"] == 8  # 2 per epoch, raised to 4 epochs to reach 7
     assert [r.iteration for r in reports if r.losses] == list(range(1, 9))  # the training reports
     expected = {group: 0.001 * m for group, m in INCREMENTAL_STEP_MULTIPLIERS.items()}
+    expected[ParamGroup.SPATIAL_PATH] = expected[ParamGroup.HEAD]  # follows the heads
     assert record["learning_rates"] == pytest.approx(expected)
 
     own = Method("ft-own-rates", [_CrossEntropyWithOwnRates()])
     grown, _ = train_step(base, ["c"], TinySet([3]), None, own, TINY_OPTIONS)
     rates = grown.history[-1]["learning_rates"]
-    assert rates == pytest.approx(expected | {ParamGroup.HEAD: 0.002, ParamGroup.NEW_CLASSES: 0.005})
+    own_rates = {ParamGroup.HEAD: 0.002, ParamGroup.SPATIAL_PATH: 0.002, ParamGroup.NEW_CLASSES: 0.005}
+    assert rates == pytest.approx(expected | own_rates)
     chosen = TINY_OPTIONS.model_copy(update={"lr_multipliers": {"new_classes": 3.0}})
     grown, _ = train_step(base, ["c"], TinySet([3]), None, own, chosen)
     assert grown.history[-1]["learning_rates"][ParamGroup.NEW_CLASSES] == pytest.approx(0.003)  # options win

@@ -21,6 +21,7 @@ METHODS: dict[str, Callable[[], Method]] = {
     "alife": alife.alife,
     "plop": plop.plop,
     "star": star.star,
+    "star_reference": star.star_reference,
 }
 
 

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 
 from training.models.bisenet import BiSeNet, SegmentationOutput
 from training.optim import ParamGroup
+from training.protocols import Setting
 
 
 @dataclass
@@ -43,6 +44,8 @@ class StepContext:
         device: Where the models live.
         state: Persistent method state (e.g. prototypes, feature memory), saved with the model.
         epochs: Training epochs of the step (terms with their own loops may reuse it).
+        setting: How the step's images and labels were chosen (``StepOptions.setting``); a method
+            whose reference treats the old data per setting (``star``) reads it.
     """
 
     step: int
@@ -54,6 +57,7 @@ class StepContext:
     device: torch.device
     state: dict[str, dict[str, Tensor]] = field(default_factory=dict)
     epochs: int = 1
+    setting: Setting = Setting.OVERLAPPED
 
     @property
     def num_classes(self) -> int:

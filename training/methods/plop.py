@@ -208,11 +208,9 @@ class LocalPOD(LossTerm):
     name = "local_pod"
     needs_old_model = True
     # The heads and the old classifier rows stay at the step's lr (PLOP's code trains every parameter
-    # at one rate); only the new rows keep the trainer's 100x. POD holds the heads' features to the
-    # old model's, and at the trainer's 10x they drifted faster than it pulled them back: on 15-1-1
-    # overlapped (96 px, seed 0) old-class mIoU after two steps was 42.5 at 10x against 57.2 at 1x,
-    # new-class IoU of each step's class about the same (28.2 / 65.7 against 31.7 / 64.1); all at 1x,
-    # new rows included, the step-1 class was never predicted (0.0). BENCHMARKS.md has the table.
+    # at one rate); only the new rows keep the trainer's 100x, which they need to win any pixel. POD
+    # holds the heads' features to the old model's, and at the trainer's 10x they drifted faster than
+    # it pulled them back (BENCHMARKS.md "Why PLOP got worse: the heads' 10x learning rate").
     lr_multipliers: Mapping[ParamGroup, float] = {ParamGroup.HEAD: 1.0, ParamGroup.CLASSIFIER: 1.0}
 
     def __init__(

@@ -2,7 +2,8 @@
 
 References read line by line: jinpeng0528/STAR @9e31f36 (``trainer/trainer_voc.py``, ``models/loss.py``,
 ``models/model.py``, ``base/base_trainer.py``, ``train_voc.py``, ``configs/config_voc.json``) and
-cvlab-yonsei/DKD (same layout). "STAR x:n" / "DKD x:n" below cite those files.
+cvlab-yonsei/DKD (same layout). "STAR x:n" / "DKD x:n" below cite those files. ``star`` ships with
+a few deviations for short steps (each below, with its option); ``star_reference`` is STAR's code.
 
 DKD's framework:
 - One sigmoid per class and binary cross-entropy, no softmax over a background class; a pixel is
@@ -10,82 +11,76 @@ DKD's framework:
   ``BiSeNetConfig.sigmoid_outputs``: its classifier row 0 is DKD's auxiliary classifier
   (DKD model.py:41, trained to say "no" everywhere on detached features, DKD loss.py:110-119,
   weight ``ac`` = 1, DKD config_voc.json) and its outputs carry a constant 0 in channel 0, so the
-  argmax of any exported graph is the papers' label map.
-- New classes' rows start as copies of that auxiliary row (DKD model.py:110-115): they answer "no"
-  everywhere at first instead of 0.5 (STAR itself starts them with Kaiming noise, STAR
-  train_voc.py:118; ``aux_init=False`` does that).
+  argmax of any exported graph is the papers' label map. STAR has no such row (STAR model.py:41,
+  task.py:211); with ``aux_classifier=0`` and ``aux_init=False`` nothing reads row 0.
+- New classes' rows start as copies of that auxiliary row (DKD model.py:110-115), so they answer
+  "no" everywhere at first; STAR starts them with Kaiming noise (STAR model.py:85-92,
+  ``aux_init=False``).
 - BatchNorm frozen in incremental steps (``--freeze_bn``, STAR model.py:94-125).
 - KD on the old logits in BCE form (DKD trainer_voc.py:354-357, weight 5): off by default, as in
   STAR, whose trainer has no such term; ``star(kd=5)`` adds it.
 - Learning rates per group, STAR train_voc.py:123-142: backbone x1, head x10, old rows x10,
-  new rows x100 of a base rate 1e-4 (1e-3 at step 0, where the classifier is x10), except the new
-  rows, **ten times faster here** (deviation, for steps of 100 iterations: see ``LR_MULTIPLIERS``,
-  stated on the classification term, applied by ``training.optim``). In incremental steps BiSeNet's
-  spatial path (three stride-2 convolutions reading the image: a feature extractor, as STAR's
-  backbone) trains at the backbone's rate, not the heads' (``training.optim``
-  puts it with the heads): at the heads' 1e-3 the old-region MSE's rate-scaled Hessian has a top
-  eigenvalue past the stability limit of SGD with Nesterov momentum 0.9 (1.36), 2.0 of it from the
-  spatial path alone, and that loss then diverges instead of holding the old features (measured,
-  BENCHMARKS.md "STAR: why it collapsed at its first step").
+  new rows x100 of a base rate 1e-4 (1e-3 at step 0, where the classifier is x10); ``star`` trains
+  the new rows ten times faster (see ``LR_MULTIPLIERS``). BiSeNet's spatial path reads the image as
+  STAR's backbone does, so in incremental steps it trains at the backbone's rate (its own
+  ``spatial_path`` group of ``training.optim``): at the heads' rate the old-region MSE diverged
+  (BENCHMARKS.md "STAR: why it collapsed at its first step, and the fix").
 
-STAR's replay (STAR trainer_voc.py:390-465), with its weights (config_voc.json):
+STAR's replay (STAR trainer_voc.py:362-465), with its weights (config_voc.json):
 - BCE on the new classes with ``pos_weight`` 4 (mbce 1), averaged over all pixels per class and
   summed over classes (STAR loss.py:58-91, trainer_voc.py:431-434).
 - Fake features of the old classes, drawn from the stored statistics (``star_memory``), go through
   the classifier and must not be claimed by the new classes (BCE with target 0 on the new
-  classes' logits); as many per iteration as the old class lacks in the current data
-  (its stored count minus what the old model finds here, spread over the iterations).
+  classes' logits); per iteration, a class's stored count (overlapped: minus what the old model
+  finds in the current data) spread over the iterations.
 - Background repetition: the current features at positions that are background for both the
   labels and the old model are classified again with target 0, weighted so that the background
   keeps its share of the old steps.
 - The three parts are one loss: (real + w_fake fake + w_bg bg) / (1 + w_fake + w_bg), with
   w = (number of replayed vectors) / (feature positions in the batch) (trainer_voc.py:450-455).
-  **Deviation**: w_fake + w_bg is capped at 1 (``max_replay_weight``; None restores the reference).
-  The reference's weights give the old data its share of the positions, which after a large step 0
-  and a small step is about 6 times the real pixels (5.5 background, 0.7 fake); STAR trains such a
-  step for about 1250 iterations from ImageNet features. In our short steps (the trainer's floor of
-  100 iterations) they hold the new classes down: measured on the synthetic protocols of
-  BENCHMARKS.md (96 px, two data seeds), the new-class mIoU is 0.32-0.55 of joint training's with
-  them and 0.68-0.83 capped at 1, while the old classes keep most of what the replay saves (cap 1
-  chosen among 0.5, 1 and 2 on 10-2 overlapped; 10x the iterations without the cap still left the
-  probe's new class at 8.5 IoU). With the new rows' faster rate as well, the cap still adds 4.6
-  points of all-mIoU on 10-2 overlapped seed 0 (66.6 against 62.0).
+  ``star`` caps w_fake + w_bg at 1 (``max_replay_weight``; None: the reference's weights), because
+  at the reference's weights a short step after a large step 0 barely learns its classes
+  (BENCHMARKS.md "Why star caps its replay and trains its new rows faster").
+- The disjoint setting has its own formulas (trainer_voc.py:327-330, 364-385): ``SETTING_FORMULAS``.
 - Old-class regions (label background, old model says an old class) keep their features: MSE
   between the new and old embedding there, weight ``pkd`` 5 (STAR loss.py:94-107).
 - SAD: the new classes' mean features are pushed away from the nearest old prototype,
   1 / distance, weight ``cont`` 0.05 (STAR loss.py:110-133).
+- Where the old model sees an old class (the MSE's region, the background repetition, the counts)
+  STAR's trainer thresholds the raw old logits at 0.5 (trainer_voc.py:399, 514), i.e. sigmoid 0.62,
+  where its evaluation thresholds the sigmoid (182-186): the evaluation's rule without its sigmoid.
+  ``star`` keeps one rule, the model's own label map (logit 0, the rule every exported graph
+  applies), so that "the old model sees class c" means what the old model predicts;
+  ``old_logit_threshold=0.5`` is the reference's.
 
 Step 0 is star's own, trained with per-class BCE as STAR and DKD train theirs (``needs_own_base``:
-``incseg bench`` trains it instead of sharing the softmax ``ft`` base; on the 15-1 probe of
-BENCHMARKS.md it scores 60.5 against the ``ft`` base's 56.8). A softmax base is refused rather than
-converted: the conversion (class-vs-background log-odds as the class logits) is exact for the label
-map, but it is the path on which star collapsed (all old classes to 0) before the spatial path got
-the backbone's rate, and a base trained with BCE is the reference's. A base with no star memory is
-refused as well.
+``incseg bench`` trains it instead of sharing the softmax ``ft`` base; BENCHMARKS.md "STAR: why it
+collapsed at its first step, and the fix"). A softmax base is refused rather than converted: a base
+trained with BCE is the reference's. A base with no star memory is refused as well.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
 
 from training.methods.base import Batch, LossTerm, Method, StepContext
 from training.methods.star_memory import STAR_MEMORY, ClassMemory, MemoryBuilder, labels_at
 from training.models.bisenet import BiSeNet, bias_of
 from training.optim import ParamGroup
+from training.protocols import Setting
 
 # STAR train_voc.py:123-142 and scripts/voc/overlapped/train_voc_15-1.sh: base lr 1e-3 at step 0,
 # 1e-4 later; ASPP and classifier x10, new classifier x100. Our step lr is 0.01 at step 0 and 0.001
-# later (the ASPP's rate), so the same multipliers give STAR's rates at every step, except the new
-# rows: x100 here (1e-1), ten times STAR's 1e-2 (deviation: STAR trains a step for about 1250
-# iterations, ours run from the trainer's floor of 100; at 1e-2 the new rows, which start from the
-# auxiliary row's "no", barely leave it: measured in BENCHMARKS.md "Why star caps its replay and
-# trains its new rows faster"; x100 is also what the trainer gives the softmax methods' new rows).
+# later (the ASPP's rate), so these multipliers give STAR's rates at every step, except the new rows:
+# x100 here (1e-1), ten times STAR's 1e-2, because our steps are far shorter than STAR's and at 1e-2
+# the new rows barely leave their initial "no" (BENCHMARKS.md "Why star caps its replay and trains its
+# new rows faster"); x100 is also the trainer's rate for the softmax methods' new rows.
 LR_MULTIPLIERS: dict[ParamGroup, float] = {
     ParamGroup.BACKBONE: 0.1,
     ParamGroup.HEAD: 1.0,
@@ -182,33 +177,143 @@ def _feature_positions(labels: Tensor, size: tuple[int, ...]) -> Tensor:
     return labels_at(labels, size)
 
 
+def old_label_map(logits: Tensor, threshold: float) -> Tensor:
+    """The old model's label map with a threshold on its raw class logits: (B, C, H, W) -> (B, H, W).
+
+    The class of the largest logit among channels ``1..``, background (0) where none exceeds
+    ``threshold`` (STAR trainer_voc.py:398-401). At 0 this is the argmax of the model's outputs
+    (channel 0 is the constant 0); STAR's trainer uses 0.5.
+    """
+    classes = logits[:, 1:]
+    labels = classes.argmax(1) + 1
+    return labels.masked_fill((classes > threshold).sum(1) == 0, 0)
+
+
+@dataclass(frozen=True)
+class SettingFormulas:
+    """How STAR's trainer weighs the old data in one setting (STAR trainer_voc.py:327-330, 364-385).
+
+    Attributes:
+        background_discount_per_new_class: The stored background count shrinks by this fraction per
+            new class before it is compared with the step's (328; 330: none).
+        background_ratio_offset: Subtracted from stored / seen background to give the repetition
+            ratio (374; 376: none).
+        found_in_deficit: Weight of the old-class positions the old model finds in the step's data:
+            subtracted from the stored count to give the fakes to replay (1: 366) or added to the
+            stored count at the end of the step (0: 369 replays the full count, 385 sums them).
+        background_seen_share: Share of the background positions seen in the step added to the
+            stored background at the end (382; 384: all).
+    """
+
+    background_discount_per_new_class: float
+    background_ratio_offset: float
+    found_in_deficit: float
+    background_seen_share: float
+
+
+OVERLAPPED_FORMULAS = SettingFormulas(0.01, 0.5, 1.0, 0.5)
+DISJOINT_FORMULAS = SettingFormulas(0.0, 0.0, 0.0, 1.0)
+
+# The sequential setting takes the disjoint images (``training.protocols``), hence the disjoint
+# formulas; its labelled old-class pixels are not background, so they are not counted as found.
+SETTING_FORMULAS: dict[Setting, SettingFormulas] = {
+    Setting.OVERLAPPED: OVERLAPPED_FORMULAS,
+    Setting.DISJOINT: DISJOINT_FORMULAS,
+    Setting.SEQUENTIAL: DISJOINT_FORMULAS,
+}
+
+
+@dataclass(frozen=True)
+class ReplayPlan:
+    """What an incremental step replays (STAR trainer_voc.py:362-378).
+
+    Attributes:
+        fakes_per_iteration: (K_old,) fake features of each old foreground class per iteration.
+        background_ratio: Weight of each repeated background position.
+        previous_background: The stored background count as the step weighs it.
+    """
+
+    fakes_per_iteration: Tensor
+    background_ratio: float
+    previous_background: float
+
+
+def plan_replay(
+    counts: Tensor, found: Tensor, num_new: int, iterations: int, formulas: SettingFormulas
+) -> ReplayPlan:
+    """STAR's replay plan from the stored counts and what the old model finds in the step's data.
+
+    Args:
+        counts: (K_old + 1,) stored feature positions per class, index 0 = background.
+        found: (K_old + 1,) positions labelled background in the step's data where the old model
+            sees each class (0: background for both).
+        num_new: Classes the step adds.
+        iterations: Iterations of one epoch (the reference spreads a class's count over one epoch).
+        formulas: The setting's coefficients.
+    """
+    f = formulas
+    previous_background = float(counts[0]) * (1 - f.background_discount_per_new_class * num_new)
+    seen = float(found[0])
+    ratio = max(previous_background / seen - f.background_ratio_offset, 0.0) if seen > 0 else 0.0
+    deficit = (counts[1:] - f.found_in_deficit * found[1:]).clamp_min(0)
+    per_iteration = (deficit / max(iterations, 1)).floor().long()
+    return ReplayPlan(per_iteration, ratio, previous_background)
+
+
+def capped_fakes(per_iteration: Tensor, cap: float | None) -> Tensor:
+    """Scales the fakes of every class down alike (floored) so that their sum is at most ``cap``."""
+    total = per_iteration.sum()
+    if cap is None or total <= cap:
+        return per_iteration
+    return (per_iteration * cap / total).floor().long()
+
+
+def merged_counts(
+    counts: Tensor, found: Tensor, new_counts: Tensor, plan: ReplayPlan, formulas: SettingFormulas
+) -> Tensor:
+    """The counts stored after an incremental step (STAR trainer_voc.py:380-388).
+
+    Args:
+        counts: (K_old + 1,) counts stored before the step.
+        found: (K_old + 1,) what the old model found in the step's background (see ``plan_replay``).
+        new_counts: (K_new + 1,) the new classes' positions in the step's data (index 0 unused).
+        plan: The step's replay plan.
+        formulas: The setting's coefficients.
+
+    Returns:
+        (K_old + K_new + 1,) background, old classes, new classes.
+    """
+    f = formulas
+    background = f.background_seen_share * found[:1] + plan.previous_background
+    old = counts[1:] + (1 - f.found_in_deficit) * found[1:]
+    return torch.cat([background, old, new_counts[1:]])
+
+
 class StarClassification(LossTerm):
     """STAR's classification loss: per-class BCE, plus fake old features and background repetition.
 
     At step 0 every class is trained (main and auxiliary heads, as BiSeNet trains); later only the
     new classes on the main head, whose embedding the replay lives in. The step hooks set the model
-    up (sigmoid outputs, new rows), count what the old model sees in the new data, and build the
-    new classes' memory at the end.
+    up (sigmoid outputs, new rows, the spatial path's rate), count what the old model sees in the
+    new data, and build the new classes' memory at the end.
 
     Args:
         pos_weight: Weight of positive pixels (STAR 4).
         replay: Mix fake old-class features in (STAR).
-        background_repeat: Repeat background features (STAR). Both are on, as in STAR; at the
-            reference's weights a 100-iteration step learns its class weakly (the repeated background
-            weighs about 5.5x the real pixels, BENCHMARKS.md "STAR: why it collapsed at its first
-            step"), hence ``max_replay_weight``.
-        aux_init: New rows copy the auxiliary row (DKD); False = Kaiming noise (STAR).
-        max_replay_ratio: At most this many fake vectors per feature position of a batch. The
-            reference replays a class's whole deficit every epoch, which on a small step after a
-            large one means huge batches of fake features; STAR on VOC 15-1 has about 3 per
-            position, so 4 keeps its behaviour and bounds a step's cost whatever the history.
+        background_repeat: Repeat background features (STAR).
+        aux_init: New rows copy the auxiliary row (DKD); False: Kaiming normal weights for every
+            row STAR creates, step 0's classifier and each step's new rows (STAR model.py:85-92).
+        max_replay_ratio: At most this many fake vectors per feature position of a batch, which
+            bounds a step's cost whatever the history (the reference replays a class's whole
+            count every epoch; its VOC 15-1 steps stay below this bound); None: no bound.
         max_replay_weight: At most this weight for the fake features and the repeated background
             together, against 1 for the real pixels (both scaled down alike past it); None: the
-            reference's weights, however large (see the module's docstring for why 1).
-        lr_multipliers: Overrides of ``LR_MULTIPLIERS`` by group name, e.g. ``{"new_classes": 100}``.
-        spatial_path_at_backbone_rate: In incremental steps, scale the spatial path's gradient by
-            the backbone / head ratio of these multipliers (a gradient hook, as the trainer scales
-            the new rows; the step's recorded rates list it with the heads). False: the heads' rate.
+            reference's weights, however large (the module's docstring says why).
+        lr_multipliers: Overrides of ``LR_MULTIPLIERS`` by group name, e.g. ``{"new_classes": 10}``.
+        spatial_path_at_backbone_rate: In incremental steps the ``spatial_path`` group trains at the
+            ``backbone`` multiplier (unless ``lr_multipliers`` names it); False: the ``head``'s.
+        old_logit_threshold: The old model sees a class where its raw logit exceeds this
+            (``old_label_map``): 0 is the model's own label map, 0.5 STAR's trainer.
     """
 
     name = "bce"
@@ -222,40 +327,44 @@ class StarClassification(LossTerm):
         replay: bool = True,
         background_repeat: bool = True,
         aux_init: bool = True,
-        max_replay_ratio: float = 4.0,
+        max_replay_ratio: float | None = 4.0,
         max_replay_weight: float | None = 1.0,
         lr_multipliers: Mapping[str, float] | None = None,
         spatial_path_at_backbone_rate: bool = True,
+        old_logit_threshold: float = 0.0,
     ) -> None:
         super().__init__(1.0)
-        self.lr_multipliers = {
+        self.stated_multipliers = {
             **LR_MULTIPLIERS,
             **{ParamGroup(k): v for k, v in (lr_multipliers or {}).items()},
         }
+        self.spatial_path_at_backbone_rate = spatial_path_at_backbone_rate
+        self._use_multipliers(incremental=False)
         self.pos_weight = pos_weight
         self.replay = replay
         self.background_repeat = background_repeat
         self.aux_init = aux_init
         self.max_replay_ratio = max_replay_ratio
         self.max_replay_weight = max_replay_weight
-        self.spatial_path_at_backbone_rate = spatial_path_at_backbone_rate
-        self.gradient_hooks: list[RemovableHandle] = []
+        self.old_logit_threshold = old_logit_threshold
         self.memory: ClassMemory | None = None
         self.fakes_per_iteration: Tensor | None = None
         self.background_ratio = 0.0
-        self.background_seen = 0.0
-        self.previous_background = 0.0
+        self.plan: ReplayPlan | None = None
+        self.found: Tensor | None = None
+        self.formulas = OVERLAPPED_FORMULAS
 
     # ----- step hooks -------------------------------------------------------------------------
     def on_step_start(self, ctx: StepContext) -> None:
         self.memory, self.fakes_per_iteration, self.background_ratio = None, None, 0.0
+        self.plan, self.found, self.formulas = None, None, SETTING_FORMULAS[ctx.setting]
+        self._use_multipliers(incremental=ctx.old_model is not None)
         if ctx.old_model is None:
             ctx.model.config = dataclasses.replace(ctx.model.config, sigmoid_outputs=True)
+            if not self.aux_init:
+                kaiming_rows(ctx.model.head.classifier, 0)
             return
         init_new_rows(ctx.model, ctx.old_model, self.aux_init)
-        if self.spatial_path_at_backbone_rate:
-            factor = self.lr_multipliers[ParamGroup.BACKBONE] / self.lr_multipliers[ParamGroup.HEAD]
-            self.gradient_hooks = scale_gradients(ctx.model.spatial_path.parameters(), factor)
         if STAR_MEMORY not in ctx.state:
             raise ValueError(
                 "star needs the prototype statistics of the old classes: train the base model with "
@@ -269,38 +378,42 @@ class StarClassification(LossTerm):
             )
         self._plan_replay(ctx, ctx.old_model, self.memory)
 
+    def _use_multipliers(self, incremental: bool) -> None:
+        """The stated multipliers; the spatial path's is the backbone's in incremental steps (module doc)."""
+        stated = self.stated_multipliers
+        at_backbone = incremental and self.spatial_path_at_backbone_rate
+        leader = ParamGroup.BACKBONE if at_backbone else ParamGroup.HEAD
+        self.lr_multipliers = {ParamGroup.SPATIAL_PATH: stated[leader], **stated}
+
     @torch.no_grad()
     def _plan_replay(self, ctx: StepContext, old_model: BiSeNet, memory: ClassMemory) -> None:
-        """STAR trainer_voc.py:362-378 and 502-527 (overlapped formulas, used for every setting)."""
+        """Counts what the old model finds in the step's background, then ``plan_replay`` (STAR 502-527)."""
         found = torch.zeros(ctx.num_old_classes, device=ctx.device)  # [0] = background for both
         positions_per_batch = 0
         for images, labels in ctx.train_loader:
             images, labels = images.to(ctx.device), labels.to(ctx.device)
             features = old_model.forward_features(images)
             size = features.shape[2:]
-            old_pred = _feature_positions(old_model.forward_head(features, images.shape[2:]).argmax(1), size)
+            old_logits = old_model.forward_head(features, images.shape[2:])
+            old_pred = _feature_positions(old_label_map(old_logits, self.old_logit_threshold), size)
             small = _feature_positions(labels, size)
             found += torch.bincount(old_pred[small == 0], minlength=ctx.num_old_classes).float()
             positions_per_batch = max(positions_per_batch, small.numel())
-        counts = memory.counts
-        n_new = ctx.num_classes - ctx.num_old_classes
-        previous_background = counts[0] * (1 - 0.01 * n_new)
-        self.background_seen = float(found[0])
-        self.background_ratio = max(float(previous_background / found[0]) - 0.5, 0.0) if found[0] > 0 else 0.0
-        deficit = (counts[1:] - found[1:]).clamp_min(0)
-        per_iteration = (deficit / max(len(ctx.train_loader), 1)).floor()
-        cap = self.max_replay_ratio * positions_per_batch
-        if per_iteration.sum() > cap:
-            per_iteration = (per_iteration * cap / per_iteration.sum()).floor()
-        self.fakes_per_iteration = per_iteration.long()
-        self.previous_background = float(previous_background)
+        self.found = found
+        self.plan = plan_replay(
+            memory.counts,
+            found,
+            ctx.num_classes - ctx.num_old_classes,
+            len(ctx.train_loader),
+            self.formulas,
+        )
+        cap = None if self.max_replay_ratio is None else self.max_replay_ratio * positions_per_batch
+        self.fakes_per_iteration = capped_fakes(self.plan.fakes_per_iteration, cap)
+        self.background_ratio = self.plan.background_ratio
 
     @torch.no_grad()
     def on_step_end(self, ctx: StepContext) -> None:
         """Adds the new classes' statistics to the memory (STAR base_trainer.py:117-122)."""
-        for hook in self.gradient_hooks:
-            hook.remove()
-        self.gradient_hooks = []
         first = max(ctx.num_old_classes, 1)
         builder = MemoryBuilder(list(range(first, ctx.num_classes)), ctx.model.embed_dim, ctx.device)
         was_training = ctx.model.training
@@ -309,18 +422,16 @@ class StarClassification(LossTerm):
             builder.update(ctx.model.forward_features(images.to(ctx.device)), labels.to(ctx.device))
         ctx.model.train(was_training)
         new = builder.build()
-        if ctx.old_model is None or self.memory is None:
+        if self.memory is None or self.plan is None or self.found is None:
             memory = new
         else:
-            # STAR trainer_voc.py:380-388: background = half of what the step saw + the old share
-            background = 0.5 * self.background_seen + self.previous_background
             old = self.memory
             memory = ClassMemory(
                 torch.cat([old.prototypes, new.prototypes]),
                 torch.cat([old.noise, new.noise]),
                 torch.cat([old.norm_mean, new.norm_mean]),
                 torch.cat([old.norm_std, new.norm_std]),
-                torch.cat([torch.tensor([background], device=ctx.device), old.counts[1:], new.counts[1:]]),
+                merged_counts(old.counts, self.found, new.counts, self.plan, self.formulas),
             )
         ctx.state[STAR_MEMORY] = memory.to_state()
 
@@ -343,14 +454,16 @@ class StarClassification(LossTerm):
             and self.fakes_per_iteration.sum() > 0
         ):
             fakes = self.memory.sample(self.fakes_per_iteration)  # (N, D)
-            parts.append(negative_bce(F.linear(fakes, weight, classifier.bias)[:, first:]))
+            parts.append(negative_bce(F.linear(fakes, weight, bias_of(classifier))[:, first:]))
             weights.append(len(fakes) / positions)
         if self.background_repeat and self.background_ratio > 0:
             size = features.shape[2:]
-            old_pred = _feature_positions(batch.require_old_out().logits.argmax(1), size)
+            old_pred = _feature_positions(
+                old_label_map(batch.require_old_out().logits, self.old_logit_threshold), size
+            )
             background = (old_pred == 0) & (_feature_positions(batch.labels, size) == 0)  # (B, h, w)
             repeated = features.permute(0, 2, 3, 1)[background]  # (M, D)
-            parts.append(negative_bce(F.linear(repeated, weight, classifier.bias)[:, first:]))
+            parts.append(negative_bce(F.linear(repeated, weight, bias_of(classifier))[:, first:]))
             weights.append(self.background_ratio * len(repeated) / positions)
         replayed = sum(weights[1:])
         if self.max_replay_weight is not None and replayed > self.max_replay_weight:
@@ -387,16 +500,21 @@ class SigmoidDistillation(LossTerm):
 class OldRegionFeatures(LossTerm):
     """STAR's PKD: old-class regions keep the old model's embedding (see ``old_region_mse``).
 
-    The region uses the old model's label map (sigmoid 0.5, i.e. logit 0); the reference thresholds
-    the raw old logits at 0.5 there (trainer_voc.py:398-401, sigmoid 0.62), unlike its own
-    evaluation; one rule for both is kept here.
+    Args:
+        weight: STAR's ``pkd`` (5).
+        old_logit_threshold: Where the old model sees an old class (``old_label_map``; the module's
+            docstring says why ``star`` uses 0 and STAR's trainer 0.5).
     """
 
     name = "old_region_mse"
     needs_old_model = True
 
+    def __init__(self, weight: float = 1.0, old_logit_threshold: float = 0.0) -> None:
+        super().__init__(weight)
+        self.old_logit_threshold = old_logit_threshold
+
     def __call__(self, batch: Batch, ctx: StepContext) -> Tensor:
-        old_pred = batch.require_old_out().logits.argmax(1)  # (B, H, W); channel 0 is the constant threshold
+        old_pred = old_label_map(batch.require_old_out().logits, self.old_logit_threshold)  # (B, H, W)
         region = ((batch.labels == 0) & (old_pred > 0)).unsqueeze(1).float()
         return old_region_mse(batch.out.features, batch.require_old_out().features, region)
 
@@ -417,15 +535,16 @@ class PrototypeSeparation(LossTerm):
         )
 
 
-def scale_gradients(parameters: Iterable[nn.Parameter], factor: float) -> list[RemovableHandle]:
-    """Multiplies the gradient of each trained parameter by ``factor`` (with SGD: its learning rate).
+@torch.no_grad()
+def kaiming_rows(classifier: nn.Conv2d, first: int) -> None:
+    """Rows ``first..`` as STAR creates them (model.py:85-92): Kaiming normal weights, PyTorch's default bias.
 
-    Parameters that do not require a gradient (e.g. BatchNorm frozen by an earlier step) are skipped;
-    no hooks for a factor of 1.
+    Kaiming normal in fan-in mode: std sqrt(2 / in_channels); the bias uniform in +-1 / sqrt(in_channels).
     """
-    if factor == 1.0:
-        return []
-    return [p.register_hook(lambda grad: grad * factor) for p in parameters if p.requires_grad]
+    fresh = nn.Conv2d(classifier.in_channels, classifier.out_channels - first, 1).to(classifier.weight)
+    nn.init.kaiming_normal_(fresh.weight)
+    classifier.weight[first:] = fresh.weight
+    bias_of(classifier)[first:] = bias_of(fresh)
 
 
 @torch.no_grad()
@@ -439,11 +558,8 @@ def init_new_rows(model: BiSeNet, old_model: BiSeNet, aux_init: bool) -> None:
     if aux_init:  # DKD model.py:110-115
         classifier.weight[num_old:] = old.weight[:1]
         bias[num_old:] = old_bias[:1]
-    else:  # STAR model.py:85-92: Kaiming normal weights, PyTorch's default bias
-        fresh = nn.Conv2d(classifier.in_channels, classifier.out_channels - num_old, 1).to(classifier.weight)
-        nn.init.kaiming_normal_(fresh.weight)
-        classifier.weight[num_old:] = fresh.weight
-        bias[num_old:] = bias_of(fresh)
+    else:
+        kaiming_rows(classifier, num_old)
 
 
 def star(
@@ -455,16 +571,19 @@ def star(
     replay: bool = True,
     background_repeat: bool = True,
     aux_init: bool = True,
-    max_replay_ratio: float = 4.0,
+    max_replay_ratio: float | None = 4.0,
     max_replay_weight: float | None = 1.0,
     lr_multipliers: dict[str, float] | None = None,
     spatial_path_at_backbone_rate: bool = True,
+    old_logit_threshold: float = 0.0,
 ) -> Method:
     """STAR on DKD's framework; weights of STAR's configs/config_voc.json (pkd 5, cont 0.05, pos_weight 4).
 
-    A weight of 0 drops the term. ``kd`` is DKD's (5 there); STAR has none.
+    A weight of 0 drops the term. ``kd`` is DKD's (5 there); STAR has none. The other arguments are
+    ``StarClassification``'s; ``old_logit_threshold`` applies to the old-region MSE as well.
     """
-    terms: list[LossTerm] = [
+    return _star_method(
+        "star",
         StarClassification(
             pos_weight,
             replay,
@@ -474,14 +593,79 @@ def star(
             max_replay_weight,
             lr_multipliers,
             spatial_path_at_backbone_rate,
-        )
-    ]
+            old_logit_threshold,
+        ),
+        old_region_mse,
+        sad,
+        kd,
+        aux_classifier,
+    )
+
+
+def star_reference(
+    pos_weight: float = 4.0,
+    old_region_mse: float = 5.0,
+    sad: float = 0.05,
+    max_replay_ratio: float | None = None,
+) -> Method:
+    """STAR as its code trains (jinpeng0528/STAR @9e31f36), on our BiSeNet.
+
+    Against ``star``: no auxiliary classifier and no loss on it (STAR model.py:41 lists the step's
+    classes only; our row 0 is then read by nothing, as the outputs' channel 0 is the constant 0),
+    Kaiming normal rows at step 0 and for each step's new rows (model.py:85-92), new rows at 1e-2
+    (x10 of our 1e-3, train_voc.py:133), the reference's replay weights however large
+    (trainer_voc.py:450-455), no bound on the fakes per batch (406-420; ``max_replay_ratio`` sets one
+    for a long history), and the old model's regions at raw logit 0.5 (trainer_voc.py:399, 514).
+    The setting's formulas are the reference's in both (``SETTING_FORMULAS``).
+
+    What still differs, and why:
+    - BiSeNet instead of DeepLabV3: its spatial path, which STAR does not have, reads the image as a
+      backbone does and trains at the backbone's rate in incremental steps, where the old-region
+      MSE must hold it (at step 0, with nothing to hold, the heads' rate, as ``star``); BiSeNet's
+      two auxiliary heads are trained at step 0 with the same BCE (its deep supervision, which
+      STAR's single head lacks; no loss reads them later) and are dropped from every exported model.
+    - The embedding's stride is 8 (STAR's 16): labels at the feature resolution are picked by
+      nearest interpolation, not ``[8::16, 8::16]`` (``star_memory.labels_at``).
+    - Fake features draw one norm per vector, the paper's, not one per element as STAR's code does
+      (``ClassMemory.sample``), and the noise of each class is measured around its own prototype, as
+      the paper says, not around class 1's as STAR's code does after step 0 (``star_memory``).
+    - The step's iterations, crop and batch come from ``StepOptions`` (STAR: 60 epochs, 512 px, 24
+      images; our incremental steps have a floor of ``min_iterations``).
+    - The memory's D-vectors are stored in float16 (``ClassMemory.to_state``).
+    """
+    return _star_method(
+        "star_reference",
+        StarClassification(
+            pos_weight,
+            aux_init=False,
+            max_replay_ratio=max_replay_ratio,
+            max_replay_weight=None,
+            lr_multipliers={ParamGroup.NEW_CLASSES: 10.0},
+            old_logit_threshold=0.5,
+        ),
+        old_region_mse,
+        sad,
+        kd=0.0,
+        aux_classifier=0.0,
+    )
+
+
+def _star_method(
+    name: str,
+    classification: StarClassification,
+    old_region_mse: float,
+    sad: float,
+    kd: float,
+    aux_classifier: float,
+) -> Method:
+    """The classification term and every other term of weight above 0; BatchNorm frozen in later steps."""
+    terms: list[LossTerm] = [classification]
     for term, weight in (
-        (AuxiliaryClassifier, aux_classifier),
-        (SigmoidDistillation, kd),
-        (OldRegionFeatures, old_region_mse),
-        (PrototypeSeparation, sad),
+        (AuxiliaryClassifier(aux_classifier), aux_classifier),
+        (SigmoidDistillation(kd), kd),
+        (OldRegionFeatures(old_region_mse, classification.old_logit_threshold), old_region_mse),
+        (PrototypeSeparation(sad), sad),
     ):
         if weight > 0:
-            terms.append(term(weight))
-    return Method("star", terms, freeze_batchnorm=True)
+            terms.append(term)
+    return Method(name, terms, freeze_batchnorm=True)

@@ -4,7 +4,11 @@ Per foreground class (Chen et al., NeurIPS 2023; jinpeng0528/STAR ``base/base_tr
 ``compute_prototypes`` 169-224, ``compute_noise`` 226-278, ``compute_cls_number`` 139-167):
 
 - prototype: the L2-normalised sum of the L2-normalised features of the class (D values);
-- noise: the per-dimension standard deviation of those normalised features around the prototype (D);
+- noise: the per-dimension standard deviation of those normalised features around the class's own
+  prototype (D), as the paper defines it. STAR's code, after step 0, measures the noise of the new
+  classes around the wrong prototypes: ``compute_noise`` indexes the list that already holds the old
+  classes first (``base_trainer.py`` 211, 235) with the new class's local index (258-259), so the first
+  new class's noise is measured around class 1's prototype. That bug is not reproduced;
 - norm mean and std: of the features' L2 norms (2 values);
 - count: how many feature positions the class covered in its step's data (1 value, and one for the
   background), which sets how many fake features of the class a later step replays.
@@ -13,8 +17,9 @@ Nothing else is kept: no image, no feature map. The two D-vectors are stored in 
 reference keeps float32): 2 x 256 x 2 + 3 x 4 = 1036 bytes per class at D = 256, within the
 2 KB goal, where float32 would need 2060.
 
-Fake features of class c are ``(prototype_c + noise_c * eps) * r`` with eps ~ N(0, I) and
-r ~ N(norm_mean_c, norm_std_c) (reference: ``trainer/trainer_voc.py`` 406-420).
+Fake features of class c are ``(prototype_c + noise_c * eps) * r`` with eps ~ N(0, I) and one
+r ~ N(norm_mean_c, norm_std_c) per vector, the paper's (``trainer/trainer_voc.py`` 406-420 draws one
+per element: ``ClassMemory.sample``).
 """
 
 from __future__ import annotations

@@ -211,6 +211,7 @@ def test_plop_keeps_heads_and_old_rows_at_the_steps_rate() -> None:
     rates = resolve_multipliers(True, *(term.lr_multipliers for term in method.terms))
     assert rates == {
         ParamGroup.BACKBONE: 1.0,
+        ParamGroup.SPATIAL_PATH: 1.0,  # with the heads
         ParamGroup.HEAD: 1.0,
         ParamGroup.CLASSIFIER: 1.0,
         ParamGroup.NEW_CLASSES: 100.0,

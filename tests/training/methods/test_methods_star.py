@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,18 +18,30 @@ from training.method_spec import METHOD_NAMES, sigmoid_family
 from training.methods import build_method
 from training.methods.base import Batch, StepContext
 from training.methods.star import (
-    LR_MULTIPLIERS,
+    DISJOINT_FORMULAS,
+    OVERLAPPED_FORMULAS,
+    SETTING_FORMULAS,
+    AuxiliaryClassifier,
+    OldRegionFeatures,
+    SettingFormulas,
     StarClassification,
+    capped_fakes,
     class_bce,
+    init_new_rows,
+    kaiming_rows,
+    merged_counts,
+    old_label_map,
     old_region_mse,
+    plan_replay,
     prototype_separation,
     sigmoid_distillation,
     star,
 )
 from training.methods.star_memory import STAR_MEMORY, ClassMemory, MemoryBuilder
 from training.model_dir import ModelBundle
-from training.models.bisenet import BiSeNet, BiSeNetConfig, SegmentationOutput, bias_of
-from training.optim import ParamGroup
+from training.models.bisenet import BiSeNet, BiSeNetConfig, SegmentationOutput
+from training.optim import ParamGroup, build_optimizer, resolve_multipliers
+from training.protocols import Setting
 from training.trainer import train_step
 
 
@@ -297,43 +310,51 @@ def test_tiny_step_0_and_step_1_learn_and_keep_the_memory(tmp_path: Path) -> Non
     assert grown.history[-1]["method"] == "star(kd=5)"
 
 
-def test_spatial_path_trains_at_the_backbone_rate_in_incremental_steps() -> None:
+def _star_base() -> ModelBundle:
     base, _ = train_step(None, ["a", "b"], TinySet([1, 2], n=4), None, build_method("star"), TINY_OPTIONS)
+    return base
+
+
+def _incremental_context(base: ModelBundle) -> StepContext:
     model = copy.deepcopy(base.model)
     model.add_classes(1)
-    model.get_submodule("spatial_path.blocks.0.1").requires_grad_(
-        False
-    )  # BatchNorm as an earlier step leaves it
-    reference = copy.deepcopy(model)  # no hooks: the heads' rate
     teacher = copy.deepcopy(base.model).eval()
     loader = DataLoader(TinySet([3], n=4), batch_size=2)
     classes = ["bg", "a", "b", "c"]
-    ctx = StepContext(1, model, teacher, 3, classes, loader, torch.device("cpu"), copy.deepcopy(base.state))
+    return StepContext(1, model, teacher, 3, classes, loader, torch.device("cpu"), copy.deepcopy(base.state))
+
+
+def _rates(
+    ctx: StepContext, term: StarClassification, options: dict[str, float] | None = None
+) -> dict[str, float]:
+    """The optimiser's lr per group as the trainer builds it (lr 1e-3, after the term's step-start hook)."""
+    multipliers = resolve_multipliers(ctx.old_model is not None, term.lr_multipliers, options)
+    optimizer = build_optimizer(ctx.model, 1e-3, multipliers, momentum=0.9, weight_decay=0.0)
+    spatial = {id(p) for p in ctx.model.spatial_path.parameters() if p.requires_grad}
+    group = next(g for g in optimizer.param_groups if g["name"] == ParamGroup.SPATIAL_PATH)
+    assert {id(p) for p in group["params"]} == spatial  # the spatial path and nothing else
+    return {g["name"]: g["lr"] for g in optimizer.param_groups}
+
+
+def test_spatial_path_is_a_parameter_group_at_the_backbone_rate_that_the_user_can_override() -> None:
+    base = _star_base()
+    ctx = _incremental_context(base)
     term = StarClassification()
     term.on_step_start(ctx)
-    reference.head.classifier.load_state_dict(model.head.classifier.state_dict())  # the new rows' init
-    images = TinySet([3], n=2).images
-
-    def gradients(net: BiSeNet) -> tuple[torch.Tensor, torch.Tensor]:
-        net.zero_grad()
-        net.forward_train(images).features.square().mean().backward()
-        spatial = net.get_parameter("spatial_path.blocks.0.0.weight").grad
-        fusion = net.get_parameter("fusion.conv.0.weight").grad
-        assert spatial is not None and fusion is not None
-        return spatial.clone(), fusion.clone()
-
-    (spatial, fusion), (spatial_ref, fusion_ref) = gradients(model), gradients(reference)
-    ratio = LR_MULTIPLIERS[ParamGroup.BACKBONE] / LR_MULTIPLIERS[ParamGroup.HEAD]  # STAR: 1e-4 / 1e-3
-    assert ratio == pytest.approx(0.1)
-    assert torch.allclose(spatial, ratio * spatial_ref, rtol=1e-4, atol=1e-9) and spatial_ref.abs().sum() > 0
-    assert torch.allclose(fusion, fusion_ref, rtol=1e-4, atol=1e-9)  # the other heads keep their rate
-    term.on_step_end(ctx)  # removes the hooks
-    assert torch.allclose(gradients(model)[0], spatial_ref, rtol=1e-4, atol=1e-9)
+    rates = _rates(ctx, term)
+    # STAR's rates: backbone 1e-4 (train_voc.py:127), ASPP 1e-3 (128): the spatial path reads the image
+    assert rates["spatial_path"] == pytest.approx(1e-4) and rates["head"] == pytest.approx(1e-3)
+    assert not any(p._backward_hooks for p in ctx.model.spatial_path.parameters())  # no gradient scaling
+    overridden = _rates(ctx, term, {"spatial_path": 3.0})
+    assert overridden["spatial_path"] == pytest.approx(3e-3) and overridden["head"] == pytest.approx(1e-3)
     unscaled = StarClassification(spatial_path_at_backbone_rate=False)
-    unscaled.on_step_start(
-        StepContext(1, model, teacher, 3, classes, loader, torch.device("cpu"), base.state)
+    unscaled.on_step_start(_incremental_context(base))
+    assert _rates(ctx, unscaled)["spatial_path"] == pytest.approx(1e-3)  # the heads' rate
+    step0 = StarClassification()
+    step0.on_step_start(
+        StepContext(0, copy.deepcopy(base.model), None, 0, ["bg", "a", "b"], None, ctx.device)
     )
-    assert not unscaled.gradient_hooks
+    assert step0.lr_multipliers[ParamGroup.SPATIAL_PATH] == step0.lr_multipliers[ParamGroup.HEAD]
 
 
 @pytest.mark.parametrize("name", METHOD_NAMES)
@@ -341,3 +362,231 @@ def test_the_sigmoid_family_names_the_methods_that_need_their_own_base(name: str
     spec = "mib+sdr" if name == "sdr" else name  # sdr alone is not a method
     assert sigmoid_family(spec) == build_method(spec).needs_own_base
     assert sigmoid_family("star(sad=0)") and not sigmoid_family("mib(kd=100)+sdr")
+
+
+def _reference_plan(prev: torch.Tensor, pred: torch.Tensor, n_new: int, iters: int, setting: str) -> tuple:
+    """STAR trainer_voc.py:327-330, 364-387 transcribed (``prev``: prev_numbers, ``pred``: pred_numbers)."""
+    prev_bg = prev[0] * (1 - 0.01 * n_new) if setting == "overlap" else prev[0]
+    if setting == "overlap":
+        per_iter = ((prev[1:] - pred[1:]) / iters).to(torch.int)
+        ratio = prev_bg / pred[0] - 0.5
+    else:
+        per_iter = (prev[1:] / iters).to(torch.int)
+        ratio = prev_bg / pred[0]
+    per_iter, ratio = torch.clamp(per_iter, min=0), torch.clamp(ratio, min=0)
+    tot = prev.clone()
+    if setting == "overlap":
+        tot[0] = pred[0] * 0.5 + prev_bg
+    else:
+        tot[0] = pred[0] + prev_bg
+        tot[1:] = prev[1:] + pred[1:]
+    return per_iter, float(ratio), tot
+
+
+@pytest.mark.parametrize(
+    ("setting", "formulas", "per_iteration", "ratio", "counts"),
+    [
+        # 100 * (1 - 0.01 * 2) = 98; 98 / 20 - 0.5 = 4.4; (40 - 10) / 3 -> 10, 7 - 9 < 0 -> 0
+        ("overlap", OVERLAPPED_FORMULAS, [10, 0], 4.4, [0.5 * 20 + 98, 40, 7, 11, 12]),
+        # 100 / 20 = 5; 40 / 3 -> 13, 7 / 3 -> 2; background 20 + 100, old counts summed: 50, 16
+        ("disjoint", DISJOINT_FORMULAS, [13, 2], 5.0, [120, 50, 16, 11, 12]),
+    ],
+)
+def test_replay_plan_and_end_of_step_counts_against_the_reference(
+    setting: str, formulas: SettingFormulas, per_iteration: list[int], ratio: float, counts: list[float]
+) -> None:
+    stored = torch.tensor([100.0, 40.0, 7.0])  # background, old classes 1 and 2
+    found = torch.tensor([20.0, 10.0, 9.0])  # what the old model sees in the step's background
+    new_counts = torch.tensor([55.0, 11.0, 12.0])  # MemoryBuilder's: [0] is the step's background
+    plan = plan_replay(stored, found, num_new=2, iterations=3, formulas=formulas)
+    ref_per_iter, ref_ratio, ref_tot = _reference_plan(stored, found, 2, 3, setting)
+    assert plan.fakes_per_iteration.tolist() == ref_per_iter.tolist() == per_iteration
+    assert plan.background_ratio == pytest.approx(ref_ratio) and ref_ratio == pytest.approx(ratio)
+    merged = merged_counts(stored, found, new_counts, plan, formulas)
+    assert torch.allclose(merged, torch.cat([ref_tot, new_counts[1:]]))  # trainer_voc.py:387
+    assert merged.tolist() == pytest.approx(counts)
+
+
+def test_each_setting_has_its_formulas_and_nothing_seen_repeats_nothing() -> None:
+    assert SETTING_FORMULAS[Setting.OVERLAPPED] is OVERLAPPED_FORMULAS
+    assert SETTING_FORMULAS[Setting.DISJOINT] is DISJOINT_FORMULAS
+    assert SETTING_FORMULAS[Setting.SEQUENTIAL] is DISJOINT_FORMULAS  # the disjoint images
+    assert set(SETTING_FORMULAS) == set(Setting)
+    zero = plan_replay(torch.tensor([5.0, 3.0]), torch.zeros(2), 1, 1, OVERLAPPED_FORMULAS)
+    assert zero.background_ratio == 0.0  # nothing seen: no repetition (the reference divides by 0)
+
+
+def test_fakes_are_capped_alike_per_class() -> None:
+    per_iteration = torch.tensor([10, 5, 0])
+    assert capped_fakes(per_iteration, 6.0).tolist() == [4, 2, 0]  # 10 * 6 / 15, 5 * 6 / 15
+    assert capped_fakes(per_iteration, 15.0).tolist() == [10, 5, 0]
+    assert capped_fakes(per_iteration, None).tolist() == [10, 5, 0]
+
+
+def test_old_label_map_thresholds_the_raw_logits() -> None:
+    # pixels: classes (0.3, 0.4), (0.7, 0.6), (-1, -2); channel 0 is the model's constant 0
+    logits = torch.tensor([[[[0.0, 0.0, 0.0]], [[0.3, 0.7, -1.0]], [[0.4, 0.6, -2.0]]]])  # (1, 3, 1, 3)
+    # STAR trainer_voc.py:398-401 on the class logits
+    reference = logits[:, 1:].argmax(dim=1) + 1
+    reference[(logits[:, 1:] > 0.5).float().sum(dim=1) == 0] = 0
+    assert old_label_map(logits, 0.5).tolist() == reference.tolist() == [[[0, 1, 0]]]
+    assert old_label_map(logits, 0.0).tolist() == logits.argmax(1).tolist() == [[[2, 1, 0]]]
+
+
+def _stub_old_model(logits: torch.Tensor) -> SimpleNamespace:
+    """An old model whose embedding is the input and whose head returns ``logits`` (B, C, H, W)."""
+    return SimpleNamespace(forward_features=lambda images: images, forward_head=lambda features, size: logits)
+
+
+def test_the_step_counts_what_the_old_model_sees_at_its_threshold() -> None:
+    # one batch, 1 x 4 positions: labels bg, bg, bg, new class 3; old logits of classes 1 and 2
+    old_logits = torch.tensor([[[[0.0] * 4], [[0.3, 0.7, -1.0, 2.0]], [[0.4, 0.6, -2.0, 0.0]]]])
+    labels = torch.tensor([[[0, 0, 0, 3]]])
+    images = torch.zeros(1, 3, 1, 4)
+    memory = ClassMemory(
+        torch.zeros(2, 3), torch.zeros(2, 3), torch.ones(2), torch.zeros(2), torch.tensor([8.0, 6, 6])
+    )
+    model = BiSeNet(BiSeNetConfig(4, "resnet10", 8, 8, sigmoid_outputs=True), aux=False)
+    ctx = StepContext(1, model, _stub_old_model(old_logits), 3, [], [(images, labels)], torch.device("cpu"))
+    found = {}
+    for threshold in (0.0, 0.5):
+        term = StarClassification(old_logit_threshold=threshold, max_replay_ratio=None)
+        term.memory = memory
+        term._plan_replay(ctx)
+        found[threshold] = term.found.tolist()
+    assert found[0.0] == [1, 1, 1]  # positions 0 -> class 2, 1 -> class 1, 2 -> background
+    assert found[0.5] == [2, 1, 0]  # position 0's 0.4 is below 0.5: background for STAR's trainer
+    # overlapped, one new class, one iteration: 8 * 0.99 / 2 - 0.5; deficits 6 - 1, 6 - 0
+    assert term.background_ratio == pytest.approx(8 * 0.99 / 2 - 0.5)
+    assert term.fakes_per_iteration.tolist() == [5, 6]
+
+
+def test_new_rows_copy_the_auxiliary_row_or_start_from_kaiming_noise() -> None:
+    torch.manual_seed(0)
+    old = BiSeNet(BiSeNetConfig(3, "resnet10", 8, 8, sigmoid_outputs=True), aux=False)
+    grown = copy.deepcopy(old)
+    grown.add_classes(2)  # MiB's initialisation rewrites the bias of row 0
+    init_new_rows(grown, old, aux_init=True)  # DKD model.py:110-115
+    weight, bias = grown.head.classifier.weight.detach(), grown.head.classifier.bias.detach()
+    assert torch.equal(weight[:3], old.head.classifier.weight) and torch.equal(
+        bias[:3], old.head.classifier.bias
+    )
+    assert torch.equal(weight[3:], old.head.classifier.weight[:1].expand(2, -1, -1, -1))
+    assert torch.equal(bias[3:], old.head.classifier.bias[:1].expand(2))
+    wide = torch.nn.Conv2d(400, 1 + 300, 1)  # STAR model.py:85-92 on 120000 weights
+    kept = wide.weight[:1].detach().clone()
+    kaiming_rows(wide, 1)
+    assert torch.equal(wide.weight[:1], kept)
+    assert wide.weight[1:].std().item() == pytest.approx(
+        math.sqrt(2 / 400), rel=0.02
+    )  # PyTorch's default: 0.029
+    assert wide.weight[1:].mean().item() == pytest.approx(0.0, abs=1e-3)
+    assert wide.bias[1:].abs().max().item() <= 1 / math.sqrt(400)
+
+
+def test_auxiliary_classifier_against_dkd() -> None:
+    model = BiSeNet(BiSeNetConfig(3, "resnet10", 8, 8, sigmoid_outputs=True), aux=False)
+    features = torch.randn(2, 8, 3, 4, requires_grad=True)
+    batch = Batch(
+        torch.zeros(2, 3, 3, 4), torch.zeros(2, 3, 4).long(), SegmentationOutput(None, features, []), None
+    )
+    ctx = StepContext(0, model, None, 0, [], None, torch.device("cpu"))
+    loss = AuxiliaryClassifier()(batch, ctx)
+    row0 = model.head.classifier(features)[:, :1]  # DKD model.py:71, row 0 on detached features
+    # DKD loss.py:110-119: BCE with target 0, mean over positions (trainer_voc.py:360)
+    expected = F.binary_cross_entropy_with_logits(row0, torch.zeros_like(row0))
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-6)
+    loss.backward()
+    assert features.grad is None  # shapes nothing but row 0
+    assert (
+        model.head.classifier.weight.grad[1:].abs().sum() == 0
+        and model.head.classifier.weight.grad[0].abs().sum() > 0
+    )
+
+
+def _per_element_sample(memory: ClassMemory, n: int, gen: torch.Generator) -> torch.Tensor:
+    """STAR trainer_voc.py:408-417: a norm drawn for every element, not every vector."""
+    directions = memory.prototypes[0] + memory.noise[0] * torch.randn(
+        n, memory.prototypes.shape[1], generator=gen
+    )
+    return directions * (
+        memory.norm_mean[0] + memory.norm_std[0] * torch.randn(directions.shape, generator=gen)
+    )
+
+
+def test_fake_features_draw_one_norm_per_vector() -> None:
+    # x_i = (p_i + s e_i) r with one r per vector: cov(x_0, x_1) = p_0 p_1 var(r) = 0.5, var(x_i) =
+    # (p_i^2 + s^2) E[r^2] - p_i^2 E[r]^2 = 0.51 * 26 - 0.5 * 25 = 0.76: correlation 0.66. With a norm
+    # per element (STAR's code) the two elements are independent: correlation 0.
+    unit = 1 / math.sqrt(2)
+    memory = ClassMemory(
+        torch.tensor([[unit, unit]]),
+        torch.tensor([[0.1, 0.1]]),
+        torch.tensor([5.0]),
+        torch.tensor([1.0]),
+        torch.tensor([0.0, 1.0]),
+    )
+    n = 20000
+    ours = memory.sample(torch.tensor([n]), torch.Generator().manual_seed(0))
+    per_element = _per_element_sample(memory, n, torch.Generator().manual_seed(0))
+    assert torch.corrcoef(ours.T)[0, 1].item() == pytest.approx(0.5 / 0.76, abs=0.03)
+    assert abs(torch.corrcoef(per_element.T)[0, 1].item()) < 0.03  # the test tells the variants apart
+    assert ours.mean(0).tolist() == pytest.approx([5 * unit] * 2, abs=0.05)
+
+
+def test_star_reference_is_stars_code_on_our_model() -> None:
+    method = build_method("star_reference")
+    assert method.name == "star_reference" and method.needs_own_base and method.freeze_batchnorm
+    assert sigmoid_family("star_reference")
+    assert [t.name for t in method.terms] == ["bce", "old_region_mse", "sad"]  # no auxiliary classifier
+    bce, mse, sad = method.terms
+    assert (mse.weight, sad.weight, bce.pos_weight) == (5.0, 0.05, 4.0)  # config_voc.json
+    assert bce.lr_multipliers[ParamGroup.NEW_CLASSES] == 10.0  # 1e-2 at our 1e-3 (train_voc.py:133)
+    assert bce.max_replay_weight is None and bce.max_replay_ratio is None and not bce.aux_init
+    assert bce.old_logit_threshold == mse.old_logit_threshold == 0.5  # trainer_voc.py:399, 514
+    shipped = build_method("star")
+    assert shipped.terms[0].old_logit_threshold == shipped.terms[2].old_logit_threshold == 0.0
+
+
+def test_star_reference_and_disjoint_run_tiny_steps() -> None:
+    options = TINY_OPTIONS.model_copy(update={"epochs": 2, "min_iterations": 0})
+    method = build_method("star_reference")
+    base, _ = train_step(None, ["a", "b"], TinySet([1, 2], n=4), None, method, options)
+    assert method.terms[0].lr_multipliers[ParamGroup.SPATIAL_PATH] == 1.0  # step 0: with the heads
+    for setting, formulas in (("disjoint", DISJOINT_FORMULAS), ("overlapped", OVERLAPPED_FORMULAS)):
+        method = build_method("star_reference")
+        step_options = options.model_copy(
+            update={"setting": setting, "lr_multipliers": {"spatial_path": 0.5}}
+        )
+        grown, _ = train_step(base, ["c"], TinySet([3], n=4), None, method, step_options)
+        term = method.terms[0]
+        assert term.formulas is formulas
+        expected = merged_counts(
+            term.memory.counts, term.found, grown.state[STAR_MEMORY]["counts"][[0, 3]], term.plan, formulas
+        )
+        assert torch.allclose(grown.state[STAR_MEMORY]["counts"], expected)
+        assert grown.history[-1]["learning_rates"]["spatial_path"] == pytest.approx(0.001 * 0.5)
+        assert grown.history[-1]["learning_rates"]["new_classes"] == pytest.approx(0.001 * 10)
+
+
+def test_old_region_and_background_repetition_use_the_threshold() -> None:
+    ctx, batch = _replay_context()
+    # old logits at the two positions: class 1 at 0.3 / -1.0; position 0 is labelled 3, position 1 background
+    batch.old_out = SegmentationOutput(torch.tensor([[[[0.0, 0.0]], [[1.0, 0.3]], [[-1.0, -1.0]]]]), None, [])
+    features = batch.out.features
+    old_features = torch.zeros_like(features)
+    batch.old_out.features = old_features
+    mse = {t: OldRegionFeatures(1.0, t)(batch, ctx).item() for t in (0.0, 0.5)}
+    region = torch.tensor([[[[0.0, 1.0]]]])  # logit 0.3 > 0: the old model sees class 1 at position 1
+    assert mse[0.0] == pytest.approx(old_region_mse(features, old_features, region).item())
+    assert mse[0.5] == 0.0  # 0.3 < 0.5: background for STAR's trainer, no old region
+    losses = {}
+    for threshold in (0.0, 0.5):
+        term = StarClassification(replay=False, max_replay_weight=None, old_logit_threshold=threshold)
+        term.background_ratio = 1.5
+        losses[threshold] = term(batch, ctx).item()
+    z = [0.5 * 1 - 0.5 * 2 + 0.3, 0.5 * -1 - 0.5 * 0.5 + 0.3]  # the new class's logits at both positions
+    real = (_bce(z[0], 1, 4.0) + _bce(z[1], 0)) / 2
+    assert losses[0.0] == pytest.approx(real, abs=1e-5)  # no position is background for both
+    w_bg = 1.5 * 1 / 2  # at 0.5, position 1 is repeated
+    assert losses[0.5] == pytest.approx((real + w_bg * _bce(z[1], 0)) / (1 + w_bg), abs=1e-5)
