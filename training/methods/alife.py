@@ -418,18 +418,47 @@ def rotate_memory(memory: FeatureMemory, rotations: Tensor, classes: Tensor) -> 
     return FeatureMemory(features, memory.classes, memory.steps)
 
 
+def finetune_loss(
+    logits: Tensor,
+    old_logits: Tensor,
+    labels: Tensor,
+    memory_logits: Tensor,
+    memory_classes: Tensor,
+    options: ReplayOptions,
+) -> Tensor:
+    """ALIFE's stage-3 loss of one batch (``run_step3.py`` 140-148), the classifier's fine-tuning.
+
+    Focal loss on the labels with background (0) replaced by the old model's argmax, plus
+    ``finetune_ali`` x ALI on background pixels, plus ``memory_weight`` x cross-entropy of the
+    memorised vectors against their classes (mean over vectors; none when the memory is empty).
+
+    Args:
+        logits: (B, C, H, W) of the current model.
+        old_logits: (B, C_old, H, W) of the frozen old model.
+        labels: (B, H, W), 255 ignored, labels below C_old count as background.
+        memory_logits: (N, C) of the classifier on the memorised vectors.
+        memory_classes: (N,) their classes.
+        options: With ``finetune_ali`` and ``memory_weight`` filled in (``ReplayOptions.for_step``).
+    """
+    if options.finetune_ali is None or options.memory_weight is None:
+        raise ValueError("finetune_loss needs the step's weights: pass options.for_step(ctx)")
+    targets = torch.where(labels == 0, old_logits.argmax(dim=1), labels)  # (B, H, W)
+    loss = focal_loss(logits, targets, gamma=options.focal_gamma)
+    background = labels < old_logits.shape[1]
+    loss = loss + options.finetune_ali * adaptive_logit_regularizer(logits, old_logits, background)
+    if len(memory_classes):
+        loss = loss + options.memory_weight * F.cross_entropy(memory_logits, memory_classes)
+    return loss
+
+
 def finetune_classifier(ctx: StepContext, memory: FeatureMemory, options: ReplayOptions) -> None:
     """Trains ``model.head.classifier`` alone (everything else frozen, BatchNorm in eval mode).
 
-    Loss per batch (ALIFE ``run_step3.py`` 140-148): focal loss on the labels with background pixels
-    replaced by the old model's argmax, ``finetune_ali`` x ALI on background pixels, and
-    ``memory_weight`` x cross-entropy (mean over vectors) of the classifier on every memorised vector
-    (as a 1x1 input) against its class. SGD, poly decay. ``options`` must have its weights filled in
-    (``ReplayOptions.for_step``).
+    Loss per batch: ``finetune_loss``, with every memorised vector as a 1x1 input of the classifier.
+    SGD, poly decay. ``options`` must have its weights filled in (``ReplayOptions.for_step``).
     """
     if options.finetune_ali is None or options.memory_weight is None:
         raise ValueError("finetune_classifier needs the step's weights: pass options.for_step(ctx)")
-    finetune_ali, memory_weight = options.finetune_ali, options.memory_weight
     model, classifier, old_model = ctx.model, ctx.model.head.classifier, ctx.require_old_model()
     flags = [(p, p.requires_grad) for p in model.parameters()]
     for param, _ in flags:
@@ -449,13 +478,8 @@ def finetune_classifier(ctx: StepContext, memory: FeatureMemory, options: Replay
                 features = model.forward_features(images)
                 old_logits = old_model(images)  # (B, C_old, H, W)
             logits = model.forward_head(features, images.shape[2:])  # (B, C, H, W)
-            targets = torch.where(labels == 0, old_logits.argmax(dim=1), labels)
-            loss = focal_loss(logits, targets, gamma=options.focal_gamma)
-            background = labels < ctx.num_old_classes
-            loss = loss + finetune_ali * adaptive_logit_regularizer(logits, old_logits, background)
-            if len(memory):
-                memory_logits = classifier(vectors).flatten(1)  # (N, C)
-                loss = loss + memory_weight * F.cross_entropy(memory_logits, memory.classes)
+            memory_logits = classifier(vectors).flatten(1)  # (N, C)
+            loss = finetune_loss(logits, old_logits, labels, memory_logits, memory.classes, options)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any
 
 import pytest
@@ -25,6 +26,7 @@ from training.methods.alife import (
     alife,
     extract_memory,
     finetune_classifier,
+    finetune_loss,
     focal_loss,
     reference_weights,
     rotate_memory,
@@ -267,3 +269,42 @@ def test_two_step_alife_run_builds_rotates_and_saves_the_memory(tmp_path) -> Non
     torch.testing.assert_close(
         rotations["rotations"] @ rotations["rotations"].transpose(1, 2), eye, atol=1e-5, rtol=0
     )
+
+
+def test_finetune_loss_mixes_focal_ali_and_memory_as_the_reference() -> None:
+    """ALIFE ``run_step3.py`` 140-148 with ``models/losses.py`` 10-25 (FocalLoss) and 123-124 (memory CE)."""
+    # One image of 4 pixels, 3 old classes and 1 new: background, new class 3, ignored, background.
+    z = [[0.5, 1.0, -0.5, 2.0], [1.5, 0.0, 0.3, -1.0], [0.2, 0.4, 0.6, 0.8], [-0.3, 2.2, 0.1, 0.0]]
+    old = [[0.0, 1.0, 3.0], [2.0, 0.0, 0.0], [1.0, 1.0, 1.0], [0.5, 2.5, 0.0]]  # argmax 2 and 1 at 0 and 3
+    labels = torch.tensor([[[0, 3, 255, 0]]])
+    memory_z = [[2.0, 0.0, 0.0, 1.0], [0.0, -1.0, 0.5, 0.0], [1.0, 1.0, 1.0, 3.0]]
+    memory_classes = torch.tensor([0, 1, 2])
+    options = ReplayOptions(finetune_ali=3.0, memory_weight=20.0)
+
+    def ce(logits: list[float], target: int) -> float:
+        return math.log(sum(math.exp(v) for v in logits)) - logits[target]
+
+    def softmax(logits: list[float]) -> list[float]:
+        total = sum(math.exp(v) for v in logits)
+        return [math.exp(v) / total for v in logits]
+
+    gt_comb = [2, 3, None, 1]  # background takes the old model's argmax, 255 stays ignored
+    focal = sum(
+        (1 - math.exp(-ce(z[p], t))) ** 2 * ce(z[p], t) for p, t in enumerate(gt_comb) if t is not None
+    )
+    ali = [
+        math.log(sum(math.exp(v) for v in z[p]))
+        - sum(q * v for q, v in zip(softmax(old[p]), z[p][:3], strict=True))
+        for p in (0, 3)
+    ]
+    memory_ce = sum(ce(row, c) for row, c in zip(memory_z, [0, 1, 2], strict=True)) / 3
+    expected = focal / 4 + 3.0 * sum(ali) / 2 + 20.0 * memory_ce
+
+    logits = torch.tensor(z).T.reshape(1, 4, 1, 4)
+    old_logits = torch.tensor(old).T.reshape(1, 3, 1, 4)
+    loss = finetune_loss(logits, old_logits, labels, torch.tensor(memory_z), memory_classes, options)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    empty = finetune_loss(
+        logits, old_logits, labels, torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), options
+    )
+    assert empty.item() == pytest.approx(focal / 4 + 3.0 * sum(ali) / 2, rel=1e-5)

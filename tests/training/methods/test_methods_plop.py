@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+from types import SimpleNamespace
 from typing import cast
 
 import pytest
@@ -23,7 +24,7 @@ from training.methods.plop import (
     pod_distance,
     window_bounds,
 )
-from training.models.bisenet import BiSeNet, BiSeNetConfig
+from training.models.bisenet import BiSeNet, BiSeNetConfig, SegmentationOutput
 from training.optim import ParamGroup, resolve_multipliers
 from training.trainer import train_step
 
@@ -217,3 +218,39 @@ def test_plop_keeps_heads_and_old_rows_at_the_steps_rate() -> None:
         ParamGroup.NEW_CLASSES: 100.0,
     }
     assert resolve_multipliers(False, *(term.lr_multipliers for term in method.terms))[ParamGroup.HEAD] == 1.0
+
+
+def test_pseudo_label_cross_entropy_scales_each_image_and_sums_the_heads() -> None:
+    """PLOP ``train.py`` 256-262 (pseudo-labels), 286-292 (factor per image), 351-352 (all-pixel mean)."""
+    term = PseudoLabelCrossEntropy()
+    term.thresholds, term.num_classes = torch.tensor([0.1, 0.1, 0.1]), 4
+    confident_1, confident_2, uniform = [0.0, 10.0, 0.0], [0.0, 0.0, 10.0], [1.0, 1.0, 1.0]
+    # Image 0: background confident (-> 1), background uncertain (ignored), new class 3: factor 1/2.
+    # Image 1: background confident (-> 2), labelled ignore, background confident (-> 1): factor 2/2.
+    old = torch.tensor(
+        [[confident_1, uniform, uniform], [confident_2, uniform, confident_1]]
+    )  # (B, P, C_old)
+    labels = torch.tensor([[[0, 0, 3]], [[0, 255, 0]]])  # (2, 1, 3)
+    targets = [[1, None, 3], [2, None, 1]]
+    factors = [1 / (2 + 1e-6), 2 / (2 + 1e-6)]
+    generator = torch.Generator().manual_seed(0)
+    main, aux = (torch.randn(2, 4, 1, 3, generator=generator) for _ in range(2))
+    batch = Batch(
+        torch.zeros(2, 3, 1, 3),
+        labels,
+        SegmentationOutput(main, torch.zeros(2, 1, 1, 3), [], [aux]),
+        SegmentationOutput(old.permute(0, 2, 1).reshape(2, 3, 1, 3), torch.zeros(2, 1, 1, 3), []),
+    )
+    ctx = StepContext(1, None, SimpleNamespace(), 3, ["bg", "a", "b", "c"], None, torch.device("cpu"))
+
+    def reference(logits: torch.Tensor) -> float:
+        total = 0.0
+        for b in range(2):
+            for p in range(3):
+                if targets[b][p] is not None:
+                    z = logits[b, :, 0, p].tolist()
+                    ce = math.log(sum(math.exp(v) for v in z)) - z[targets[b][p]]
+                    total += factors[b] * ce
+        return total / 6  # all B * H * W pixels, the ignored ones counting 0
+
+    assert term(batch, ctx).item() == pytest.approx(reference(main) + reference(aux), rel=1e-5)

@@ -39,7 +39,7 @@ from training.methods.star import (
 )
 from training.methods.star_memory import STAR_MEMORY, ClassMemory, MemoryBuilder
 from training.model_dir import ModelBundle
-from training.models.bisenet import BiSeNet, BiSeNetConfig, SegmentationOutput
+from training.models.bisenet import BiSeNet, BiSeNetConfig, SegmentationOutput, bias_of
 from training.optim import ParamGroup, build_optimizer, resolve_multipliers
 from training.protocols import Setting
 from training.trainer import train_step
