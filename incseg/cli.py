@@ -25,6 +25,7 @@ from rich.table import Table
 from export.cli import add_subcommands as add_export_subcommands
 from service.cli import add_subcommands as add_service_subcommands
 from training.data import DataError, write_synthetic_dataset
+from training.data.synth import SCENES
 from training.extra import MissingExtraError, require_train_extra
 from training.method_spec import BENCH_METHODS, DEFAULT_METHOD, METHOD_NAMES, split_top_level
 from training.options import BACKBONE_NAMES, StepOptions
@@ -115,7 +116,9 @@ def _options(args: argparse.Namespace, **extra) -> StepOptions:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    out = write_synthetic_dataset(args.out, args.classes, args.train, args.val, args.size, args.seed)
+    out = write_synthetic_dataset(
+        args.out, args.classes, args.train, args.val, args.size, args.seed, args.scene
+    )
     console.print(f"wrote {args.classes} classes, {args.train} train + {args.val} val images to {out}")
     return 0
 
@@ -242,6 +245,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val", type=int, default=200)
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--scene",
+        choices=sorted(SCENES),
+        default="shapes",
+        help="shapes: the tables' data; clutter: other shapes and textures, more objects, denser clutter",
+    )
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("step", help="train one incremental step on a dataset folder")

@@ -5,6 +5,10 @@ Each class is a unique (shape, colour, texture) combination: shape ``i % 8``, te
 and texture, differ by about 80 degrees of hue). Objects are saturated; the background is desaturated,
 blotchy, noisy clutter that belongs to no class. Like Pascal VOC, every object border carries an ignore
 band (255) about 2 px wide at 128 px.
+
+Two scene styles (``SCENES``): ``shapes``, the tables' data, and ``clutter``, other shapes and textures,
+more and smaller objects, paler colours and denser clutter with filled grey shapes, kept for checking a
+method on data it was not tuned on.
 """
 
 from __future__ import annotations
@@ -28,6 +32,43 @@ GOLDEN = (5**0.5 - 1) / 2
 
 
 @dataclass(frozen=True)
+class Scene:
+    """How the images of a dataset are composed.
+
+    Attributes:
+        shapes: 8 shape names of ``_unit_polygons``, class ``i`` has ``shapes[i % 8]``.
+        textures: 4 texture names of ``_Renderer._texture``.
+        objects: Objects per image, inclusive range.
+        object_side: Object diameter as a fraction of the image side.
+        saturation: Of the class colours (the background is grey).
+        clutter: Background lines, outlines and filled grey shapes per image, inclusive range.
+        filled_clutter: Share of the clutter drawn as filled grey class-like shapes.
+    """
+
+    shapes: tuple[str, ...]
+    textures: tuple[str, ...]
+    objects: tuple[int, int]
+    object_side: tuple[float, float]
+    saturation: float
+    clutter: tuple[int, int]
+    filled_clutter: float
+
+
+SCENES = {
+    "shapes": Scene(SHAPES, TEXTURES, (2, 4), OBJECT_SIDE, 0.85, (3, 7), 0.0),
+    "clutter": Scene(
+        ("pentagon", "hexagon", "chevron", "rectangle", "trapezoid", "half_disc", "hourglass", "plus"),
+        ("plain", "grid", "waves", "speckled"),
+        (3, 6),
+        (0.12, 0.35),
+        0.6,
+        (8, 16),
+        0.5,
+    ),
+}
+
+
+@dataclass(frozen=True)
 class ClassStyle:
     """How one synthetic class looks.
 
@@ -44,20 +85,21 @@ class ClassStyle:
     rgb: tuple[float, float, float]
 
 
-def class_styles(num_classes: int) -> tuple[ClassStyle, ...]:
+def class_styles(num_classes: int, scene: Scene = SCENES["shapes"]) -> tuple[ClassStyle, ...]:
     """Returns the appearance of classes 1..num_classes (in that order)."""
     styles = []
+    shapes, textures = scene.shapes, scene.textures
     for i in range(num_classes):
         hue = (i * GOLDEN) % 1.0
-        shape, texture = SHAPES[i % len(SHAPES)], TEXTURES[(i + i // len(SHAPES)) % len(TEXTURES)]
+        shape, texture = shapes[i % len(shapes)], textures[(i + i // len(shapes)) % len(textures)]
         hue_name = HUE_NAMES[round(hue * len(HUE_NAMES)) % len(HUE_NAMES)]
-        red, green, blue = (255.0 * channel for channel in colorsys.hsv_to_rgb(hue, 0.85, 0.95))
+        red, green, blue = (255.0 * channel for channel in colorsys.hsv_to_rgb(hue, scene.saturation, 0.95))
         styles.append(ClassStyle(f"{hue_name}_{shape}_{texture}", shape, texture, (red, green, blue)))
     return tuple(styles)
 
 
 def write_synthetic_dataset(
-    out: Path, num_classes: int, num_train: int, num_val: int, size: int, seed: int
+    out: Path, num_classes: int, num_train: int, num_val: int, size: int, seed: int, scene: str = "shapes"
 ) -> Path:
     """Writes a synthetic dataset in the project folder format.
 
@@ -74,12 +116,13 @@ def write_synthetic_dataset(
         num_val: Validation images (>= 0).
         size: Image side in pixels, 32..1024.
         seed: Random seed.
+        scene: A key of ``SCENES``.
 
     Returns:
         ``out``.
 
     Raises:
-        ValueError: On arguments out of range.
+        ValueError: On arguments out of range or an unknown scene.
         FileExistsError: When ``out`` is a non-empty folder.
     """
     if not 1 <= num_classes <= MAX_CLASSES:
@@ -88,15 +131,17 @@ def write_synthetic_dataset(
         raise ValueError(f"need num_train >= 1 and num_val >= 0, got {num_train} and {num_val}")
     if not MIN_SIZE <= size <= MAX_SIZE:
         raise ValueError(f"size must be in {MIN_SIZE}..{MAX_SIZE} px, got {size}")
+    if scene not in SCENES:
+        raise ValueError(f"scene must be one of {sorted(SCENES)}, got {scene!r}")
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out}: folder is not empty; choose a new output folder")
     for folder in ("images", "masks", "splits"):
         (out / folder).mkdir(parents=True, exist_ok=True)
 
-    styles = class_styles(num_classes)
+    styles = class_styles(num_classes, SCENES[scene])
     (out / "classes.txt").write_text("\n".join(["background", *(style.name for style in styles)]) + "\n")
-    renderer = _Renderer(size, styles, np.random.default_rng(seed))
+    renderer = _Renderer(size, styles, SCENES[scene], np.random.default_rng(seed))
     for split, count in (("train", num_train), ("val", num_val)):
         stems = [f"{split}_{index:05d}" for index in range(count)]
         for index, stem in enumerate(stems):
@@ -130,6 +175,20 @@ def _unit_polygons(shape: str) -> tuple[np.ndarray, np.ndarray | None]:
         "ring": circle,
         "diamond": regular(4, 0.0) * (0.6, 1.0),
         "star": regular(10, np.pi / 2) * np.where(np.arange(10) % 2 == 0, 1.0, 0.42)[:, None],
+        "pentagon": regular(5, np.pi / 2),
+        "hexagon": regular(6, 0.0),
+        "chevron": np.array([(-1, 0.6), (0, -0.2), (1, 0.6), (1, 0.0), (0, -0.8), (-1, 0.0)], dtype=float),
+        "rectangle": np.array([(-1, -0.4), (1, -0.4), (1, 0.4), (-1, 0.4)], dtype=float),
+        "trapezoid": np.array([(-1, 0.6), (1, 0.6), (0.45, -0.6), (-0.45, -0.6)], dtype=float),
+        "half_disc": circle[: len(circle) // 2 + 1] * (1.0, 1.0) - (0, 0.3),
+        "hourglass": np.array(
+            [(-0.8, -1), (0.8, -1), (0.15, 0), (0.8, 1), (-0.8, 1), (-0.15, 0)], dtype=float
+        ),
+        "plus": np.array(
+            [(0.2, 1), (0.2, 0.2), (1, 0.2), (1, -0.2), (0.2, -0.2), (0.2, -1)]
+            + [(-0.2, -1), (-0.2, -0.2), (-1, -0.2), (-1, 0.2), (-0.2, 0.2), (-0.2, 1)],
+            dtype=float,
+        ),
     }
     return polygons[shape], circle * 0.5 if shape == "ring" else None
 
@@ -137,11 +196,14 @@ def _unit_polygons(shape: str) -> tuple[np.ndarray, np.ndarray | None]:
 class _Renderer:
     """Draws images and label maps of one size; holds the random stream so output is reproducible."""
 
-    def __init__(self, size: int, styles: tuple[ClassStyle, ...], rng: np.random.Generator) -> None:
+    def __init__(
+        self, size: int, styles: tuple[ClassStyle, ...], scene: Scene, rng: np.random.Generator
+    ) -> None:
         self.size = size
         self.styles = styles
+        self.scene = scene
         self.rng = rng
-        self.polygons = {shape: _unit_polygons(shape) for shape in SHAPES}
+        self.polygons = {shape: _unit_polygons(shape) for shape in scene.shapes}
         self.yy, self.xx = np.mgrid[0:size, 0:size].astype(np.float32)  # (S, S) each
         self.period = max(4, size // 12)  # texture period in px
         band = max(1, round(size / 64))
@@ -152,7 +214,8 @@ class _Renderer:
         """Returns an RGB image uint8 (S, S, 3) and its labels uint8 (S, S) with 255 object borders."""
         image = self._background()  # (S, S, 3) float32
         labels = np.zeros((self.size, self.size), dtype=np.uint8)
-        classes = self.rng.integers(len(self.styles), size=int(self.rng.integers(2, 5)))
+        low, high = self.scene.objects
+        classes = self.rng.integers(len(self.styles), size=int(self.rng.integers(low, high + 1)))
         classes[-1] = top_class
         for class_index in classes:
             style = self.styles[class_index]
@@ -178,11 +241,18 @@ class _Renderer:
         base = self.rng.uniform(70, 180) + self.rng.uniform(-15, 15, 3)  # (3,) grey with a slight tint
         canvas = Image.fromarray(np.clip(base + (luminance[..., None] - 0.5) * 90, 0, 255).astype(np.uint8))
         draw = ImageDraw.Draw(canvas)
-        for _ in range(int(self.rng.integers(3, 8))):
+        low, high = self.scene.clutter
+        for _ in range(int(self.rng.integers(low, high + 1))):
             grey = int(self.rng.integers(30, 226))
             colour = tuple(int(np.clip(grey + offset, 0, 255)) for offset in self.rng.integers(-12, 13, 3))
             x0, y0, x1, y1 = (int(v) for v in self.rng.integers(0, self.size, 4))
-            if self.rng.random() < 0.5:
+            kind = self.rng.random()  # filled shape, line or outline
+            if kind < self.scene.filled_clutter:  # a grey shape of some class's outline
+                shape = self.scene.shapes[int(self.rng.integers(len(self.scene.shapes)))]
+                radius = self.rng.uniform(*self.scene.object_side) * self.size / 2
+                points = self.polygons[shape][0] * radius + (x0, y0)  # (N, 2)
+                draw.polygon([tuple(point) for point in points.tolist()], fill=colour)
+            elif kind < (1 + self.scene.filled_clutter) / 2:
                 draw.line((x0, y0, x1, y1), fill=colour, width=int(self.rng.integers(1, 3)))
             else:
                 draw.rectangle((min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)), outline=colour)
@@ -190,7 +260,7 @@ class _Renderer:
 
     def _shape_region(self, shape: str) -> np.ndarray:
         """Rasterises ``shape`` at a random size, rotation and position; returns a bool mask (S, S)."""
-        radius = max(self.min_radius, self.rng.uniform(*OBJECT_SIDE) * self.size / 2)
+        radius = max(self.min_radius, self.rng.uniform(*self.scene.object_side) * self.size / 2)
         centre = self.rng.uniform(radius, self.size - radius, 2)  # (2,) x, y
         angle = self.rng.uniform(0, 2 * np.pi)
         rotation = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
@@ -214,6 +284,17 @@ class _Renderer:
             return (x % self.period - half) ** 2 + (y % self.period - half) ** 2 <= (0.3 * self.period) ** 2
         if texture == "checkered":
             return (x // half + y // half) % 2 == 0
+        if texture == "grid":
+            return (x % self.period < 0.25 * self.period) | (y % self.period < 0.25 * self.period)
+        if texture == "waves":
+            return (
+                np.sin(
+                    2 * np.pi * (y + 0.25 * self.period * np.sin(2 * np.pi * x / self.period)) / self.period
+                )
+                > 0
+            )
+        if texture == "speckled":
+            return self.rng.random((self.size, self.size)) < 0.3
         return np.zeros((self.size, self.size), dtype=bool)
 
 

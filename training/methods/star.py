@@ -42,6 +42,8 @@ STAR's replay (STAR trainer_voc.py:362-465), with its weights (config_voc.json):
   at the reference's weights a short step after a large step 0 barely learns its classes
   (BENCHMARKS.md "Why star caps its replay and trains its new rows faster").
 - The disjoint setting has its own formulas (trainer_voc.py:327-330, 364-385): ``SETTING_FORMULAS``.
+  ``mean_over_replayed=False, max_replay_weight=None`` keeps the reference's weights and divides by
+  the real positions only (measured against the cap in BENCHMARKS.md, "star on data it was not tuned on").
 - Old-class regions (label background, old model says an old class) keep their features: MSE
   between the new and old embedding there, weight ``pkd`` 5 (STAR loss.py:94-107).
 - SAD: the new classes' mean features are pushed away from the nearest old prototype,
@@ -314,6 +316,9 @@ class StarClassification(LossTerm):
             ``backbone`` multiplier (unless ``lr_multipliers`` names it); False: the ``head``'s.
         old_logit_threshold: The old model sees a class where its raw logit exceeds this
             (``old_label_map``): 0 is the model's own label map, 0.5 STAR's trainer.
+        mean_over_replayed: Divide the step's loss by all its vectors, 1 + w_fake + w_bg (the
+            reference); False: by the real feature positions only, so that the replay keeps the
+            reference's share against the real pixels without slowing the new classes' learning.
     """
 
     name = "bce"
@@ -332,6 +337,7 @@ class StarClassification(LossTerm):
         lr_multipliers: Mapping[str, float] | None = None,
         spatial_path_at_backbone_rate: bool = True,
         old_logit_threshold: float = 0.0,
+        mean_over_replayed: bool = True,
     ) -> None:
         super().__init__(1.0)
         self.stated_multipliers = {
@@ -347,6 +353,7 @@ class StarClassification(LossTerm):
         self.max_replay_ratio = max_replay_ratio
         self.max_replay_weight = max_replay_weight
         self.old_logit_threshold = old_logit_threshold
+        self.mean_over_replayed = mean_over_replayed
         self.memory: ClassMemory | None = None
         self.fakes_per_iteration: Tensor | None = None
         self.background_ratio = 0.0
@@ -469,7 +476,7 @@ class StarClassification(LossTerm):
         if self.max_replay_weight is not None and replayed > self.max_replay_weight:
             weights[1:] = [w * self.max_replay_weight / replayed for w in weights[1:]]
         total = sum((w * p for w, p in zip(weights, parts, strict=True)), torch.zeros_like(real))
-        return (total / sum(weights)).sum()
+        return (total / (sum(weights) if self.mean_over_replayed else 1.0)).sum()
 
 
 class AuxiliaryClassifier(LossTerm):
@@ -576,6 +583,7 @@ def star(
     lr_multipliers: dict[str, float] | None = None,
     spatial_path_at_backbone_rate: bool = True,
     old_logit_threshold: float = 0.0,
+    mean_over_replayed: bool = True,
 ) -> Method:
     """STAR on DKD's framework; weights of STAR's configs/config_voc.json (pkd 5, cont 0.05, pos_weight 4).
 
@@ -594,6 +602,7 @@ def star(
             lr_multipliers,
             spatial_path_at_backbone_rate,
             old_logit_threshold,
+            mean_over_replayed,
         ),
         old_region_mse,
         sad,

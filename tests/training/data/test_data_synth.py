@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from training.data import label_sets, read_folder_dataset, write_synthetic_dataset
-from training.data.synth import MAX_CLASSES, SHAPES, class_styles
+from training.data.synth import MAX_CLASSES, SCENES, SHAPES, class_styles
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -107,6 +107,7 @@ def test_arguments_are_validated(tmp_path: Path) -> None:
         ({"num_classes": MAX_CLASSES + 1}, "num_classes"),
         ({"size": 31}, "size"),
         ({"num_train": 0}, "num_train"),
+        ({"scene": "forest"}, "scene"),
     ):
         arguments = {"num_classes": 3, "num_train": 2, "num_val": 1, "size": 32, "seed": 0} | kwargs
         with pytest.raises(ValueError, match=message):
@@ -115,3 +116,22 @@ def test_arguments_are_validated(tmp_path: Path) -> None:
     (tmp_path / "h" / "old.txt").write_text("x")
     with pytest.raises(FileExistsError):
         write_synthetic_dataset(tmp_path / "h", 3, 2, 1, 32, 0)
+
+
+def test_clutter_scene_has_other_classes_more_objects_and_filled_grey_clutter(tmp_path: Path) -> None:
+    clutter = SCENES["clutter"]
+    names = [style.name for style in class_styles(32, clutter)]
+    shapes = {name.split("_", 1)[1].rsplit("_", 1)[0] for name in names}  # hue_shape_texture
+    assert len(set(names)) == 32 and shapes == set(clutter.shapes) and not shapes & set(SHAPES)
+    root = write_synthetic_dataset(tmp_path / "c", 8, 24, 0, 64, seed=1, scene="clutter")
+    assert (root / "classes.txt").read_text().splitlines()[1:] == names[:8]
+    shapes_root = write_synthetic_dataset(tmp_path / "s", 8, 24, 0, 64, seed=1)
+    objects = [len(set(np.unique(labels)) - {0, 255}) for _, labels in _arrays(root, "train")]
+    shapes_objects = [len(set(np.unique(labels)) - {0, 255}) for _, labels in _arrays(shapes_root, "train")]
+    assert np.mean(objects) > np.mean(shapes_objects) and max(objects) <= clutter.objects[1]
+
+    # filled grey clutter: more background pixels far from the blotchy base grey than in the tables' scenes
+    def background_spread(root: Path) -> float:
+        return float(np.mean([image[labels == 0].std() for image, labels in _arrays(root, "train")]))
+
+    assert background_spread(root) > background_spread(shapes_root)

@@ -271,6 +271,34 @@ def test_replay_and_background_repetition_against_formula() -> None:
     assert term(batch, ctx).item() == pytest.approx(expected, abs=1e-5)
 
 
+def test_replay_per_real_position_keeps_the_reference_share_without_dividing_the_new_classes() -> None:
+    ctx, batch = _replay_context()
+    term = StarClassification(pos_weight=4.0, max_replay_weight=None, mean_over_replayed=False)
+    term.memory = ClassMemory(
+        _padded([[1.0, 0.0], [0.0, 1.0]]),
+        torch.zeros(2, 8),
+        torch.tensor([2.0, 3.0]),
+        torch.zeros(2),
+        torch.tensor([5.0, 4.0, 4.0]),
+    )
+    term.fakes_per_iteration = torch.tensor([2, 1])
+    term.background_ratio = 1.5
+    # the hand-made case of the test above, summed over real positions, fakes and repeats alike and
+    # divided by the 2 real feature positions only: real + w_fake * fake + w_bg * repeated
+    z_pixels = [0.5 * 1 - 0.5 * 2 + 0.3, 0.5 * -1 - 0.5 * 0.5 + 0.3]
+    real = (_bce(z_pixels[0], 1, 4.0) + _bce(z_pixels[1], 0)) / 2
+    fake = (2 * _bce(0.5 * 2 + 0.3, 0) + _bce(-0.5 * 3 + 0.3, 0)) / 3
+    repeated = _bce(z_pixels[1], 0)
+    expected = real + (3 / 2) * fake + (1.5 * 1 / 2) * repeated
+    assert term(batch, ctx).item() == pytest.approx(expected, abs=1e-5)
+    # the positives' gradient is that of the real term alone, whatever the replay's weight
+    logits = batch.out.logits.detach().clone().requires_grad_(True)
+    out = SegmentationOutput(logits, batch.out.features, [])
+    term(Batch(batch.images, batch.labels, out, batch.old_out), ctx).backward()
+    s = 1 / (1 + math.exp(-z_pixels[0]))
+    assert logits.grad[0, 3, 0, 0].item() == pytest.approx(4.0 * (s - 1) / 2, abs=1e-5)
+
+
 def test_star_states_stars_learning_rates_and_freezes_batchnorm() -> None:
     method = build_method("star")
     assert method.freeze_batchnorm
