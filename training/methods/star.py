@@ -383,7 +383,7 @@ class StarClassification(LossTerm):
                 f"star memory holds {self.memory.num_classes} classes, the base model "
                 f"{ctx.num_old_classes - 1}"
             )
-        self._plan_replay(ctx, ctx.old_model, self.memory)
+        self._plan_replay(ctx)
 
     def _use_multipliers(self, incremental: bool) -> None:
         """The stated multipliers; the spatial path's is the backbone's in incremental steps (module doc)."""
@@ -393,8 +393,11 @@ class StarClassification(LossTerm):
         self.lr_multipliers = {ParamGroup.SPATIAL_PATH: stated[leader], **stated}
 
     @torch.no_grad()
-    def _plan_replay(self, ctx: StepContext, old_model: BiSeNet, memory: ClassMemory) -> None:
+    def _plan_replay(self, ctx: StepContext) -> None:
         """Counts what the old model finds in the step's background, then ``plan_replay`` (STAR 502-527)."""
+        old_model, memory = ctx.require_old_model(), self.memory
+        if memory is None:
+            raise ValueError("star plans its replay from the old classes' memory: load it first")
         found = torch.zeros(ctx.num_old_classes, device=ctx.device)  # [0] = background for both
         positions_per_batch = 0
         for images, labels in ctx.train_loader:
