@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.markup import escape
@@ -95,7 +95,7 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _options(args: argparse.Namespace, **extra) -> StepOptions:
+def _options(args: argparse.Namespace, **extra: Any) -> StepOptions:
     return StepOptions(
         epochs=args.epochs,
         size=args.size,

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from training.data import (
     Sample,
@@ -118,7 +118,7 @@ def memory_bytes(bundle: ModelBundle) -> int:
 
 
 def run_end_of_step_hooks(
-    bundle: ModelBundle, method: Method, train_set, options: StepOptions
+    bundle: ModelBundle, method: Method, train_set: Dataset, options: StepOptions
 ) -> ModelBundle:
     """Runs ``method``'s end-of-step hooks on a copy of a step-0 model trained by another method."""
     bundle = copy.deepcopy(bundle)

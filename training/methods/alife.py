@@ -36,6 +36,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -607,7 +608,9 @@ MEMORY_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 FROZEN_BATCHNORM = ("spatial_path", "context_path")
 
 
-def alife(ali: float | None = None, kd: float | None = None, replay: bool = True, **replay_options) -> Method:
+def alife(
+    ali: float | None = None, kd: float | None = None, replay: bool = True, **replay_options: Any
+) -> Method:
     """ALIFE-M with ALIFE's per-step weights (see ``reference_weights``); ``replay=False`` gives ALIFE.
 
     Args:
