@@ -21,6 +21,8 @@ from training.durable import write_atomic
 MANIFEST_FILE = "manifest.json"
 ONNX_FILE = "model.onnx"
 ONNX_FP16_FILE = "model_fp16.onnx"
+ONNX_INT8_FILE = "model_int8.onnx"
+CALIBRATION_FILE = "calibration.json"
 MANIFEST_FORMAT = 1
 
 Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
@@ -41,6 +43,30 @@ class Fp16Entry(BaseModel):
     file: str
     sha256: Sha256
     parity: dict[str, Any]
+
+
+class Int8Entry(BaseModel):
+    """The INT8 (QDQ) variant and the calibration table it was quantised from.
+
+    Attributes:
+        file: The QDQ INT8 model.
+        sha256: Its hash, checked at load.
+        table: The calibration table (activation ranges per tensor; it holds no image).
+        table_sha256: Its hash.
+        calibration: How the table was made: method, images, tables merged in.
+        parity: INT8 vs FP32 gate report (:class:`export.int8.Int8Report`).
+        passed: The gate held; a failed INT8 model is kept for inspection but never served.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    file: str
+    sha256: Sha256
+    table: str
+    table_sha256: Sha256
+    calibration: dict[str, Any]
+    parity: dict[str, Any]
+    passed: bool
 
 
 class ExportSource(BaseModel):
@@ -67,6 +93,7 @@ class ExportManifest(BaseModel):
         onnx_file: File name of the FP32 model.
         onnx_sha256: Its hash, checked at load.
         fp16: The FP16 variant, or None.
+        int8: The INT8 variant, or None (absent from exports made without calibration).
         model_version: Steps the model was trained for (``v<model_version>``), None when unknown.
         network_config: The BiSeNet configuration (key ``model_config`` in the file).
         parity: ONNX Runtime vs PyTorch report (see :class:`export.parity.ParityReport`).
@@ -90,6 +117,7 @@ class ExportManifest(BaseModel):
     onnx_file: str
     onnx_sha256: Sha256
     fp16: Fp16Entry | None
+    int8: Int8Entry | None = None
     model_version: int | None
     network_config: dict[str, Any] = Field(alias="model_config")
     source: ExportSource
@@ -160,13 +188,16 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def verify_model_file(export_dir: Path, manifest: ExportManifest, fp16: bool = False) -> Path:
-    """Checks the FP32 (or FP16) model file against the hash the manifest recorded.
+def verify_model_file(
+    export_dir: Path, manifest: ExportManifest, fp16: bool = False, int8: bool = False
+) -> Path:
+    """Checks the FP32 (or FP16, or INT8) model file against the hash the manifest recorded.
 
     Args:
         export_dir: The export directory.
         manifest: Its manifest (:func:`read_manifest`).
         fp16: Check ``model_fp16.onnx`` instead of ``model.onnx``.
+        int8: Check ``model_int8.onnx`` instead of ``model.onnx``.
 
     Returns:
         Path of the checked file.
@@ -174,10 +205,13 @@ def verify_model_file(export_dir: Path, manifest: ExportManifest, fp16: bool = F
     Raises:
         InvalidExportError: The file is missing, or truncated, corrupt or replaced (hash mismatch).
     """
-    if fp16 and manifest.fp16 is None:
-        raise InvalidExportError(f"{Path(export_dir) / MANIFEST_FILE}: the export has no FP16 model")
+    for wanted, entry, label in ((fp16, manifest.fp16, "FP16"), (int8, manifest.int8, "INT8")):
+        if wanted and entry is None:
+            raise InvalidExportError(f"{Path(export_dir) / MANIFEST_FILE}: the export has no {label} model")
     if fp16:
         name, expected = manifest.fp16.file, manifest.fp16.sha256
+    elif int8:
+        name, expected = manifest.int8.file, manifest.int8.sha256
     else:
         name, expected = manifest.onnx_file, manifest.onnx_sha256
     path = Path(export_dir) / name
