@@ -61,6 +61,7 @@ def _time_backend(
     )
     runtime = open_runtime(source, backend, size, int8=int8)
     int8_entry = read_manifest(source).int8 if int8 else None
+    int8_model = getattr(int8_entry, "tensorrt" if backend == "trt" else "cpu") if int8_entry else None
     try:
         runtime.warmup()
         per_batch = {}
@@ -83,7 +84,7 @@ def _time_backend(
             "version": runtime.version,
             "precision": runtime.precision,
             "fallback": runtime.fallback,
-            "int8_gate": int8_entry.parity if int8_entry is not None else None,
+            "int8_gate": int8_model.parity if int8_model is not None else None,
         }
     finally:
         runtime.close()

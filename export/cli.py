@@ -60,7 +60,8 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     export.add_argument(
         "--int8",
         action="store_true",
-        help="also write calibration.json (activation ranges, no image) and model_int8.onnx (QDQ INT8) from "
+        help="also write calibration.json (activation ranges, no image), model_int8.onnx (QDQ INT8 for ONNX "
+        "Runtime CPU) and model_int8_trt.onnx (for TensorRT) from "
         "--calibration; its gate: argmax agreement with FP32 >= 99 %% and mIoU loss <= 1 point",
     )
     export.add_argument(
@@ -140,6 +141,7 @@ def run_export(args: argparse.Namespace) -> int:
     from export.onnx_export import export_onnx
     from export.parity import ParityError
     from training.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+    from training.model_dir import read_model_file
 
     if args.int8 != (args.calibration is not None):
         return _fail("--int8 and --calibration DIR go together", 2)
@@ -147,7 +149,8 @@ def run_export(args: argparse.Namespace) -> int:
     try:
         int8 = None
         if args.int8:
-            int8 = load_calibration(args.calibration, args.size, IMAGENET_MEAN, IMAGENET_STD)
+            classes = read_model_file(args.model).classes
+            int8 = load_calibration(args.calibration, classes, args.size, IMAGENET_MEAN, IMAGENET_STD)
         result = export_onnx(args.model, args.out, args.size, fp16=args.fp16, opset=args.opset, int8=int8)
     except ParityError as error:
         return _fail(f"{error}; nothing was written to {args.out}", 1)
@@ -158,17 +161,15 @@ def run_export(args: argparse.Namespace) -> int:
     if result.fp16_path:
         console.print(f"fp16: {result.fp16_path} (argmax agreement with FP32 checked on ONNX Runtime CPU)")
     int8_entry = result.manifest["int8"]
-    if int8_entry is not None:
-        verdict = (
-            "served with --precision int8" if int8_entry["passed"] else "NOT served: FP32 serves instead"
-        )
-        console.print(f"int8: {result.int8_path} ({int8_entry['parity']['summary']}); {verdict}")
+    for target in ("cpu", "tensorrt") if int8_entry is not None else ():
+        model = int8_entry[target]
+        verdict = "served with --precision int8" if model["passed"] else "NOT served: FP32 serves instead"
+        console.print(f"int8 ({target}): {model['file']} ({model['parity']['summary']}); {verdict}")
     if args.trt:
         from export.tensorrt_engine import ensure_engine
 
-        precision = (
-            "int8" if int8_entry is not None and int8_entry["passed"] else "fp16" if args.fp16 else "fp32"
-        )
+        int8_passed = int8_entry is not None and int8_entry["tensorrt"]["passed"]
+        precision = "int8" if int8_passed else "fp16" if args.fp16 else "fp32"
         try:
             build = ensure_engine(result.out_dir, precision)
         except ParityError as error:

@@ -2,11 +2,12 @@
 
 A task's images are deleted after its step, so the worker calibrates during the step while they exist and
 keeps only the ranges (``calibration.json``, ONNX Runtime's calibration-cache format: per-tensor lowest /
-highest activation, no pixels). The INT8 model is then quantised from the table alone: a QDQ ONNX with
-per-channel symmetric INT8 weights and symmetric INT8 activations, which ONNX Runtime CPU runs and
-TensorRT 10 builds with explicit quantization (zero points must be 0 there). Tables of earlier versions
-can be merged in (union of the ranges) so that classes absent from a step's images keep their coverage.
-The INT8 gate compares the INT8 model with the FP32 one on labelled images (see BENCHMARKS.md, "INT8").
+highest activation, no pixels). The INT8 models are then quantised from the table alone, QDQ ONNX with
+per-channel symmetric INT8 weights: one with asymmetric UINT8 activations for ONNX Runtime CPU, one with
+symmetric INT8 activations for TensorRT 10's explicit quantization (zero points must be 0 there). Tables
+of earlier versions can be merged in (union of the ranges) so that classes absent from a step's images
+keep their coverage. The INT8 gate compares each INT8 model with the FP32 one on labelled images (see
+BENCHMARKS.md, "INT8").
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from onnxruntime.quantization import (
 )
 from onnxruntime.quantization.calibrate import TensorData, TensorsData, load_tensors_data, save_tensors_data
 
+from export.manifest import ONNX_INT8_FILE, ONNX_INT8_TRT_FILE
 from export.processing import letterbox_labels, preprocess
 
 INT8_MIN_AGREEMENT = 0.99
@@ -37,8 +39,39 @@ CALIBRATION_BATCH = 4
 CALIBRATION_IMAGES = 32
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 IGNORE_LABEL = 255
-# ORT's QDQ options: symmetric INT8 activations and weights (zero point 0, what TensorRT requires)
-QDQ_OPTIONS = {"ActivationSymmetric": True, "WeightSymmetric": True}
+
+
+@dataclass(frozen=True)
+class QuantScheme:
+    """How one runtime's INT8 model quantises activations (weights: symmetric INT8 per output channel).
+
+    Attributes:
+        target: The manifest key (``cpu``, ``tensorrt``).
+        file: The QDQ model's file name.
+        activation_type: INT8 or UINT8 activations.
+        symmetric_activations: Zero point 0 (the table's range made symmetric around 0).
+        reduce_range: 7-bit weights, so that x86 without VNNI cannot saturate its 16-bit pair sums.
+    """
+
+    target: str
+    file: str
+    activation_type: QuantType
+    symmetric_activations: bool
+    reduce_range: bool
+
+    @property
+    def description(self) -> str:
+        kind = "symmetric INT8" if self.symmetric_activations else "asymmetric UINT8"
+        bits = "7-bit" if self.reduce_range else "INT8"
+        return f"QDQ, {kind} activations, symmetric per-channel {bits} weights"
+
+
+# ONNX Runtime on x86 runs UINT8 activations x INT8 weights; asymmetric ranges keep every level for ReLU
+# outputs, which symmetric ones halve, and 7-bit weights avoid AVX2's saturation (BENCHMARKS.md, "INT8")
+CPU_SCHEME = QuantScheme("cpu", ONNX_INT8_FILE, QuantType.QUInt8, False, True)
+# TensorRT's explicit quantization takes INT8 Q/DQ with zero point 0 only
+TENSORRT_SCHEME = QuantScheme("tensorrt", ONNX_INT8_TRT_FILE, QuantType.QInt8, True, False)
+SCHEMES = (CPU_SCHEME, TENSORRT_SCHEME)
 
 
 @dataclass(frozen=True)
@@ -111,6 +144,7 @@ def _spread(items: Sequence, limit: int) -> list:
 
 def load_calibration(
     folder: Path,
+    classes: Sequence[str],
     size: tuple[int, int],
     mean: Sequence[float],
     std: Sequence[float],
@@ -120,8 +154,10 @@ def load_calibration(
     """Calibration and gate images from a folder of images or a dataset folder (classes.txt, images, masks).
 
     A dataset calibrates on its training images and gates on its validation images and masks, or on the
-    calibration images and their masks when it has no validation split. A plain folder of images
-    calibrates and gates on its images, without labels (the gate is then argmax agreement alone).
+    calibration images and their masks when it has no validation split; its labels are matched to the
+    model's ``classes`` by name, as a step does (dataset class 0 is background, unknown classes ignored). A
+    plain folder of images calibrates and gates on its images, without labels (the gate is then argmax
+    agreement alone).
 
     Raises:
         FileNotFoundError: No such folder, or no image in it.
@@ -138,10 +174,13 @@ def load_calibration(
         calibration_samples = _spread(source.train, limit)
         evaluation_samples = _spread(source.val, limit) or calibration_samples
         count = len(source.classes)
+        model_index = {name: index for index, name in enumerate(classes)}
+        to_model = np.full(256, IGNORE_LABEL, np.uint8)  # dataset label -> model label
+        to_model[:count] = [0, *(model_index.get(name, IGNORE_LABEL) for name in source.classes[1:])]
 
         def read(samples: Sequence) -> tuple[list[np.ndarray], list[np.ndarray]]:
             images = [np.asarray(load_image(sample.image_path)) for sample in samples]
-            return images, [load_mask(sample, count, source.label_map) for sample in samples]
+            return images, [to_model[load_mask(sample, count, source.label_map)] for sample in samples]
 
         images, masks = read(calibration_samples)
         evaluation = LabelledBatches.from_images(*read(evaluation_samples), size, mean, std)
@@ -175,7 +214,7 @@ def compute_table(
             Path(onnx_path),
             augmented_model_path=str(Path(tmp) / "augmented.onnx"),
             calibrate_method=method,
-            extra_options={"symmetric": True},  # MinMax keeps per-batch ReduceMin/Max only: small
+            extra_options={"symmetric": False},  # raw ranges: the quantiser symmetrises them when asked
         )
         calibrator.collect_data(_BatchReader(input_name, batches))
         table = calibrator.compute_data()
@@ -219,10 +258,10 @@ def read_table(path: Path) -> TensorsData:
     return load_tensors_data(Path(path))
 
 
-def quantize_from_table(onnx_path: Path, table_path: Path, out_path: Path) -> None:
+def quantize_from_table(onnx_path: Path, table_path: Path, out_path: Path, scheme: QuantScheme) -> None:
     """Writes the QDQ INT8 model of ``onnx_path`` from a stored table; no image is read.
 
-    Weights are quantised per output channel; activations take the table's ranges, made symmetric.
+    Weights are quantised per output channel; activations take the table's ranges as ``scheme`` says.
     """
     quantize_static(
         str(onnx_path),
@@ -230,10 +269,11 @@ def quantize_from_table(onnx_path: Path, table_path: Path, out_path: Path) -> No
         calibration_data_reader=None,
         quant_format=QuantFormat.QDQ,
         per_channel=True,
-        activation_type=QuantType.QInt8,
+        reduce_range=scheme.reduce_range,
+        activation_type=scheme.activation_type,
         weight_type=QuantType.QInt8,
         calibrate_method=CalibrationMethod.MinMax,
-        extra_options=QDQ_OPTIONS,
+        extra_options={"ActivationSymmetric": scheme.symmetric_activations, "WeightSymmetric": True},
         calibration_cache_path=str(table_path),
     )
 

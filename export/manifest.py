@@ -22,6 +22,7 @@ MANIFEST_FILE = "manifest.json"
 ONNX_FILE = "model.onnx"
 ONNX_FP16_FILE = "model_fp16.onnx"
 ONNX_INT8_FILE = "model_int8.onnx"
+ONNX_INT8_TRT_FILE = "model_int8_trt.onnx"
 CALIBRATION_FILE = "calibration.json"
 MANIFEST_FORMAT = 1
 
@@ -45,15 +46,13 @@ class Fp16Entry(BaseModel):
     parity: dict[str, Any]
 
 
-class Int8Entry(BaseModel):
-    """The INT8 (QDQ) variant and the calibration table it was quantised from.
+class Int8Model(BaseModel):
+    """One runtime's QDQ INT8 model and its gate.
 
     Attributes:
-        file: The QDQ INT8 model.
+        file: The model.
         sha256: Its hash, checked at load.
-        table: The calibration table (activation ranges per tensor; it holds no image).
-        table_sha256: Its hash.
-        calibration: How the table was made: method, images, tables merged in.
+        quantization: How activations and weights are quantised.
         parity: INT8 vs FP32 gate report (:class:`export.int8.Int8Report`).
         passed: The gate held; a failed INT8 model is kept for inspection but never served.
     """
@@ -62,11 +61,29 @@ class Int8Entry(BaseModel):
 
     file: str
     sha256: Sha256
+    quantization: str
+    parity: dict[str, Any]
+    passed: bool
+
+
+class Int8Entry(BaseModel):
+    """The calibration table and the INT8 models quantised from it.
+
+    Attributes:
+        table: The calibration table (activation ranges per tensor; it holds no image).
+        table_sha256: Its hash.
+        calibration: How the table was made: method, images, tables merged in.
+        cpu: The model for ONNX Runtime CPU.
+        tensorrt: The model for TensorRT (explicit quantization).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
     table: str
     table_sha256: Sha256
     calibration: dict[str, Any]
-    parity: dict[str, Any]
-    passed: bool
+    cpu: Int8Model
+    tensorrt: Int8Model
 
 
 class ExportSource(BaseModel):
@@ -189,7 +206,7 @@ def file_sha256(path: Path) -> str:
 
 
 def verify_model_file(
-    export_dir: Path, manifest: ExportManifest, fp16: bool = False, int8: bool = False
+    export_dir: Path, manifest: ExportManifest, fp16: bool = False, int8: str | None = None
 ) -> Path:
     """Checks the FP32 (or FP16, or INT8) model file against the hash the manifest recorded.
 
@@ -197,7 +214,7 @@ def verify_model_file(
         export_dir: The export directory.
         manifest: Its manifest (:func:`read_manifest`).
         fp16: Check ``model_fp16.onnx`` instead of ``model.onnx``.
-        int8: Check ``model_int8.onnx`` instead of ``model.onnx``.
+        int8: Check the INT8 model of this target (``cpu``, ``tensorrt``) instead of ``model.onnx``.
 
     Returns:
         Path of the checked file.
@@ -211,7 +228,8 @@ def verify_model_file(
     if fp16:
         name, expected = manifest.fp16.file, manifest.fp16.sha256
     elif int8:
-        name, expected = manifest.int8.file, manifest.int8.sha256
+        model = getattr(manifest.int8, int8)
+        name, expected = model.file, model.sha256
     else:
         name, expected = manifest.onnx_file, manifest.onnx_sha256
     path = Path(export_dir) / name

@@ -7,7 +7,8 @@ Export directory layout::
     OUT/model_fp16.onnx   (``fp16=True``) FP16 weights and compute with FP32 inputs/outputs, for GPU runtimes
     OUT/calibration.json  (``int8=``) activation ranges per tensor (ONNX Runtime calibration-cache JSON, no
                           image), measured on the calibration images and merged with earlier tables
-    OUT/model_int8.onnx   (``int8=``) QDQ INT8 quantised from calibration.json alone (see :mod:`export.int8`)
+    OUT/model_int8.onnx   (``int8=``) QDQ INT8 for ONNX Runtime CPU, quantised from calibration.json alone
+    OUT/model_int8_trt.onnx (``int8=``) the same with symmetric activations, for TensorRT (:mod:`export.int8`)
     OUT/manifest.json     classes, input size, normalisation, versions, hashes and parity figures
 
 The directory is written into a temporary sibling and renamed into place only once parity passed, so a
@@ -34,6 +35,7 @@ import torch
 from onnxruntime.transformers.float16 import convert_float_to_float16
 
 from export.int8 import (
+    SCHEMES,
     Int8Calibration,
     compare_int8,
     compute_table,
@@ -80,7 +82,8 @@ class ExportResult:
         out_dir: The export directory.
         onnx_path: The FP32 model.
         fp16_path: The FP16 model, or None.
-        int8_path: The INT8 model, or None (written also when it failed its gate: see the manifest).
+        int8_path: The INT8 model for ONNX Runtime CPU, or None (written also when it failed its gate: see
+            the manifest).
         manifest: Contents of ``manifest.json`` (JSON-ready; :class:`ExportManifest` is its typed form).
         parity: ONNX Runtime vs PyTorch report of the FP32 model.
     """
@@ -158,7 +161,7 @@ def _write_fp16(onnx_path: Path, out_path: Path) -> None:
 
 
 def _write_int8(out_dir: Path, int8: Int8Calibration) -> dict:
-    """Measures the table, merges earlier ones, quantises from it and applies the INT8 gate.
+    """Measures the table, merges earlier ones, quantises each runtime's model from it and gates each.
 
     Returns:
         The manifest's ``int8`` entry.
@@ -166,22 +169,29 @@ def _write_int8(out_dir: Path, int8: Int8Calibration) -> dict:
     onnx_path, table_path = out_dir / ONNX_FILE, out_dir / CALIBRATION_FILE
     measured = compute_table(onnx_path, int8.calibration.batches, int8.method)
     write_table(merge_tables([measured, *(read_table(path) for path in int8.earlier_tables)]), table_path)
-    quantize_from_table(onnx_path, table_path, out_dir / ONNX_INT8_FILE)
     batches, labels = int8.evaluation.batches, int8.evaluation.labels
-    report = compare_int8(run_onnx(onnx_path, batches), run_onnx(out_dir / ONNX_INT8_FILE, batches), labels)
+    fp32 = run_onnx(onnx_path, batches)
+    models = {}
+    for scheme in SCHEMES:
+        quantize_from_table(onnx_path, table_path, out_dir / scheme.file, scheme)
+        report = compare_int8(fp32, run_onnx(out_dir / scheme.file, batches), labels)
+        models[scheme.target] = {
+            "file": scheme.file,
+            "sha256": file_sha256(out_dir / scheme.file),
+            "quantization": scheme.description,
+            "parity": report.to_dict(),
+            "passed": report.passed,
+        }
+    calibration = {
+        "method": int8.method.name,
+        "images": int8.calibration.count,
+        "merged_tables": len(int8.earlier_tables),
+    }
     return {
-        "file": ONNX_INT8_FILE,
-        "sha256": file_sha256(out_dir / ONNX_INT8_FILE),
         "table": CALIBRATION_FILE,
         "table_sha256": file_sha256(table_path),
-        "calibration": {
-            "method": int8.method.name,
-            "images": int8.calibration.count,
-            "merged_tables": len(int8.earlier_tables),
-            "quantization": "QDQ, INT8 symmetric activations, INT8 symmetric per-channel weights",
-        },
-        "parity": report.to_dict(),
-        "passed": report.passed,
+        "calibration": calibration,
+        **models,
     }
 
 

@@ -83,14 +83,16 @@ def physical_cores() -> int:
     return max(1, len(cores))
 
 
-def int8_fallback(manifest: ExportManifest, device: str = "cpu") -> str | None:
-    """Why an export cannot serve INT8 on ``device`` (``cpu``, ``cuda`` or ``trt``), or None when it can."""
-    if device == "cuda":
+def int8_fallback(manifest: ExportManifest, target: str) -> str | None:
+    """Why an export cannot serve INT8 on ``target`` (``cpu``, ``tensorrt``, or ``cuda`` for ONNX Runtime
+    CUDA, which has no INT8 model), or None when it can."""
+    if target == "cuda":
         return "INT8 is served on ONNX Runtime CPU and TensorRT only; ONNX Runtime CUDA serves FP32/FP16"
     if manifest.int8 is None:
         return "the export has no INT8 model (export with --int8 / INCSEG_INT8=true)"
-    if not manifest.int8.passed:
-        return f"its INT8 model failed the gate ({manifest.int8.parity.get('summary', 'no report')})"
+    model = getattr(manifest.int8, target)
+    if not model.passed:
+        return f"its INT8 model {model.file} failed the gate ({model.parity['summary']})"
     return None
 
 
@@ -188,7 +190,7 @@ def ensure_export(
         size: Serving size (H, W). A model directory defaults to 512 x 512; an export directory is fixed at
             its own size and refuses another one.
         fp16: Also require ``model_fp16.onnx`` (only for a model directory; an export keeps what it has).
-        calibration: Also require ``model_int8.onnx``, calibrated on this folder when it must be made (see
+        calibration: Also require the INT8 models, calibrated on this folder when they must be made (see
             :func:`export.int8.load_calibration`; only for a model directory).
 
     Raises:
@@ -210,8 +212,10 @@ def ensure_export(
     from export.int8 import load_calibration
     from export.onnx_export import export_onnx
     from training.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+    from training.model_dir import read_model_file
 
-    int8 = load_calibration(calibration, size, IMAGENET_MEAN, IMAGENET_STD) if calibration else None
+    classes = read_model_file(model).classes
+    int8 = load_calibration(calibration, classes, size, IMAGENET_MEAN, IMAGENET_STD) if calibration else None
     return export_onnx(model, export_dir_for(model, size), size, fp16=fp16, int8=int8).out_dir
 
 
@@ -463,7 +467,8 @@ class OrtRuntime(SegmentationRuntime):
         )
         self.fallback = fallback
         self.export_dir = Path(export_dir)
-        model_path = verify_model_file(self.export_dir, manifest, use_fp16 and not use_int8, use_int8)
+        int8_target = "cpu" if use_int8 else None
+        model_path = verify_model_file(self.export_dir, manifest, use_fp16 and not use_int8, int8_target)
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = threads or physical_cores()
@@ -531,7 +536,7 @@ class TensorRTRuntime(SegmentationRuntime):
             precision,
             self.runner.max_batch,
         )
-        self.fallback = int8_fallback(manifest, "trt") if int8 else None
+        self.fallback = int8_fallback(manifest, "tensorrt") if int8 else None
 
     def _logits(self, batch: np.ndarray) -> np.ndarray:
         return self.runner.logits(np.ascontiguousarray(batch, np.float32))

@@ -6,7 +6,7 @@ inside an export directory::
 
     EXPORT/engine.plan             serialized engine: FP32, or FP16 (model.onnx + the FP16 builder flag on
                                    TensorRT 10; model_fp16.onnx, strongly typed, on TensorRT 11), or INT8
-                                   (model_int8.onnx: explicit quantization from its Q/DQ nodes)
+                                   (model_int8_trt.onnx: explicit quantization from its Q/DQ nodes)
     EXPORT/engine_manifest.json    TensorRT version, GPU, compute capability, ONNX sha256, precision,
                                    optimisation profile, classes, input shape, parity vs ONNX Runtime
 
@@ -39,7 +39,7 @@ from export.int8 import INT8_MIN_AGREEMENT
 from export.manifest import (
     ONNX_FILE,
     ONNX_FP16_FILE,
-    ONNX_INT8_FILE,
+    ONNX_INT8_TRT_FILE,
     ExportManifest,
     file_sha256,
     read_manifest,
@@ -172,7 +172,7 @@ def engine_source(export_dir: Path, precision: str) -> Path:
 
     TensorRT 10 builds FP16 engines from ``model.onnx`` with the FP16 builder flag. TensorRT 11 removed
     that flag: there an FP16 engine is built from ``model_fp16.onnx`` (export with ``fp16=True``). INT8
-    engines come from the Q/DQ model ``model_int8.onnx`` (explicit quantization; the implicit calibrators
+    engines come from the Q/DQ model ``model_int8_trt.onnx`` (explicit quantization; the implicit calibrators
     are deprecated since TensorRT 10.1).
 
     Raises:
@@ -180,9 +180,9 @@ def engine_source(export_dir: Path, precision: str) -> Path:
             for and the export has no INT8 model.
     """
     if precision == "int8":
-        path = Path(export_dir) / ONNX_INT8_FILE
+        path = Path(export_dir) / ONNX_INT8_TRT_FILE
         if not path.is_file():
-            raise FileNotFoundError(f"{export_dir} has no {ONNX_INT8_FILE}; export it with --int8")
+            raise FileNotFoundError(f"{export_dir} has no {ONNX_INT8_TRT_FILE}; export it with --int8")
         return path
     if precision != "fp16" or fp16_builder_flag_available():
         return Path(export_dir) / ONNX_FILE
@@ -193,14 +193,14 @@ def engine_source(export_dir: Path, precision: str) -> Path:
 
 
 def serving_precision(export_dir: Path, fp16: bool, int8: bool = False) -> str:
-    """``int8`` when asked for and the export's INT8 model passed its gate; else ``fp16`` when asked for and
-    buildable from this export on this TensorRT; else ``fp32``.
+    """``int8`` when asked for and the export's TensorRT INT8 model passed its gate; else ``fp16`` when asked
+    for and buildable from this export on this TensorRT; else ``fp32``.
 
     On TensorRT 11 an export without ``model_fp16.onnx`` (the service's worker may export FP32 only) is
     served from an FP32 engine rather than not at all.
     """
     entry = read_manifest(export_dir).int8 if int8 else None
-    if entry is not None and entry.passed:
+    if entry is not None and entry.tensorrt.passed:
         return "int8"
     if not fp16:
         return "fp32"
@@ -381,9 +381,8 @@ def ensure_engine(
     export_manifest = read_manifest(export_dir)
     device_info = current_device_info()
     onnx_path = engine_source(export_dir, precision)
-    onnx_path = verify_model_file(
-        export_dir, export_manifest, onnx_path.name == ONNX_FP16_FILE, onnx_path.name == ONNX_INT8_FILE
-    )
+    int8_target = "tensorrt" if onnx_path.name == ONNX_INT8_TRT_FILE else None
+    onnx_path = verify_model_file(export_dir, export_manifest, onnx_path.name == ONNX_FP16_FILE, int8_target)
     onnx_sha = file_sha256(onnx_path)
     engine_path = export_dir / ENGINE_FILE
     existing = read_engine_manifest(export_dir)
