@@ -1,8 +1,9 @@
 """What calibrating INT8 on a step's new-class images alone costs, and whether merging tables fixes it.
 
 One trained model is exported once (FP32, ONNX Runtime CPU); each condition measures a calibration table on
-a set of training images, quantises the model from the table alone (``export.int8``) and compares INT8 with
-FP32 on every validation image (all classes): argmax agreement, mIoU of both, mIoU loss. Conditions:
+a set of training images, quantises the model from the table alone (``export.int8``, both schemes: ONNX
+Runtime CPU's and TensorRT's) and compares INT8 with FP32 on every validation image (all classes): argmax
+agreement, mIoU of both, mIoU loss. Conditions:
 
 - ``all``: images spread over the whole training split (every class), the reference;
 - ``new K-20``: only images whose objects all belong to classes K..20 (a disjoint step adding K..20);
@@ -29,6 +30,7 @@ import numpy as np
 from onnxruntime.quantization import CalibrationMethod
 
 from export.int8 import (
+    SCHEMES,
     LabelledBatches,
     compare_int8,
     compute_table,
@@ -97,11 +99,13 @@ def main(model_dir: Path, data_dir: Path, side: int, out: Path) -> None:
                 continue
             table_path, int8_path = Path(tmp) / "table.json", Path(tmp) / "int8.onnx"
             write_table(table, table_path)
-            quantize_from_table(export.onnx_path, table_path, int8_path)
-            report = compare_int8(fp32, run_onnx(int8_path, evaluation.batches), evaluation.labels)
             images = len(sets.get(name.split(" (")[0].removesuffix(" + merged"), []))
-            results[name] = {**report.to_dict(), "calibration_images": images}
-            print(f"{name}: {report.summary()}", flush=True)
+            results[name] = {"calibration_images": images}
+            for scheme in SCHEMES:
+                quantize_from_table(export.onnx_path, table_path, int8_path, scheme)
+                report = compare_int8(fp32, run_onnx(int8_path, evaluation.batches), evaluation.labels)
+                results[name][scheme.target] = {**report.to_dict(), "quantization": scheme.description}
+                print(f"{name}, {scheme.target}: {report.summary()}", flush=True)
     out.write_text(
         json.dumps(
             {
@@ -109,7 +113,6 @@ def main(model_dir: Path, data_dir: Path, side: int, out: Path) -> None:
                 "data_dir": str(data_dir),
                 "size": list(size),
                 "evaluation_images": evaluation.count,
-                "quantization": "QDQ, symmetric INT8 activations, per-channel symmetric INT8 weights",
                 "results": results,
             },
             indent=2,

@@ -50,6 +50,7 @@ def _time_backend(
     iters: int,
     inputs: dict[int, np.ndarray],
     calibration: Path | None,
+    threads: int | None,
 ) -> dict:
     backend, int8 = name.removesuffix(INT8_SUFFIX), name.endswith(INT8_SUFFIX)
     if int8 and calibration is None and not is_export_dir(model):
@@ -59,7 +60,7 @@ def _time_backend(
         if backend == "torch"
         else ensure_export(model, size, fp16=backend != "ort-cpu", calibration=calibration if int8 else None)
     )
-    runtime = open_runtime(source, backend, size, int8=int8)
+    runtime = open_runtime(source, backend, size, int8=int8, threads=threads)
     int8_entry = read_manifest(source).int8 if int8 else None
     int8_model = getattr(int8_entry, "tensorrt" if backend == "trt" else "cpu") if int8_entry else None
     try:
@@ -98,6 +99,7 @@ def benchmark_runtimes(
     backends: Sequence[str] | None = None,
     console: Console | None = None,
     calibration: Path | None = None,
+    threads: int | None = None,
 ) -> dict:
     """Times each backend at each batch size and prints a table with ratios against PyTorch eager.
 
@@ -110,6 +112,7 @@ def benchmark_runtimes(
             torch only for a model directory).
         console: Where to print the table (default: a new rich console on stdout).
         calibration: Images to calibrate an INT8 model with when an ``-int8`` backend needs one.
+        threads: Threads of PyTorch and of each ONNX Runtime session (default: torch's own, physical cores).
 
     Returns:
         ``{"backends": {NAME: {"batch": {"1": {"p50_ms", "p90_ms", "images_per_s"}, ...}, "version",
@@ -123,7 +126,11 @@ def benchmark_runtimes(
         raise ValueError(f"{model} is an export directory; the torch backend needs the model directory")
     rng = np.random.default_rng(0)
     inputs = {batch: rng.standard_normal((batch, 3, *size), dtype=np.float32) for batch in batches}
-    results = {name: _time_backend(name, model, size, iters, inputs, calibration) for name in backends}
+    if threads is not None:
+        torch.set_num_threads(threads)
+    results = {
+        name: _time_backend(name, model, size, iters, inputs, calibration, threads) for name in backends
+    }
     ratios = {}
     if "torch" in results:
         reference = results["torch"]["batch"]
@@ -138,6 +145,7 @@ def benchmark_runtimes(
         "iters": iters,
         "measure": "predict_logits: forward pass + logits to host, per image",
         "device": describe_device(),
+        "ort_threads": threads or physical_cores(),
         "ratios_vs_torch": ratios,
     }
     _print_table(report, console or Console())

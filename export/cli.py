@@ -125,6 +125,12 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="images to calibrate the INT8 model with when the export has none (as for export)",
     )
+    bench.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="threads of PyTorch and of ONNX Runtime (default: torch's default, physical cores for ORT)",
+    )
     bench.add_argument("--json", type=Path, default=None, help="write the results as JSON here")
     bench.set_defaults(func=run_bench_runtime)
 
@@ -239,6 +245,7 @@ def run_bench_runtime(args: argparse.Namespace) -> int:
             tuple(args.batches),
             args.backends,
             calibration=args.calibration,
+            threads=args.threads,
         )
     except (FileNotFoundError, ValueError) as error:
         return _fail(str(error), 2)

@@ -222,13 +222,15 @@ def verify_model_file(
     Raises:
         InvalidExportError: The file is missing, or truncated, corrupt or replaced (hash mismatch).
     """
-    for wanted, entry, label in ((fp16, manifest.fp16, "FP16"), (int8, manifest.int8, "INT8")):
-        if wanted and entry is None:
-            raise InvalidExportError(f"{Path(export_dir) / MANIFEST_FILE}: the export has no {label} model")
+    missing = f"{Path(export_dir) / MANIFEST_FILE}: the export has no {'FP16' if fp16 else 'INT8'} model"
     if fp16:
+        if manifest.fp16 is None:
+            raise InvalidExportError(missing)
         name, expected = manifest.fp16.file, manifest.fp16.sha256
     elif int8:
-        model = getattr(manifest.int8, int8)
+        if manifest.int8 is None:
+            raise InvalidExportError(missing)
+        model: Int8Model = getattr(manifest.int8, int8)
         name, expected = model.file, model.sha256
     else:
         name, expected = manifest.onnx_file, manifest.onnx_sha256

@@ -53,3 +53,15 @@ def save_tiny_model(path: Path, classes: list[str], grow: int = 0, history: list
         model.add_classes(grow)
     ModelBundle(model, list(classes), history or []).save(path)
     return path
+
+
+def make_int8_fragile(model: BiSeNet) -> None:
+    """Makes classes 1 and 2 differ by a hair at every pixel (class 0 never wins), so that INT8 rounding
+    flips the argmax between them while FP32 runtimes still agree: a model whose INT8 version fails."""
+    classifier = model.head.classifier
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        noise = torch.randn(classifier.weight[1].shape, generator=generator)
+        classifier.weight[2] = classifier.weight[1] + 1e-3 * noise
+        classifier.bias[2] = classifier.bias[1]
+        classifier.bias[0] -= 100.0

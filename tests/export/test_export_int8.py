@@ -40,7 +40,7 @@ from export.manifest import (
 )
 from export.onnx_export import export_onnx
 from export.runtime import OrtRuntime, open_runtime
-from tests.helpers import save_tiny_model
+from tests.helpers import make_int8_fragile, save_tiny_model
 from training.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from training.metrics import ConfusionMatrix, SegmentationScores
 from training.model_dir import ModelBundle
@@ -91,12 +91,7 @@ def failing_export(tmp_path_factory: pytest.TempPathFactory, synth_dataset: Path
     """A model whose classes 1 and 2 differ by a hair: INT8 rounding flips the argmax between them."""
     path = save_tiny_model(tmp_path_factory.mktemp("fragile") / "model", ["background", "a", "b"])
     bundle = ModelBundle.load(path)
-    classifier = bundle.model.head.classifier
-    torch.manual_seed(0)
-    with torch.no_grad():
-        classifier.weight[2] = classifier.weight[1] + 1e-3 * torch.randn_like(classifier.weight[1])
-        classifier.bias[2] = classifier.bias[1]
-        classifier.bias[0] -= 100.0  # background never wins: every pixel is a near tie between a and b
+    make_int8_fragile(bundle.model)
     calibration = load_calibration(synth_dataset, bundle.classes, SIZE, IMAGENET_MEAN, IMAGENET_STD)
     return export_onnx(bundle, tmp_path_factory.mktemp("int8-fail") / "export", SIZE, int8=calibration)
 
@@ -237,8 +232,11 @@ def test_calibration_from_a_folder_of_images_has_no_labels(tmp_path: Path) -> No
     (tmp_path / "notes.txt").write_text("not an image")
     loaded = load_calibration(tmp_path, ["background"], SIZE, IMAGENET_MEAN, IMAGENET_STD)
     assert loaded.calibration.count == 3 and loaded.evaluation.labels is None
-    with pytest.raises(FileNotFoundError, match="no image"):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
         load_calibration(tmp_path / "missing", ["background"], SIZE, IMAGENET_MEAN, IMAGENET_STD)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no image"):
+        load_calibration(tmp_path / "empty", ["background"], SIZE, IMAGENET_MEAN, IMAGENET_STD)
 
 
 def test_compute_table_observes_the_calibration_images(int8_export, calibration: Int8Calibration) -> None:
