@@ -16,6 +16,7 @@ from onnxruntime.quantization import CalibrationMethod
 from onnxruntime.quantization.calibrate import TensorData, TensorsData
 from PIL import Image
 
+from export import tensorrt_engine
 from export.benchmark import benchmark_runtimes
 from export.cli import add_subcommands
 from export.int8 import (
@@ -40,6 +41,7 @@ from export.manifest import (
 )
 from export.onnx_export import export_onnx
 from export.runtime import OrtRuntime, open_runtime
+from export.tensorrt_engine import engine_source, ensure_engine, serving_precision, tensorrt_available
 from tests.helpers import make_int8_fragile, save_tiny_model
 from training.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from training.metrics import ConfusionMatrix, SegmentationScores
@@ -241,7 +243,7 @@ def test_calibration_from_a_folder_of_images_has_no_labels(tmp_path: Path) -> No
 
 def test_compute_table_observes_the_calibration_images(int8_export, calibration: Int8Calibration) -> None:
     table = compute_table(int8_export.onnx_path, calibration.calibration.batches)
-    low, high = (float(value) for value in table["images"].range_value)
+    low, high = (float(np.ravel(value)[0]) for value in table["images"].range_value)
     inputs = np.concatenate(calibration.calibration.batches)
     assert (low, high) == pytest.approx((float(inputs.min()), float(inputs.max())))
 
@@ -288,3 +290,30 @@ def test_bench_runtime_times_int8_beside_fp32_and_torch(
     assert report["backends"]["ort-cpu"]["precision"] == "fp32"
     with pytest.raises(ValueError, match="needs calibration images"):
         benchmark_runtimes(tmp_path / "other", SIZE, 1, (1,), ["ort-cpu-int8"])
+
+
+def test_tensorrt_builds_int8_from_its_symmetric_model_when_it_passed(
+    int8_export, failing_export, tmp_path: Path, trained: ModelBundle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tensorrt_engine, "fp16_builder_flag_available", lambda: True)  # TensorRT 10
+    assert engine_source(int8_export.out_dir, "int8") == int8_export.out_dir / ONNX_INT8_TRT_FILE
+    assert serving_precision(int8_export.out_dir, True, int8=True) == "int8"
+    assert serving_precision(failing_export.out_dir, True, int8=True) == "fp16"  # its gate failed
+    assert serving_precision(int8_export.out_dir, True) == "fp16"
+    plain = export_onnx(trained, tmp_path / "export", SIZE).out_dir
+    with pytest.raises(FileNotFoundError, match="--int8"):
+        engine_source(plain, "int8")
+
+
+@pytest.mark.skipif(not tensorrt_available(), reason="needs the tensorrt package and a CUDA GPU")
+def test_real_int8_engine_build_and_inference(int8_export, tmp_path: Path) -> None:
+    from export.runtime import TensorRTRuntime
+
+    build = ensure_engine(int8_export.out_dir, "int8", 4, cache_dir=tmp_path, force=True)
+    assert build.manifest["precision"] == "int8" and build.manifest["onnx_file"] == ONNX_INT8_TRT_FILE
+    assert build.manifest["parity"]["argmax_agreement"] >= 0.99
+    with TensorRTRuntime(int8_export.out_dir, fp16=True, max_batch=4, int8=True) as runtime:
+        assert runtime.precision == "int8" and runtime.fallback is None
+        assert [mask.shape for mask in runtime.predict([np.zeros((50, 70, 3), np.uint8)] * 5)] == [
+            (50, 70)
+        ] * 5
