@@ -61,6 +61,7 @@ class QuantScheme:
 
     @property
     def description(self) -> str:
+        """One line for the manifest, e.g. ``QDQ, asymmetric UINT8 activations, ... weights``."""
         kind = "symmetric INT8" if self.symmetric_activations else "asymmetric UINT8"
         bits = "7-bit" if self.reduce_range else "INT8"
         return f"QDQ, {kind} activations, symmetric per-channel {bits} weights"
