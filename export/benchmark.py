@@ -4,7 +4,8 @@ Each backend is opened (exporting into the model directory's cache or building f
 up, then timed on ``predict_logits`` (forward pass plus logits back on the host) of a fixed random
 normalised batch per batch size. PyTorch
 eager runs under ``torch.inference_mode()`` with torch's default thread count; ONNX Runtime CPU uses one
-intra-op thread per physical core.
+intra-op thread per physical core. ``<backend>-int8`` times the export's INT8 model on that backend (made from
+the ``calibration`` folder when the export has none) and reports its INT8 gate figures beside the times.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from export.manifest import is_export_dir
-from export.runtime import available_backends, ensure_export, open_runtime, physical_cores
+from export.manifest import is_export_dir, read_manifest
+from export.runtime import INT8_SUFFIX, available_backends, ensure_export, open_runtime, physical_cores
 from training.model_dir import is_model_dir
 
 WARMUP_ITERATIONS = 3
@@ -43,10 +44,25 @@ def describe_device() -> dict:
 
 
 def _time_backend(
-    name: str, model: Path, size: tuple[int, int], iters: int, inputs: dict[int, np.ndarray]
+    name: str,
+    model: Path,
+    size: tuple[int, int],
+    iters: int,
+    inputs: dict[int, np.ndarray],
+    calibration: Path | None,
+    threads: int | None,
 ) -> dict:
-    source = model if name == "torch" else ensure_export(model, size, fp16=name != "ort-cpu")
-    runtime = open_runtime(source, name, size)
+    backend, int8 = name.removesuffix(INT8_SUFFIX), name.endswith(INT8_SUFFIX)
+    if int8 and calibration is None and not is_export_dir(model):
+        raise ValueError(f"{name} needs calibration images (--calibration DIR) to quantise {model}")
+    source = (
+        model
+        if backend == "torch"
+        else ensure_export(model, size, fp16=backend != "ort-cpu", calibration=calibration if int8 else None)
+    )
+    runtime = open_runtime(source, backend, size, int8=int8, threads=threads)
+    int8_entry = read_manifest(source).int8 if int8 else None
+    int8_model = getattr(int8_entry, "tensorrt" if backend == "trt" else "cpu") if int8_entry else None
     try:
         runtime.warmup()
         per_batch = {}
@@ -64,7 +80,13 @@ def _time_backend(
                 "p90_ms": float(np.percentile(per_image_ms, 90)),
                 "images_per_s": batch_size * iters / float(np.sum(seconds)),
             }
-        return {"batch": per_batch, "version": runtime.version, "precision": runtime.precision}
+        return {
+            "batch": per_batch,
+            "version": runtime.version,
+            "precision": runtime.precision,
+            "fallback": runtime.fallback,
+            "int8_gate": int8_model.parity if int8_model is not None else None,
+        }
     finally:
         runtime.close()
 
@@ -76,6 +98,8 @@ def benchmark_runtimes(
     batches: Sequence[int] = (1, 4),
     backends: Sequence[str] | None = None,
     console: Console | None = None,
+    calibration: Path | None = None,
+    threads: int | None = None,
 ) -> dict:
     """Times each backend at each batch size and prints a table with ratios against PyTorch eager.
 
@@ -84,12 +108,15 @@ def benchmark_runtimes(
         size: Input (H, W); must match an export directory's size.
         iters: Timed iterations per backend and batch size.
         batches: Batch sizes.
-        backends: Backend names (default: every backend available here; torch only for a model directory).
+        backends: Names from :data:`export.runtime.BENCH_BACKENDS` (default: every backend available here;
+            torch only for a model directory).
         console: Where to print the table (default: a new rich console on stdout).
+        calibration: Images to calibrate an INT8 model with when an ``-int8`` backend needs one.
+        threads: Threads of PyTorch and of each ONNX Runtime session (default: torch's own, physical cores).
 
     Returns:
         ``{"backends": {NAME: {"batch": {"1": {"p50_ms", "p90_ms", "images_per_s"}, ...}, "version",
-        "precision"}}, "size": [H, W], "iters", "measure", "device": {...},
+        "precision", "fallback", "int8_gate"}}, "size": [H, W], "iters", "measure", "device": {...},
         "ratios_vs_torch": {NAME: {"1": p50 / torch p50, ...}}}`` (per-image latencies in ms).
     """
     model = Path(model)
@@ -99,7 +126,11 @@ def benchmark_runtimes(
         raise ValueError(f"{model} is an export directory; the torch backend needs the model directory")
     rng = np.random.default_rng(0)
     inputs = {batch: rng.standard_normal((batch, 3, *size), dtype=np.float32) for batch in batches}
-    results = {name: _time_backend(name, model, size, iters, inputs) for name in backends}
+    if threads is not None:
+        torch.set_num_threads(threads)
+    results = {
+        name: _time_backend(name, model, size, iters, inputs, calibration, threads) for name in backends
+    }
     ratios = {}
     if "torch" in results:
         reference = results["torch"]["batch"]
@@ -114,6 +145,7 @@ def benchmark_runtimes(
         "iters": iters,
         "measure": "predict_logits: forward pass + logits to host, per image",
         "device": describe_device(),
+        "ort_threads": threads or physical_cores(),
         "ratios_vs_torch": ratios,
     }
     _print_table(report, console or Console())
@@ -137,6 +169,11 @@ def _print_table(report: dict, console: Console) -> None:
                 "1.00x (reference)" if name == "torch" else ("-" if ratio is None else f"{ratio:.2f}x"),
             )
     console.print(table)
+    for name, result in report["backends"].items():
+        if result["int8_gate"] is not None:
+            console.print(f"{name}: {result['int8_gate']['summary']}")
+        if result["fallback"] is not None:
+            console.print(f"{name} served {result['precision']}: {result['fallback']}")
     device = report["device"]
     console.print(
         f"device: {device['cpu']}, {device['physical_cores']} cores, gpu: {device['gpu'] or 'none'}"

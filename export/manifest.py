@@ -21,6 +21,9 @@ from training.durable import write_atomic
 MANIFEST_FILE = "manifest.json"
 ONNX_FILE = "model.onnx"
 ONNX_FP16_FILE = "model_fp16.onnx"
+ONNX_INT8_FILE = "model_int8.onnx"
+ONNX_INT8_TRT_FILE = "model_int8_trt.onnx"
+CALIBRATION_FILE = "calibration.json"
 MANIFEST_FORMAT = 1
 
 Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
@@ -41,6 +44,46 @@ class Fp16Entry(BaseModel):
     file: str
     sha256: Sha256
     parity: dict[str, Any]
+
+
+class Int8Model(BaseModel):
+    """One runtime's QDQ INT8 model and its gate.
+
+    Attributes:
+        file: The model.
+        sha256: Its hash, checked at load.
+        quantization: How activations and weights are quantised.
+        parity: INT8 vs FP32 gate report (:class:`export.int8.Int8Report`).
+        passed: The gate held; a failed INT8 model is kept for inspection but never served.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    file: str
+    sha256: Sha256
+    quantization: str
+    parity: dict[str, Any]
+    passed: bool
+
+
+class Int8Entry(BaseModel):
+    """The calibration table and the INT8 models quantised from it.
+
+    Attributes:
+        table: The calibration table (activation ranges per tensor; it holds no image).
+        table_sha256: Its hash.
+        calibration: How the table was made: method, images, tables merged in.
+        cpu: The model for ONNX Runtime CPU.
+        tensorrt: The model for TensorRT (explicit quantization).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    table: str
+    table_sha256: Sha256
+    calibration: dict[str, Any]
+    cpu: Int8Model
+    tensorrt: Int8Model
 
 
 class ExportSource(BaseModel):
@@ -67,6 +110,7 @@ class ExportManifest(BaseModel):
         onnx_file: File name of the FP32 model.
         onnx_sha256: Its hash, checked at load.
         fp16: The FP16 variant, or None.
+        int8: The INT8 variant, or None (absent from exports made without calibration).
         model_version: Steps the model was trained for (``v<model_version>``), None when unknown.
         network_config: The BiSeNet configuration (key ``model_config`` in the file).
         parity: ONNX Runtime vs PyTorch report (see :class:`export.parity.ParityReport`).
@@ -90,6 +134,7 @@ class ExportManifest(BaseModel):
     onnx_file: str
     onnx_sha256: Sha256
     fp16: Fp16Entry | None
+    int8: Int8Entry | None = None
     model_version: int | None
     network_config: dict[str, Any] = Field(alias="model_config")
     source: ExportSource
@@ -160,13 +205,16 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def verify_model_file(export_dir: Path, manifest: ExportManifest, fp16: bool = False) -> Path:
-    """Checks the FP32 (or FP16) model file against the hash the manifest recorded.
+def verify_model_file(
+    export_dir: Path, manifest: ExportManifest, fp16: bool = False, int8: str | None = None
+) -> Path:
+    """Checks the FP32 (or FP16, or INT8) model file against the hash the manifest recorded.
 
     Args:
         export_dir: The export directory.
         manifest: Its manifest (:func:`read_manifest`).
         fp16: Check ``model_fp16.onnx`` instead of ``model.onnx``.
+        int8: Check the INT8 model of this target (``cpu``, ``tensorrt``) instead of ``model.onnx``.
 
     Returns:
         Path of the checked file.
@@ -174,10 +222,16 @@ def verify_model_file(export_dir: Path, manifest: ExportManifest, fp16: bool = F
     Raises:
         InvalidExportError: The file is missing, or truncated, corrupt or replaced (hash mismatch).
     """
+    missing = f"{Path(export_dir) / MANIFEST_FILE}: the export has no {'FP16' if fp16 else 'INT8'} model"
     if fp16:
         if manifest.fp16 is None:
-            raise InvalidExportError(f"{Path(export_dir) / MANIFEST_FILE}: the export has no FP16 model")
+            raise InvalidExportError(missing)
         name, expected = manifest.fp16.file, manifest.fp16.sha256
+    elif int8:
+        if manifest.int8 is None:
+            raise InvalidExportError(missing)
+        model: Int8Model = getattr(manifest.int8, int8)
+        name, expected = model.file, model.sha256
     else:
         name, expected = manifest.onnx_file, manifest.onnx_sha256
     path = Path(export_dir) / name

@@ -5,6 +5,10 @@ Export directory layout::
     OUT/model.onnx        input ``images`` float32 (N, 3, H, W), normalised; output ``logits`` (N, C, H, W)
                           at a fixed H x W with a dynamic batch dimension; standard ONNX ops only
     OUT/model_fp16.onnx   (``fp16=True``) FP16 weights and compute with FP32 inputs/outputs, for GPU runtimes
+    OUT/calibration.json  (``int8=``) activation ranges per tensor (ONNX Runtime calibration-cache JSON, no
+                          image), measured on the calibration images and merged with earlier tables
+    OUT/model_int8.onnx   (``int8=``) QDQ INT8 for ONNX Runtime CPU, quantised from calibration.json alone
+    OUT/model_int8_trt.onnx (``int8=``) the same with symmetric activations, for TensorRT (:mod:`export.int8`)
     OUT/manifest.json     classes, input size, normalisation, versions, hashes and parity figures
 
 The directory is written into a temporary sibling and renamed into place only once parity passed, so a
@@ -30,11 +34,23 @@ import onnxscript.optimizer
 import torch
 from onnxruntime.transformers.float16 import convert_float_to_float16
 
+from export.int8 import (
+    SCHEMES,
+    Int8Calibration,
+    compare_int8,
+    compute_table,
+    merge_tables,
+    quantize_from_table,
+    read_table,
+    write_table,
+)
 from export.manifest import (
+    CALIBRATION_FILE,
     MANIFEST_FILE,
     MANIFEST_FORMAT,
     ONNX_FILE,
     ONNX_FP16_FILE,
+    ONNX_INT8_FILE,
     ExportManifest,
     file_sha256,
     write_json_atomic,
@@ -66,6 +82,8 @@ class ExportResult:
         out_dir: The export directory.
         onnx_path: The FP32 model.
         fp16_path: The FP16 model, or None.
+        int8_path: The INT8 model for ONNX Runtime CPU, or None (written also when it failed its gate: see
+            the manifest).
         manifest: Contents of ``manifest.json`` (JSON-ready; :class:`ExportManifest` is its typed form).
         parity: ONNX Runtime vs PyTorch report of the FP32 model.
     """
@@ -75,6 +93,7 @@ class ExportResult:
     fp16_path: Path | None
     manifest: dict
     parity: ParityReport
+    int8_path: Path | None = None
 
     @property
     def manifest_path(self) -> Path:
@@ -141,6 +160,41 @@ def _write_fp16(onnx_path: Path, out_path: Path) -> None:
     onnx.save(proto, str(out_path))
 
 
+def _write_int8(out_dir: Path, int8: Int8Calibration) -> dict:
+    """Measures the table, merges earlier ones, quantises each runtime's model from it and gates each.
+
+    Returns:
+        The manifest's ``int8`` entry.
+    """
+    onnx_path, table_path = out_dir / ONNX_FILE, out_dir / CALIBRATION_FILE
+    measured = compute_table(onnx_path, int8.calibration.batches, int8.method)
+    write_table(merge_tables([measured, *(read_table(path) for path in int8.earlier_tables)]), table_path)
+    batches, labels = int8.evaluation.batches, int8.evaluation.labels
+    fp32 = run_onnx(onnx_path, batches)
+    models = {}
+    for scheme in SCHEMES:
+        quantize_from_table(onnx_path, table_path, out_dir / scheme.file, scheme)
+        report = compare_int8(fp32, run_onnx(out_dir / scheme.file, batches), labels)
+        models[scheme.target] = {
+            "file": scheme.file,
+            "sha256": file_sha256(out_dir / scheme.file),
+            "quantization": scheme.description,
+            "parity": report.to_dict(),
+            "passed": report.passed,
+        }
+    calibration = {
+        "method": int8.method.name,
+        "images": int8.calibration.count,
+        "merged_tables": len(int8.earlier_tables),
+    }
+    return {
+        "table": CALIBRATION_FILE,
+        "table_sha256": file_sha256(table_path),
+        "calibration": calibration,
+        **models,
+    }
+
+
 def export_onnx(
     bundle_or_model_dir: ModelBundle | Path,
     out_dir: Path,
@@ -150,6 +204,7 @@ def export_onnx(
     parity_batches: Sequence[int] = (1, 2, 4),
     max_abs_tol: float = ORT_MAX_ABS_TOL,
     min_agreement: float = ORT_MIN_AGREEMENT,
+    int8: Int8Calibration | None = None,
 ) -> ExportResult:
     """Exports a model to ``out_dir`` after checking ONNX Runtime against PyTorch.
 
@@ -205,6 +260,7 @@ def export_onnx(
                 "sha256": file_sha256(tmp / ONNX_FP16_FILE),
                 "parity": fp16_report.to_dict(),
             }
+        int8_entry = _write_int8(tmp, int8) if int8 is not None else None
         manifest = ExportManifest.model_validate(
             {
                 "format": MANIFEST_FORMAT,
@@ -223,6 +279,7 @@ def export_onnx(
                 "onnx_file": ONNX_FILE,
                 "onnx_sha256": file_sha256(onnx_path),
                 "fp16": fp16_entry,
+                "int8": int8_entry,
                 "model_version": bundle.version,
                 "model_config": bundle.config.to_dict(),
                 "source": {
@@ -240,4 +297,5 @@ def export_onnx(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     fp16_path = out_dir / ONNX_FP16_FILE if fp16 else None
-    return ExportResult(out_dir, out_dir / ONNX_FILE, fp16_path, manifest, report)
+    int8_path = out_dir / ONNX_INT8_FILE if int8 is not None else None
+    return ExportResult(out_dir, out_dir / ONNX_FILE, fp16_path, manifest, report, int8_path)

@@ -33,6 +33,7 @@ import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
 from export.manifest import (
+    ExportManifest,
     InvalidExportError,
     file_sha256,
     is_export_dir,
@@ -50,6 +51,8 @@ if TYPE_CHECKING:
 
 BACKENDS = ("trt", "ort-cuda", "ort-cpu", "torch")
 BACKEND_CHOICES = ("auto", "trt", "ort", "ort-cpu", "ort-cuda", "torch")
+INT8_SUFFIX = "-int8"  # bench-runtime's name for a backend serving the INT8 model
+BENCH_BACKENDS = (*BACKENDS, f"trt{INT8_SUFFIX}", f"ort-cpu{INT8_SUFFIX}")
 DEFAULT_SIZE = (512, 512)
 DEFAULT_MAX_BATCH = 4
 # what ONNX Runtime raises for a file it cannot parse or a graph it cannot run
@@ -80,6 +83,19 @@ def physical_cores() -> int:
         except OSError:
             return len(cpus)
     return max(1, len(cores))
+
+
+def int8_fallback(manifest: ExportManifest, target: str) -> str | None:
+    """Why an export cannot serve INT8 on ``target`` (``cpu``, ``tensorrt``, or ``cuda`` for ONNX Runtime
+    CUDA, which has no INT8 model), or None when it can."""
+    if target == "cuda":
+        return "INT8 is served on ONNX Runtime CPU and TensorRT only; ONNX Runtime CUDA serves FP32/FP16"
+    if manifest.int8 is None:
+        return "the export has no INT8 model (export with --int8 / INCSEG_INT8=true)"
+    model = getattr(manifest.int8, target)
+    if not model.passed:
+        return f"its INT8 model {model.file} failed the gate ({model.parity['summary']})"
+    return None
 
 
 def _cuda_available() -> bool:
@@ -147,8 +163,11 @@ def _serving_size(size: tuple[int, int] | None) -> tuple[int, int]:
     return height, width
 
 
-def current_export(model_dir: Path, size: tuple[int, int] | None = None, fp16: bool = False) -> Path | None:
-    """The cached export of a model directory when it matches the weights (and has FP16 if asked), else None.
+def current_export(
+    model_dir: Path, size: tuple[int, int] | None = None, fp16: bool = False, int8: bool = False
+) -> Path | None:
+    """The cached export of a model directory when it matches the weights (and has FP16 / INT8 if asked),
+    else None.
 
     Only reads. An unreadable cached export counts as missing.
     """
@@ -162,10 +181,13 @@ def current_export(model_dir: Path, size: tuple[int, int] | None = None, fp16: b
     except InvalidExportError:
         return None
     current = manifest.source.weights_sha256 == file_sha256(Path(model_dir) / WEIGHTS_FILE)
-    return out if current and (manifest.fp16 is not None or not fp16) else None
+    complete = (manifest.fp16 is not None or not fp16) and (manifest.int8 is not None or not int8)
+    return out if current and complete else None
 
 
-def ensure_export(model: Path, size: tuple[int, int] | None = None, fp16: bool = False) -> Path:
+def ensure_export(
+    model: Path, size: tuple[int, int] | None = None, fp16: bool = False, calibration: Path | None = None
+) -> Path:
     """Returns an export directory for ``model``, exporting a model directory into its cache when needed.
 
     This is the writing counterpart of :func:`open_runtime` (for the CLI and benchmarks): it writes
@@ -176,6 +198,8 @@ def ensure_export(model: Path, size: tuple[int, int] | None = None, fp16: bool =
         size: Serving size (H, W). A model directory defaults to 512 x 512; an export directory is fixed at
             its own size and refuses another one.
         fp16: Also require ``model_fp16.onnx`` (only for a model directory; an export keeps what it has).
+        calibration: Also require the INT8 models, calibrated on this folder when they must be made (see
+            :func:`export.int8.load_calibration`; only for a model directory).
 
     Raises:
         FileNotFoundError: ``model`` is neither kind of directory.
@@ -190,12 +214,17 @@ def ensure_export(model: Path, size: tuple[int, int] | None = None, fp16: bool =
     if not is_model_dir(model):
         raise FileNotFoundError(f"{model} is neither a model directory nor an export directory")
     size = _serving_size(size)
-    cached = current_export(model, size, fp16)
+    cached = current_export(model, size, fp16, int8=calibration is not None)
     if cached is not None:
         return cached
+    from export.int8 import load_calibration
     from export.onnx_export import export_onnx
+    from training.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+    from training.model_dir import read_model_file
 
-    return export_onnx(model, export_dir_for(model, size), size, fp16=fp16).out_dir
+    classes = read_model_file(model).classes
+    int8 = load_calibration(calibration, classes, size, IMAGENET_MEAN, IMAGENET_STD) if calibration else None
+    return export_onnx(model, export_dir_for(model, size), size, fp16=fp16, int8=int8).out_dir
 
 
 class SegmentationRuntime(ABC):
@@ -211,7 +240,8 @@ class SegmentationRuntime(ABC):
         mean: Normalisation mean (RGB, 0..1 pixels).
         std: Normalisation std.
         version: Model version, e.g. ``v3``.
-        precision: ``fp32`` or ``fp16``.
+        precision: ``fp32``, ``fp16`` or ``int8``.
+        fallback: Why INT8 was asked for and is not served (no INT8 model, or it failed its gate), else None.
         max_batch: Largest batch one forward pass takes (None: any).
         scratch_dir: A temporary directory the runtime owns (an on-the-fly export), deleted after release.
     """
@@ -237,6 +267,7 @@ class SegmentationRuntime(ABC):
         self.std = tuple(std)
         self.precision = precision
         self.max_batch = max_batch
+        self.fallback: str | None = None
         self.scratch_dir: Path | None = None
         self._idle = threading.Condition()
         self._calls = 0
@@ -416,16 +447,26 @@ class OrtRuntime(SegmentationRuntime):
     cores) and one inter-op thread (the graph runs sequentially), so two sessions alive during a model
     swap can be given half the cores each instead of both taking all of them.
 
+    INT8 (``model_int8.onnx``, CPU only) is served when asked for and its gate passed; otherwise FP32, with
+    the reason in ``fallback``.
+
     Raises:
         FileNotFoundError: ``export_dir`` is not an export directory.
         InvalidExportError: Bad manifest, model file not the recorded one, or ONNX Runtime cannot load it.
     """
 
     def __init__(
-        self, export_dir: Path, device: str = "cpu", fp16: bool = False, threads: int | None = None
+        self,
+        export_dir: Path,
+        device: str = "cpu",
+        fp16: bool = False,
+        threads: int | None = None,
+        int8: bool = False,
     ) -> None:
         manifest = read_manifest(export_dir)
         use_fp16 = fp16 and device == "cuda" and manifest.fp16 is not None
+        fallback = int8_fallback(manifest, device) if int8 else None
+        use_int8 = int8 and fallback is None
         super().__init__(
             f"ort-{device}",
             manifest.classes,
@@ -433,10 +474,12 @@ class OrtRuntime(SegmentationRuntime):
             manifest.version_name,
             manifest.mean,
             manifest.std,
-            "fp16" if use_fp16 else "fp32",
+            "int8" if use_int8 else "fp16" if use_fp16 else "fp32",
         )
+        self.fallback = fallback
         self.export_dir = Path(export_dir)
-        model_path = verify_model_file(self.export_dir, manifest, use_fp16)
+        int8_target = "cpu" if use_int8 else None
+        model_path = verify_model_file(self.export_dir, manifest, use_fp16 and not use_int8, int8_target)
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = threads or physical_cores()
@@ -485,11 +528,13 @@ class TensorRTRuntime(SegmentationRuntime):
     precision and profile; otherwise it is built (parity-checked against ONNX Runtime) and cached there.
     """
 
-    def __init__(self, export_dir: Path, fp16: bool = True, max_batch: int = DEFAULT_MAX_BATCH) -> None:
+    def __init__(
+        self, export_dir: Path, fp16: bool = True, max_batch: int = DEFAULT_MAX_BATCH, int8: bool = False
+    ) -> None:
         from export.tensorrt_engine import EngineRunner, ensure_engine, serving_precision
 
         manifest = read_manifest(export_dir)
-        precision = serving_precision(export_dir, fp16)
+        precision = serving_precision(export_dir, fp16, int8)
         self.build = ensure_engine(export_dir, precision, max_batch)
         self.runner: EngineRunner | None = EngineRunner(self.build.engine_path)  # None once released
         super().__init__(
@@ -502,6 +547,7 @@ class TensorRTRuntime(SegmentationRuntime):
             precision,
             self.runner.max_batch,
         )
+        self.fallback = int8_fallback(manifest, "tensorrt") if int8 else None
 
     def _live_runner(self) -> EngineRunner:
         if self.runner is None:
@@ -525,12 +571,12 @@ class TensorRTRuntime(SegmentationRuntime):
 
 
 def _open_export(
-    export_dir: Path, backend: str, fp16: bool, max_batch: int, threads: int | None
+    export_dir: Path, backend: str, fp16: bool, max_batch: int, threads: int | None, int8: bool
 ) -> SegmentationRuntime:
     """Opens an export directory on a concrete ONNX-based backend (``trt``, ``ort-cuda``, ``ort-cpu``)."""
     if backend == "trt":
-        return TensorRTRuntime(export_dir, fp16, max_batch)
-    return OrtRuntime(export_dir, "cuda" if backend == "ort-cuda" else "cpu", fp16, threads)
+        return TensorRTRuntime(export_dir, fp16, max_batch, int8)
+    return OrtRuntime(export_dir, "cuda" if backend == "ort-cuda" else "cpu", fp16, threads, int8)
 
 
 def open_runtime(
@@ -540,6 +586,7 @@ def open_runtime(
     fp16: bool = True,
     max_batch: int = DEFAULT_MAX_BATCH,
     threads: int | None = None,
+    int8: bool = False,
 ) -> SegmentationRuntime:
     """Opens ``model`` (export directory or model directory) on a backend, without writing into it.
 
@@ -552,6 +599,9 @@ def open_runtime(
             CUDA when the export has it). CPU backends always run FP32.
         max_batch: Largest batch of a TensorRT engine's profile.
         threads: Intra-op threads of an ONNX Runtime session (default: physical cores).
+        int8: Serve the export's INT8 model (ONNX Runtime CPU, TensorRT) when it passed its gate; else the
+            runtime serves FP32/FP16 and says why in ``fallback``. A model directory is exported without INT8
+            here (calibration needs images: :func:`export.onnx_export.export_onnx` with ``int8=``).
 
     Raises:
         ValueError: Unknown or unusable backend, an export of another size, or an export directory for the
@@ -565,7 +615,7 @@ def open_runtime(
         if name == "torch":
             return TorchRuntime.load(model, size)
         _checked_size(model, size)
-        return _open_export(model, name, fp16, max_batch, threads)
+        return _open_export(model, name, fp16, max_batch, threads, int8)
     from training.model_dir import is_model_dir
 
     if not is_model_dir(model):
@@ -577,13 +627,13 @@ def open_runtime(
     with_fp16 = fp16 and name != "ort-cpu"
     cached = current_export(model, size, with_fp16)
     if cached is not None:
-        return _open_export(cached, name, fp16, max_batch, threads)
+        return _open_export(cached, name, fp16, max_batch, threads, int8)
     from export.onnx_export import export_onnx
 
     scratch = Path(tempfile.mkdtemp(prefix="incseg-export-"))
     try:
         export_dir = export_onnx(model, scratch / "export", size, fp16=with_fp16).out_dir
-        runtime = _open_export(export_dir, name, fp16, max_batch, threads)
+        runtime = _open_export(export_dir, name, fp16, max_batch, threads, int8)
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
         raise

@@ -5,7 +5,8 @@ An engine is tied to the TensorRT version, the GPU and the builder flags (refere
 inside an export directory::
 
     EXPORT/engine.plan             serialized engine: FP32, or FP16 (model.onnx + the FP16 builder flag on
-                                   TensorRT 10; model_fp16.onnx, strongly typed, on TensorRT 11)
+                                   TensorRT 10; model_fp16.onnx, strongly typed, on TensorRT 11), or INT8
+                                   (model_int8_trt.onnx: explicit quantization from its Q/DQ nodes)
     EXPORT/engine_manifest.json    TensorRT version, GPU, compute capability, ONNX sha256, precision,
                                    optimisation profile, classes, input shape, parity vs ONNX Runtime
 
@@ -34,9 +35,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from export.int8 import INT8_MIN_AGREEMENT
 from export.manifest import (
     ONNX_FILE,
     ONNX_FP16_FILE,
+    ONNX_INT8_TRT_FILE,
     ExportManifest,
     file_sha256,
     read_manifest,
@@ -54,7 +57,9 @@ from export.parity import (
 
 ENGINE_FILE = "engine.plan"
 ENGINE_MANIFEST_FILE = "engine_manifest.json"
-PRECISIONS = ("fp16", "fp32")
+PRECISIONS = ("fp16", "fp32", "int8")
+# argmax agreement an engine must reach against ONNX Runtime CPU FP32, per precision
+MIN_AGREEMENT = {"fp16": TRT_FP16_MIN_AGREEMENT, "fp32": ORT_MIN_AGREEMENT, "int8": INT8_MIN_AGREEMENT}
 WORKSPACE_BYTES = 4 << 30
 
 
@@ -123,7 +128,7 @@ def engine_is_stale(
         manifest: The engine's manifest (None when there is no engine).
         device_info: This machine (see :func:`current_device_info`).
         onnx_sha256: Hash of the ONNX model the engine must come from.
-        precision: Wanted precision, ``fp16`` or ``fp32``.
+        precision: Wanted precision, ``fp16``, ``fp32`` or ``int8``.
         max_batch: Wanted largest batch; None accepts any profile.
     """
     if manifest is None:
@@ -166,11 +171,19 @@ def engine_source(export_dir: Path, precision: str) -> Path:
     """The ONNX file an engine of ``precision`` is built from.
 
     TensorRT 10 builds FP16 engines from ``model.onnx`` with the FP16 builder flag. TensorRT 11 removed
-    that flag: there an FP16 engine is built from ``model_fp16.onnx`` (export with ``fp16=True``).
+    that flag: there an FP16 engine is built from ``model_fp16.onnx`` (export with ``fp16=True``). INT8
+    engines come from the Q/DQ model ``model_int8_trt.onnx`` (explicit quantization; the implicit calibrators
+    are deprecated since TensorRT 10.1).
 
     Raises:
-        FileNotFoundError: TensorRT 11 needs ``model_fp16.onnx`` and the export has none.
+        FileNotFoundError: TensorRT 11 needs ``model_fp16.onnx`` and the export has none, or INT8 was asked
+            for and the export has no INT8 model.
     """
+    if precision == "int8":
+        path = Path(export_dir) / ONNX_INT8_TRT_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"{export_dir} has no {ONNX_INT8_TRT_FILE}; export it with --int8")
+        return path
     if precision != "fp16" or fp16_builder_flag_available():
         return Path(export_dir) / ONNX_FILE
     path = Path(export_dir) / ONNX_FP16_FILE
@@ -179,12 +192,16 @@ def engine_source(export_dir: Path, precision: str) -> Path:
     return path
 
 
-def serving_precision(export_dir: Path, fp16: bool) -> str:
-    """``fp16`` when asked for and buildable from this export on this TensorRT, else ``fp32``.
+def serving_precision(export_dir: Path, fp16: bool, int8: bool = False) -> str:
+    """``int8`` when asked for and the export's TensorRT INT8 model passed its gate; else ``fp16`` when asked
+    for and buildable from this export on this TensorRT; else ``fp32``.
 
     On TensorRT 11 an export without ``model_fp16.onnx`` (the service's worker may export FP32 only) is
     served from an FP32 engine rather than not at all.
     """
+    entry = read_manifest(export_dir).int8 if int8 else None
+    if entry is not None and entry.tensorrt.passed:
+        return "int8"
     if not fp16:
         return "fp32"
     buildable = fp16_builder_flag_available() or (Path(export_dir) / ONNX_FP16_FILE).is_file()
@@ -205,7 +222,9 @@ def build_engine(
         onnx_path: ONNX model with a dynamic batch and a fixed (3, H, W).
         engine_path: Where to write the engine.
         precision: ``fp16`` (the builder FP16 flag where TensorRT has it: FP32 is kept where faster or
-            needed; without it the precision comes from the ONNX file, see :func:`engine_source`) or ``fp32``.
+            needed; without it the precision comes from the ONNX file, see :func:`engine_source`), ``fp32``,
+            or ``int8`` (a Q/DQ model: INT8 where its Q/DQ nodes say, with the INT8 and FP16 flags on
+            TensorRT 10's weakly typed networks; TensorRT 11 takes the precision from the graph alone).
         max_batch: Largest batch of the profile.
         timing_cache: Timing cache file, read when present and rewritten after the build.
         workspace_bytes: Builder workspace limit.
@@ -229,8 +248,10 @@ def build_engine(
         raise RuntimeError(f"TensorRT could not parse {onnx_path}: {errors}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
-    if precision == "fp16" and fp16_builder_flag_available():
+    if precision in ("fp16", "int8") and fp16_builder_flag_available():
         config.set_flag(trt.BuilderFlag.FP16)
+    if precision == "int8" and hasattr(trt.BuilderFlag, "INT8"):
+        config.set_flag(trt.BuilderFlag.INT8)
     tensor = network.get_input(0)
     chw = tuple(tensor.shape)[1:]
     batches = profile_batches(max_batch)
@@ -336,7 +357,8 @@ def ensure_engine(
     """Returns a usable engine for ``export_dir`` on this GPU, rebuilding it when stale.
 
     Only reads when the engine next to the export is current. Otherwise the new engine must agree with
-    ONNX Runtime (CPU, FP32) on the argmax of >= 99.5 % of the pixels (FP16) or >= 99.9 % (FP32) of
+    ONNX Runtime (CPU, FP32) on the argmax of >= 99.5 % of the pixels (FP16), >= 99 % (INT8, the INT8
+    gate of :mod:`export.int8`) or >= 99.9 % (FP32) of
     deterministic synthetic inputs before it replaces the old one; the engine is written to a temporary
     file and renamed into place, then its manifest is written atomically (a crash in between leaves an
     engine without a manifest, which the next open rebuilds). Builds of one model are serialised on this
@@ -345,7 +367,7 @@ def ensure_engine(
 
     Args:
         export_dir: Export directory (see :mod:`export.onnx_export`).
-        precision: ``fp16`` or ``fp32``.
+        precision: ``fp16``, ``fp32`` or ``int8``.
         max_batch: Largest batch of the optimisation profile.
         cache_dir: Directory of timing caches (default :func:`default_cache_dir`).
         force: Rebuild even when the engine looks current.
@@ -359,7 +381,8 @@ def ensure_engine(
     export_manifest = read_manifest(export_dir)
     device_info = current_device_info()
     onnx_path = engine_source(export_dir, precision)
-    onnx_path = verify_model_file(export_dir, export_manifest, onnx_path.name != export_manifest.onnx_file)
+    int8_target = "tensorrt" if onnx_path.name == ONNX_INT8_TRT_FILE else None
+    onnx_path = verify_model_file(export_dir, export_manifest, onnx_path.name == ONNX_FP16_FILE, int8_target)
     onnx_sha = file_sha256(onnx_path)
     engine_path = export_dir / ENGINE_FILE
     existing = read_engine_manifest(export_dir)
@@ -431,7 +454,7 @@ def _build_checked_engine(
                 lambda batch: run_onnx(export_dir / ONNX_FILE, [batch])[0],
                 runner.logits,
                 inputs,
-                TRT_FP16_MIN_AGREEMENT if precision == "fp16" else ORT_MIN_AGREEMENT,
+                MIN_AGREEMENT[precision],
                 ("onnxruntime-cpu", f"tensorrt-{precision}"),
             )
         )

@@ -97,6 +97,10 @@ class ModelServerStatus(BaseModel):
     active_version: str | None = Field(description="version the registry's pointer names")
     serving_version: str | None = Field(description="version answering requests in this process")
     ready: bool = Field(description="a version is loaded, warmed up and serving")
+    serving_precision: str | None = Field(None, description="fp32, fp16 or int8 of the serving version")
+    precision_fallback: str | None = Field(
+        None, description="why the serving version runs FP32/FP16 although INCSEG_INT8 asks for INT8"
+    )
     loading: str | None = Field(description="version being loaded and warmed up, if any")
     failures: dict[str, str] = Field(description="version -> why it failed to load or warm up")
     swaps: int = Field(description="versions swapped in by this process")
@@ -167,8 +171,9 @@ class _Served:
 
 
 def open_export(export_dir: Path, settings: Settings, backend: str = "auto") -> SegmentationRuntime:
-    """The default loader: ``open_runtime`` on a version's export directory with ``settings.ort_threads``."""
-    return open_runtime(export_dir, backend, threads=settings.ort_threads)
+    """The default loader: ``open_runtime`` on a version's export directory with ``settings.ort_threads``,
+    INT8 when ``settings.int8`` (a version without a passing INT8 model serves FP32 and says why)."""
+    return open_runtime(export_dir, backend, threads=settings.ort_threads, int8=settings.int8)
 
 
 class ModelServer:
@@ -271,6 +276,8 @@ class ModelServer:
                 active_version=active,
                 serving_version=self._served.version if self._served else None,
                 ready=self._served is not None,
+                serving_precision=self._served.runtime.precision if self._served else None,
+                precision_fallback=self._served.runtime.fallback if self._served else None,
                 loading=self._loading.version if self._loading else None,
                 failures=dict(self._failures),
                 swaps=self._swaps,

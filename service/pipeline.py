@@ -2,10 +2,12 @@
 
 ``run_task`` claims the task in the task table (which enforces the model line's order, see
 :meth:`service.db.TaskStore.claim`), trains the step on the active version with
-``training.step.run_step``, exports ONNX at the serving size behind the parity gate, builds a TensorRT
-engine where TensorRT and a GPU exist, publishes the version into the registry, activates and announces
-it, and records metrics and the version in the task table. Whatever happens, the task's staged dataset
-(every extracted image and mask) is deleted once the task is finished, failed or cancelled.
+``training.step.run_step``, exports ONNX at the serving size behind the parity gate (with
+``INCSEG_INT8``, also an INT8 model calibrated on the step's images while they exist, keeping only the
+activation ranges beside the version), builds a TensorRT engine where TensorRT and a GPU exist, publishes
+the version into the registry, activates and announces it, and records metrics and the version in the
+task table. Whatever happens, the task's staged dataset (every extracted image and mask) is deleted once
+the task is finished, failed or cancelled.
 
 Publish -> activate -> done is recoverable at every point. Once the version is published, the worker
 records it in the task's row (``staged_version``) if no cancellation was requested first (from then on a
@@ -45,6 +47,7 @@ from service.registry import EXPORT_SUBDIR, MODEL_SUBDIR, ActivationConflict, Re
 from service.settings import Settings
 
 if TYPE_CHECKING:  # training (torch) is imported where a step runs, not when the worker starts
+    from export.int8 import Int8Calibration
     from training.trainer import StepOptions, StepProgress
 
 logger = logging.getLogger(__name__)
@@ -239,19 +242,37 @@ def step_options(settings: Settings, task_options: dict) -> StepOptions:
     return options
 
 
-def build_engine_if_possible(export_dir: Path) -> str:
-    """Builds the TensorRT engine next to the ONNX export where TensorRT and a GPU exist.
+def int8_calibration(
+    registry: Registry, base_version: str | None, dataset: Path, classes: list[str], size: tuple[int, int]
+) -> Int8Calibration:
+    """What the export calibrates its INT8 model on: the step's dataset (deleted after the task) and the base
+    version's table, whose ranges are merged in so that classes the step's images do not show stay covered
+    (see BENCHMARKS.md, "INT8")."""
+    from export.int8 import load_calibration
+    from export.manifest import CALIBRATION_FILE
+    from training.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+    earlier = []
+    if base_version is not None:
+        table = registry.export_dir(base_version) / CALIBRATION_FILE
+        earlier = [table] if table.is_file() else []
+    return load_calibration(dataset, classes, size, IMAGENET_MEAN, IMAGENET_STD, earlier_tables=earlier)
+
+
+def build_engine_if_possible(export_dir: Path, int8: bool = False) -> str:
+    """Builds the TensorRT engine next to the ONNX export where TensorRT and a GPU exist: INT8 when asked for
+    and the export's INT8 model passed its gate, else FP16.
 
     Returns:
         What happened, for ``VersionInfo.engine``: ``"built: ..."`` or ``"not built: <reason>"``. A failed
         build does not stop the version (ONNX Runtime serves it); the API rebuilds on its own GPU if needed.
     """
-    from export.tensorrt_engine import ensure_engine, tensorrt_available
+    from export.tensorrt_engine import ensure_engine, serving_precision, tensorrt_available
 
     if not tensorrt_available():
         return "not built: no CUDA GPU with TensorRT on the worker"
     try:
-        build = ensure_engine(export_dir, precision="fp16")
+        build = ensure_engine(export_dir, precision=serving_precision(export_dir, True, int8))
     except Exception as err:
         logger.exception("TensorRT build failed for %s", export_dir)
         return f"not built: {type(err).__name__}: {err}"
@@ -424,10 +445,13 @@ def _train_and_publish(
         heartbeat.check(EXPORTING_PHASE)
         writer.write(EXPORTING_PHASE, state=TaskState.EXPORTING, fraction=1.0)
         size = (settings.serve_size, settings.serve_size)
-        export_onnx(bundle, stage / EXPORT_SUBDIR, size)  # raises ParityError: nothing published
+        int8 = None
+        if settings.int8:  # now, while the task's images exist
+            int8 = int8_calibration(registry, task.base_version, dataset, bundle.classes, size)
+        export_onnx(bundle, stage / EXPORT_SUBDIR, size, int8=int8)  # raises ParityError: nothing published
         heartbeat.check(ENGINE_PHASE)
         writer.write(ENGINE_PHASE)
-        engine = build_engine_if_possible(stage / EXPORT_SUBDIR)
+        engine = build_engine_if_possible(stage / EXPORT_SUBDIR, settings.int8)
         heartbeat.check(PUBLISHING_PHASE)
         writer.write(PUBLISHING_PHASE)
         return _publish(task, settings, store, registry, worker, stage, metrics, engine)

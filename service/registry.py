@@ -92,6 +92,22 @@ class VersionInfo(BaseModel):
     task_id: str | None = Field(None, description="task that trained the version")
     base_version: str | None = Field(None, description="version the step started from (None for step 0)")
     engine: str = Field(description='TensorRT engine: "built: ..." or "not built: <reason>"')
+    int8: dict[str, Any] | None = Field(
+        None,
+        description="INT8 models (INCSEG_INT8), cpu (ONNX Runtime) and tensorrt: passed (the gate: agreement "
+        "with FP32 >= 99 %, mIoU loss <= 1 point; a failed one is never served, FP32 serves instead) and "
+        "parity; calibration: how the table was made; None: none made",
+    )
+
+
+def _int8_summary(entry: dict | None) -> dict | None:
+    """What ``/models`` shows of an export's INT8 entry: each model's verdict and figures, the calibration."""
+    if entry is None:
+        return None
+    models = {
+        target: {key: entry[target][key] for key in ("passed", "parity")} for target in ("cpu", "tensorrt")
+    }
+    return {**models, "calibration": entry["calibration"]}
 
 
 def version_number(name: str) -> int:
@@ -277,6 +293,7 @@ class Registry:
             "task_id": task_id,
             "base_version": base_version,
             "engine": engine,
+            "int8": _int8_summary(manifest.get("int8")),
         }
         VersionInfo.model_validate({**info, "name": "v1"})  # fail before publishing, not on every read
         write_atomic(stage / VERSION_FILE, json.dumps(info, indent=2))

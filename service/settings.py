@@ -87,6 +87,13 @@ class Settings(BaseSettings):
         ge=1,
         description="Intra-op threads of each ONNX Runtime session (default: half the physical cores).",
     )
+    int8: bool = Field(
+        False,
+        description="Workers calibrate each step's export on its images (keeping activation ranges, not "
+        "images) and write an INT8 model; API processes serve it (ONNX Runtime CPU, TensorRT) when it "
+        "passed its gate (argmax agreement with FP32 >= 99 %, mIoU loss <= 1 point), else FP32, as GET "
+        "/models says.",
+    )
     poll_interval_s: float = Field(
         0.5, gt=0, description="How often an API process reads the active-version pointer (pub/sub fallback)."
     )

@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from training.model_dir import ModelBundle
-from training.models.bisenet import BiSeNet, BiSeNetConfig
+from training.models.bisenet import BiSeNet, BiSeNetConfig, bias_of
 from training.trainer import StepOptions
 
 # min_iterations=0: the tests' incremental steps run their one epoch (tests of the floor set it).
@@ -63,3 +63,15 @@ def stub_model(**attributes: object) -> BiSeNet:
 
 
 NO_DATA = DataLoader(TinySet([], n=0))  # the (empty) loader of a context whose code under test reads no data
+
+
+def make_int8_fragile(model: BiSeNet) -> None:
+    """Makes classes 1 and 2 differ by a hair at every pixel (class 0 never wins), so that INT8 rounding
+    flips the argmax between them while FP32 runtimes still agree: a model whose INT8 version fails."""
+    classifier = model.head.classifier
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        noise = torch.randn(classifier.weight[1].shape, generator=generator)
+        classifier.weight[2] = classifier.weight[1] + 1e-3 * noise
+        bias_of(classifier)[2] = bias_of(classifier)[1]
+        bias_of(classifier)[0] -= 100.0

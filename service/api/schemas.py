@@ -45,6 +45,10 @@ class ModelSummary(VersionInfo):
     active: bool = Field(description="The registry's pointer names this version.")
     serving: bool = Field(description="This API process answers /segment with this version.")
     load_failure: str | None = Field(None, description="Why this process could not load or warm it up.")
+    serving_precision: str | None = Field(None, description="fp32, fp16 or int8 while this version serves.")
+    precision_fallback: str | None = Field(
+        None, description="Why it serves FP32/FP16 although INCSEG_INT8 asks for INT8 (e.g. its gate failed)."
+    )
 
 
 class ModelList(BaseModel):

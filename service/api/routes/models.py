@@ -20,11 +20,14 @@ VERSION_NOT_FOUND: dict[int | str, dict[str, Any]] = {
 
 
 def _summary(info: VersionInfo, active: str | None, serving: ModelServerStatus) -> ModelSummary:
+    serves = info.name == serving.serving_version
     return ModelSummary(
         **info.model_dump(),
         active=info.name == active,
-        serving=info.name == serving.serving_version,
+        serving=serves,
         load_failure=serving.failures.get(info.name),
+        serving_precision=serving.serving_precision if serves else None,
+        precision_fallback=serving.precision_fallback if serves else None,
     )
 
 
