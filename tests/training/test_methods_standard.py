@@ -59,6 +59,18 @@ def test_mib_cross_entropy_at_step_zero_averages_over_all_pixels() -> None:
     torch.testing.assert_close(loss, sum(ce_sums) / batch.labels.numel(), rtol=1e-5, atol=0)
 
 
+@pytest.mark.parametrize("spec", ["ft", "joint"])
+def test_plain_cross_entropy_averages_over_labelled_pixels_only(spec: str) -> None:
+    """Unlike MiB's term above: ft/lwf/ilt/joint divide by the labelled pixels (see ``CrossEntropy``)."""
+    ctx, batch = context_and_batch(step=0)
+    batch.labels[:, :8] = 255  # a quarter of the pixels ignored
+    loss = build_method(spec).losses(batch, ctx)["ce"]
+    heads = [batch.out.logits, *batch.out.aux_logits]
+    ce_sums = [F.cross_entropy(z, batch.labels, ignore_index=255, reduction="sum") for z in heads]
+    labelled = (batch.labels != 255).sum()
+    torch.testing.assert_close(loss, sum(ce_sums) / labelled, rtol=1e-5, atol=0)
+
+
 def test_weights_scale_terms() -> None:
     ctx, batch = context_and_batch()
     mib = build_method("mib").losses(batch, ctx)

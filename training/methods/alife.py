@@ -28,7 +28,9 @@ Differences from the code: S = A - A^T (ALIFE halves it) with A starting at zero
 rotations (ALIFE starts from a small random A); class means weight the embedding cells by the area
 the class covers instead of upsampling the embedding to the label size; the memory is float16
 unless asked otherwise; lambda_ROT stays at 15-5s's 0.99 (``scripts/voc/step2.sh``) for every step
-size.
+size; stage 1 trains at the trainer's incremental multiples of the step's lr (heads and old rows 10x,
+new rows 100x) where ALIFE uses one rate, until the comparison in BENCHMARKS.md ("ALIFE's learning
+rates") is measured.
 """
 
 from __future__ import annotations

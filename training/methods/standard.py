@@ -22,7 +22,15 @@ IGNORE = 255
 
 
 class CrossEntropy(LossTerm):
-    """Plain cross-entropy on main and auxiliary logits, mean over non-ignored pixels."""
+    """Plain cross-entropy on main and auxiliary logits, mean over non-ignored pixels.
+
+    Kept over labelled pixels, not over all pixels as ``losses.cross_entropy_over_all_pixels``: MiB's
+    trainer divides by every pixel (fcdl94/MiB ``train.py`` 27, 107) but its loader turns 255 into
+    background in training (``dataset/voc.py`` 143-148, after the crop of ``dataset/utils.py`` 61-68),
+    so no pixel of MiB's is ignored and its mean is one over labelled pixels. Dividing by all pixels
+    would scale this loss, which trains the shared step 0 of every softmax method, by each batch's
+    labelled fraction (BENCHMARKS.md, "The cross-entropy mean of ft, lwf, ilt and joint").
+    """
 
     name = "ce"
     classifies = True

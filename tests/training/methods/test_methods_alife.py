@@ -35,6 +35,7 @@ from training.methods.alife import (
 from training.methods.base import Batch, StepContext
 from training.model_dir import ModelBundle
 from training.models.bisenet import BiSeNet, BiSeNetConfig, SegmentationOutput
+from training.optim import INCREMENTAL_STEP_MULTIPLIERS, ParamGroup, resolve_multipliers
 from training.trainer import train_step
 
 REPLAY: dict[str, Any] = {"memory_size": 8, "rotation_epochs": 2}
@@ -308,3 +309,11 @@ def test_finetune_loss_mixes_focal_ali_and_memory_as_the_reference() -> None:
         logits, old_logits, labels, torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), options
     )
     assert empty.item() == pytest.approx(focal / 4 + 3.0 * sum(ali) / 2, rel=1e-5)
+
+
+def test_alife_trains_at_the_trainers_incremental_multiples() -> None:
+    """BENCHMARKS.md "ALIFE's learning rates": no override until ALIFE's one rate is measured."""
+    method = alife(replay=False)
+    rates = resolve_multipliers(True, *(term.lr_multipliers for term in method.terms))
+    assert rates == INCREMENTAL_STEP_MULTIPLIERS
+    assert rates[ParamGroup.HEAD] == 10.0 and rates[ParamGroup.NEW_CLASSES] == 100.0
