@@ -155,36 +155,68 @@ class Load:
         return [answer for answers in self.answers for answer in answers]
 
 
-def batch_totals(url: str) -> tuple[float, float]:
-    """(images, runtime calls) of ``/segment`` so far: ``incseg_segment_batch_size`` sum and count."""
+BATCH_COUNTERS = (
+    "incseg_segment_batch_size_sum",  # images run
+    "incseg_segment_batch_size_count",  # runtime calls
+    "incseg_segment_batch_wait_seconds_sum",  # seconds images waited for their batch to start
+    "incseg_segment_batch_wait_seconds_count",
+)
+
+
+def batch_counters(url: str) -> np.ndarray:
+    """The server's ``BATCH_COUNTERS`` so far, in that order."""
     values = {}
     for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
         name, _, value = line.partition(" ")
-        if name in ("incseg_segment_batch_size_sum", "incseg_segment_batch_size_count"):
-            values[name] = float(value)
-    return values["incseg_segment_batch_size_sum"], values["incseg_segment_batch_size_count"]
+        values[name] = value
+    return np.asarray([float(values[name]) for name in BATCH_COUNTERS])
 
 
-def steady(url: str, image: bytes, clients: int, seconds: float) -> dict:
-    """Latency and throughput of ``clients`` concurrent clients over ``seconds`` (after a short warm-up)."""
+@dataclass
+class Window:
+    """One measuring window of one server: its answers' latencies (s) and its batch counters' growth."""
+
+    times: list[float]
+    failures: int
+    seconds: float
+    counters: np.ndarray
+
+
+def measure(url: str, image: bytes, clients: int, seconds: float) -> Window:
+    """``clients`` concurrent clients for ``seconds`` (after a short warm-up): the answers within them."""
     with Load(url, image, clients) as load:
         time.sleep(1.0)
-        images_before, calls_before = batch_totals(url)
+        before = batch_counters(url)
         begin = time.perf_counter()
         time.sleep(seconds)
         end = time.perf_counter()
-        images_after, calls_after = batch_totals(url)
+        after = batch_counters(url)
     answers = [a for a in load.all() if a.started >= begin and a.ended <= end]
-    times = [a.seconds for a in answers]
+    return Window(
+        [a.seconds for a in answers], sum(a.status != 200 for a in answers), end - begin, after - before
+    )
+
+
+def summary(clients: int, windows: list[Window]) -> dict:
+    """Latency and throughput over the windows of one server at one concurrency."""
+    times = [t for window in windows for t in window.times]
+    images, calls, wait_s, waits = sum(window.counters for window in windows)
     return {
         "clients": clients,
-        "requests": len(answers),
-        "failures": sum(a.status != 200 for a in answers),
+        "windows": len(windows),
+        "requests": len(times),
+        "failures": sum(window.failures for window in windows),
         "p50_ms": 1000 * percentile(times, 50),
         "p99_ms": 1000 * percentile(times, 99),
-        "per_s": len(answers) / (end - begin),
-        "mean_batch": (images_after - images_before) / max(1.0, calls_after - calls_before),
+        "per_s": len(times) / sum(window.seconds for window in windows),
+        "mean_batch": images / max(1.0, calls),
+        "mean_batch_wait_ms": 1000 * wait_s / max(1.0, waits),
     }
+
+
+def steady(url: str, image: bytes, clients: int, seconds: float) -> dict:
+    """Latency and throughput of ``clients`` concurrent clients over ``seconds`` on one server."""
+    return summary(clients, [measure(url, image, clients, seconds)])
 
 
 def models(url: str) -> dict:
@@ -324,8 +356,9 @@ def servings(threads: str, batching: str) -> list[Serving]:
     ]
 
 
-def lone_added_ms(configs: list[dict]) -> dict[str, float]:
-    """p50 at 1 client with batching minus without it (``1:0``), per thread count and batching pair."""
+def lone_added_ms(configs: list[dict]) -> dict[str, dict[str, float]]:
+    """What batching adds at 1 client, per thread count and batching pair: the p50 and the mean wait for a
+    batch to start (``incseg_segment_batch_wait_seconds``), each minus that of batching off (``1:0``)."""
     added = {}
     for config in configs:
         serving = config["serving"]
@@ -342,7 +375,9 @@ def lone_added_ms(configs: list[dict]) -> dict[str, float]:
         off_single = [load for load in off["steady"] if load["clients"] == 1] if off else []
         if serving["batch_max_size"] > 1 and single and off_single:
             pair = f"{serving['batch_max_size']}:{serving['batch_window_ms']:g}"
-            added[f"threads={serving['ort_threads']} {pair}"] = single[0]["p50_ms"] - off_single[0]["p50_ms"]
+            added[f"threads={serving['ort_threads']} {pair}"] = {
+                key: single[0][key] - off_single[0][key] for key in ("p50_ms", "mean_batch_wait_ms")
+            }
     return added
 
 
@@ -362,6 +397,8 @@ def main() -> None:
         help="INCSEG_BATCH_MAX_SIZE:INCSEG_BATCH_WINDOW_MS pairs, comma-separated (1:0 is batching off)",
     )
     parser.add_argument("--runtime-batches", default="1,2,4,8", help="batches of the runtime's own figure")
+    parser.add_argument("--runtime-iters", type=int, default=20, help="timed runtime calls per figure")
+    parser.add_argument("--rounds", type=int, default=3, help="measuring windows per server and concurrency")
     parser.add_argument("--no-swap", action="store_true", help="skip the swap and activation measurements")
     parser.add_argument("--swap-clients", type=int, default=4)
     parser.add_argument("--redis-url", default=None, help="announce on Redis pub/sub (default: pointer poll)")
@@ -394,41 +431,50 @@ def main() -> None:
         limit = benchmark_runtimes(
             registry.export_dir(first),
             (args.serve_size, args.serve_size),
-            iters=20,
+            iters=args.runtime_iters,
             batches=[int(b) for b in args.runtime_batches.split(",")],
             backends=["ort-cpu"],
         )["backends"]["ort-cpu"]["batch"]
         best_batch = max(limit, key=lambda batch: limit[batch]["images_per_s"])
-        configs, swap, idle = [], None, None
-        for index, serving in enumerate(configurations):
-            served = settings.model_copy(
-                update={
-                    "ort_threads": serving.ort_threads,
-                    "batch_max_size": serving.batch_max_size,
-                    "batch_window_ms": serving.batch_window_ms,
-                }
-            )
-            process, url = start_api(served, Path(tmp) / f"api-{index}.log")
-            try:
-                loads = []
-                for clients in (int(c) for c in args.clients.split(",")):
-                    loads.append(steady(url, image, clients, args.seconds))
-                    print(f"{serving}: {loads[-1]}", flush=True)
-                if index == 0 and not args.no_swap:
-                    at_swap_clients = [load for load in loads if load["clients"] == args.swap_clients]
-                    if not at_swap_clients:
-                        at_swap_clients.append(steady(url, image, args.swap_clients, args.seconds))
-                    steady_p99 = at_swap_clients[0]["p99_ms"]
-                    swap = swap_under_load(
-                        url, image, args.swap_clients, served, registry, second, steady_p99
-                    )
-                    print(f"swap under load: {swap}", flush=True)
-                    idle = api_activation(url, image, first, API_KEY)
-                    print(f"activation through the API (idle): {idle}", flush=True)
-            finally:
+        best = limit[best_batch]["images_per_s"]
+        servers: list[tuple[subprocess.Popen, str]] = []
+        swap, idle = None, None
+        try:
+            for index, serving in enumerate(configurations):
+                served = settings.model_copy(
+                    update={
+                        "ort_threads": serving.ort_threads,
+                        "batch_max_size": serving.batch_max_size,
+                        "batch_window_ms": serving.batch_window_ms,
+                    }
+                )
+                servers.append(start_api(served, Path(tmp) / f"api-{index}.log"))
+            windows: dict[tuple[int, int], list[Window]] = {}
+            for clients in (int(c) for c in args.clients.split(",")):
+                for _ in range(args.rounds):  # the servers in turn: a change of the machine's load hits all
+                    for index, (_, url) in enumerate(servers):
+                        windows.setdefault((index, clients), []).append(
+                            measure(url, image, clients, args.seconds)
+                        )
+                for index, serving in enumerate(configurations):
+                    print(f"{serving}: {summary(clients, windows[index, clients])}", flush=True)
+            for process, _ in servers[1:]:  # the swap runs on the first server alone
                 process.terminate()
                 process.wait(30)
-            best = limit[best_batch]["images_per_s"]
+            if not args.no_swap:
+                url = servers[0][1]
+                steady_p99 = steady(url, image, args.swap_clients, args.seconds)["p99_ms"]
+                swap = swap_under_load(url, image, args.swap_clients, settings, registry, second, steady_p99)
+                print(f"swap under load: {swap}", flush=True)
+                idle = api_activation(url, image, first, API_KEY)
+                print(f"activation through the API (idle): {idle}", flush=True)
+        finally:
+            for process, _ in servers:
+                process.terminate()
+                process.wait(30)
+        configs = []
+        for index, serving in enumerate(configurations):
+            loads = [summary(clients, windows[key]) for key in windows if key[0] == index]
             configs.append(
                 {
                     "serving": serving.describe(),
@@ -450,7 +496,8 @@ def main() -> None:
         "runtime_by_threads": runtime,
         "runtime_limit": {
             "command": f"incseg bench-runtime --model EXPORT --size {args.serve_size}x{args.serve_size} "
-            f"--backends ort-cpu --batches {' '.join(args.runtime_batches.split(','))}",
+            f"--backends ort-cpu --iters {args.runtime_iters} "
+            f"--batches {args.runtime_batches.replace(',', ' ')}",
             "threads": physical_cores(),
             "batch": limit,
             "best_batch": int(best_batch),

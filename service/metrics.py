@@ -46,6 +46,12 @@ SEGMENT_BATCH_SIZE = Histogram(
     "Images per runtime call of POST /segment (requests batched within INCSEG_BATCH_WINDOW_MS).",
     buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64),
 )
+SEGMENT_BATCH_WAIT = Histogram(
+    "incseg_segment_batch_wait_seconds",
+    "Time a POST /segment image waited from its arrival at the batcher to the start of its runtime call: "
+    "the batching window, or the wait for a free model run.",
+    buckets=(0.0005, 0.001, 0.002, 0.003, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+)
 UNMATCHED_ROUTE = "<unmatched>"
 TASK_DURATION_BUCKETS = (10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0, 21600.0)
 TASK_PAGE = 500

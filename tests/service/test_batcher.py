@@ -242,11 +242,12 @@ def test_stop_fails_the_queued_requests_and_lets_the_running_batch_finish() -> N
     assert called == [1]
 
 
-def batch_histogram() -> tuple[float, float]:
-    """(images, runtime calls) of ``incseg_segment_batch_size`` in this process so far."""
+def batch_histogram() -> tuple[float, float, float]:
+    """(images, runtime calls, images timed waiting for their batch) of the batch histograms so far."""
     images = REGISTRY.get_sample_value("incseg_segment_batch_size_sum") or 0.0
     calls = REGISTRY.get_sample_value("incseg_segment_batch_size_count") or 0.0
-    return images, calls
+    waits = REGISTRY.get_sample_value("incseg_segment_batch_wait_seconds_count") or 0.0
+    return images, calls, waits
 
 
 class PixelRuntime(SegmentationRuntime):
@@ -319,7 +320,7 @@ def test_the_onnx_runtime_labels_a_batch_as_it_labels_each_image(active_registry
     assert np.abs(alone[0] - alone[1]).max() > 1e-3  # the logits do depend on the image
 
 
-def test_each_runtime_call_is_observed_in_the_batch_size_histogram(
+def test_each_runtime_call_and_image_wait_is_observed_in_the_batch_histograms(
     settings: Settings, active_registry: Registry
 ) -> None:
     with TestClient(create_app(settings)) as client:
@@ -328,5 +329,6 @@ def test_each_runtime_call_is_observed_in_the_batch_size_histogram(
         assert client.post("/segment", content=png_bytes(), headers={"Content-Type": "image/png"}).is_success
         after = batch_histogram()
         text = client.get("/metrics").text
-    assert (after[0] - before[0], after[1] - before[1]) == (1.0, 1.0)
+    assert tuple(a - b for a, b in zip(after, before, strict=True)) == (1.0, 1.0, 1.0)
     assert "# TYPE incseg_segment_batch_size histogram" in text
+    assert "# TYPE incseg_segment_batch_wait_seconds histogram" in text
