@@ -415,6 +415,8 @@ def main() -> None:
             poll_interval_s=args.poll_interval,
             redis_url=args.redis_url,
             api_key=API_KEY,
+            # every client admitted: the default queue (8) answers 503 to clients beyond 10
+            segment_queue=max(int(c) for c in args.clients.split(",")),
         )
         configurations = servings(args.ort_threads or str(settings.ort_threads), args.batching)
         registry = Registry(settings.registry_dir)
@@ -424,7 +426,7 @@ def main() -> None:
         registry.activate(first)
         image = test_image(args.image_size)
         runtime = {
-            str(count): runtime_latency(registry.export_dir(first), image, count, 100)
+            str(count): runtime_latency(registry.export_dir(first), image, count, args.runtime_iters)
             for count in sorted({serving.ort_threads for serving in configurations})
         }
         print(f"runtime predict: {runtime}", flush=True)

@@ -85,7 +85,8 @@ class Settings(BaseSettings):
     ort_threads: int = Field(
         default_factory=default_ort_threads,
         ge=1,
-        description="Intra-op threads of each ONNX Runtime session (default: half the physical cores).",
+        description="Intra-op threads of each ONNX Runtime session (default: half the physical cores); "
+        "/segment runs physical cores // this many batches at once.",
     )
     poll_interval_s: float = Field(
         0.5, gt=0, description="How often an API process reads the active-version pointer (pub/sub fallback)."
