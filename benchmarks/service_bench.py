@@ -476,7 +476,7 @@ def main() -> None:
                 process.wait(30)
         configs = []
         for index, serving in enumerate(configurations):
-            loads = [summary(clients, windows[key]) for key in windows if key[0] == index]
+            loads = [summary(key[1], windows[key]) for key in windows if key[0] == index]
             configs.append(
                 {
                     "serving": serving.describe(),
