@@ -8,10 +8,17 @@ One run, against a real ``uvicorn service.api.main:create_app --factory`` proces
 demo-size model (BiSeNet ResNet-10, 64 / 128 channels, exported to ONNX at ``--serve-size``):
 
 1. the runtime's own latency: ``SegmentationRuntime.predict`` on the decoded image in this process (same
-   ONNX export, same thread count), the floor the service adds to;
-2. ``/segment`` (raw PNG body, PNG mask answer) at 1, 4 and 16 concurrent clients: p50, p99, answers/s;
-   the service overhead is the service p50 at concurrency 1 over the runtime p50 (goal <= 1.15);
-3. the same load at ``--swap-clients`` clients while a new version is activated the way a worker does it
+   ONNX export, same thread count), the floor the service adds to; and the runtime's physical limit on
+   these cores: images/s of ``incseg bench-runtime`` (``export.benchmark.benchmark_runtimes``, one
+   session with a thread per physical core) at batch 1, 2, 4 and 8;
+2. ``/segment`` (raw PNG body, PNG mask answer) at 1, 4 and 16 concurrent clients: p50, p99, answers/s
+   and the mean batch (``incseg_segment_batch_size``), for each ``--ort-threads`` (the batcher runs
+   physical cores // threads batches at once) and each ``--batching`` (``MAX_SIZE:WINDOW_MS``; ``1:0`` is
+   batching off), one API process per pair in turn; the service overhead is the service p50 at
+   concurrency 1 over the runtime p50 (goal <= 1.15), and what batching adds to a lone request is the p50
+   at concurrency 1 with it minus without it (goal: at most the window);
+3. the same load at ``--swap-clients`` clients, on the first pair, while a new version is activated the way
+   a worker does it
    (registry pointer + announcement): failures (goal 0) and p99 of the requests that overlapped the swap
    over the steady p99 at that concurrency (goal <= 2);
 4. activation to first answer by the new version, split into notice, load and warm-up as the API process
@@ -42,8 +49,9 @@ import httpx
 import numpy as np
 from PIL import Image
 
+from export.benchmark import benchmark_runtimes
 from export.onnx_export import export_onnx
-from export.runtime import OrtRuntime
+from export.runtime import OrtRuntime, physical_cores
 from service.announce import announce_active
 from service.registry import EXPORT_SUBDIR, MODEL_SUBDIR, Registry
 from service.settings import Settings
@@ -53,6 +61,8 @@ from training.models.bisenet import BiSeNet, BiSeNetConfig
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["background", *(f"class{i}" for i in range(1, 7))]
 API_KEY = "bench"
+READ_HEADERS = {"X-API-Key": API_KEY}  # reads need the key too when the service has one
+IMAGE_HEADERS = {"Content-Type": "image/png"}
 DEMO_ARCHITECTURE = {"backbone": "resnet10", "context_channels": 64, "embed_channels": 128}
 
 
@@ -120,7 +130,7 @@ class Load:
         self.threads = [threading.Thread(target=self._client, args=(a,), daemon=True) for a in self.answers]
 
     def _client(self, answers: list[Answer]) -> None:
-        headers = {"Content-Type": "image/png"}
+        headers = {**IMAGE_HEADERS, **READ_HEADERS}
         with httpx.Client(base_url=self.url, timeout=60) as client:
             while not self.stop.is_set():
                 started = time.perf_counter()
@@ -145,27 +155,72 @@ class Load:
         return [answer for answers in self.answers for answer in answers]
 
 
-def steady(url: str, image: bytes, clients: int, seconds: float) -> dict:
-    """Latency and throughput of ``clients`` concurrent clients over ``seconds`` (after a short warm-up)."""
+BATCH_COUNTERS = (
+    "incseg_segment_batch_size_sum",  # images run
+    "incseg_segment_batch_size_count",  # runtime calls
+    "incseg_segment_batch_wait_seconds_sum",  # seconds images waited for their batch to start
+    "incseg_segment_batch_wait_seconds_count",
+)
+
+
+def batch_counters(url: str) -> np.ndarray:
+    """The server's ``BATCH_COUNTERS`` so far, in that order."""
+    values = {}
+    for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
+        name, _, value = line.partition(" ")
+        values[name] = value
+    return np.asarray([float(values[name]) for name in BATCH_COUNTERS])
+
+
+@dataclass
+class Window:
+    """One measuring window of one server: its answers' latencies (s) and its batch counters' growth."""
+
+    times: list[float]
+    failures: int
+    seconds: float
+    counters: np.ndarray
+
+
+def measure(url: str, image: bytes, clients: int, seconds: float) -> Window:
+    """``clients`` concurrent clients for ``seconds`` (after a short warm-up): the answers within them."""
     with Load(url, image, clients) as load:
         time.sleep(1.0)
+        before = batch_counters(url)
         begin = time.perf_counter()
         time.sleep(seconds)
         end = time.perf_counter()
+        after = batch_counters(url)
     answers = [a for a in load.all() if a.started >= begin and a.ended <= end]
-    times = [a.seconds for a in answers]
+    return Window(
+        [a.seconds for a in answers], sum(a.status != 200 for a in answers), end - begin, after - before
+    )
+
+
+def summary(clients: int, windows: list[Window]) -> dict:
+    """Latency and throughput over the windows of one server at one concurrency."""
+    times = [t for window in windows for t in window.times]
+    images, calls, wait_s, waits = sum(window.counters for window in windows)
     return {
         "clients": clients,
-        "requests": len(answers),
-        "failures": sum(a.status != 200 for a in answers),
+        "windows": len(windows),
+        "requests": len(times),
+        "failures": sum(window.failures for window in windows),
         "p50_ms": 1000 * percentile(times, 50),
         "p99_ms": 1000 * percentile(times, 99),
-        "per_s": len(answers) / (end - begin),
+        "per_s": len(times) / sum(window.seconds for window in windows),
+        "mean_batch": images / max(1.0, calls),
+        "mean_batch_wait_ms": 1000 * wait_s / max(1.0, waits),
     }
 
 
+def steady(url: str, image: bytes, clients: int, seconds: float) -> dict:
+    """Latency and throughput of ``clients`` concurrent clients over ``seconds`` on one server."""
+    return summary(clients, [measure(url, image, clients, seconds)])
+
+
 def models(url: str) -> dict:
-    return httpx.get(f"{url}/models", timeout=30).json()
+    return httpx.get(f"{url}/models", headers=READ_HEADERS, timeout=30).json()
 
 
 def wait_serving(url: str, version: str, timeout_s: float = 120) -> None:
@@ -221,7 +276,7 @@ def api_activation(url: str, image: bytes, version: str, api_key: str) -> dict:
         activated = time.perf_counter()
         client.post(f"/models/{version}/activate", headers=headers).raise_for_status()
         while True:
-            response = client.post("/segment", content=image, headers={"Content-Type": "image/png"})
+            response = client.post("/segment", content=image, headers={**IMAGE_HEADERS, **headers})
             if response.headers.get("X-Model-Version") == version:
                 break
         first = time.perf_counter() - activated
@@ -269,6 +324,63 @@ def start_api(settings: Settings, log: Path) -> tuple[subprocess.Popen, str]:
     raise RuntimeError(f"the API was not ready within 120 s: {log.read_text()}")
 
 
+@dataclass(frozen=True)
+class Serving:
+    """One API configuration: ONNX Runtime threads per session and the batcher's largest batch and window."""
+
+    ort_threads: int
+    batch_max_size: int
+    batch_window_ms: float
+
+    @property
+    def runs(self) -> int:
+        """Model runs at once (``Settings.inference_runs``)."""
+        return max(1, physical_cores() // self.ort_threads)
+
+    def describe(self) -> dict:
+        return {
+            "ort_threads": self.ort_threads,
+            "runs": self.runs,
+            "batch_max_size": self.batch_max_size,
+            "batch_window_ms": self.batch_window_ms,
+        }
+
+
+def servings(threads: str, batching: str) -> list[Serving]:
+    """Every (threads, ``MAX_SIZE:WINDOW_MS``) pair of the comma-separated options, threads outermost."""
+    pairs = [pair.split(":") for pair in batching.split(",")]
+    return [
+        Serving(int(count), int(size), float(window))
+        for count in threads.split(",")
+        for size, window in pairs
+    ]
+
+
+def lone_added_ms(configs: list[dict]) -> dict[str, dict[str, float]]:
+    """What batching adds at 1 client, per thread count and batching pair: the p50 and the mean wait for a
+    batch to start (``incseg_segment_batch_wait_seconds``), each minus that of batching off (``1:0``)."""
+    added = {}
+    for config in configs:
+        serving = config["serving"]
+        off = next(
+            (
+                other
+                for other in configs
+                if other["serving"]["ort_threads"] == serving["ort_threads"]
+                and other["serving"]["batch_max_size"] == 1
+            ),
+            None,
+        )
+        single = [load for load in config["steady"] if load["clients"] == 1]
+        off_single = [load for load in off["steady"] if load["clients"] == 1] if off else []
+        if serving["batch_max_size"] > 1 and single and off_single:
+            pair = f"{serving['batch_max_size']}:{serving['batch_window_ms']:g}"
+            added[f"threads={serving['ort_threads']} {pair}"] = {
+                key: single[0][key] - off_single[0][key] for key in ("p50_ms", "mean_batch_wait_ms")
+            }
+    return added
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/service-cpu.json"))
@@ -276,11 +388,24 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=256, help="side of the posted PNG (px)")
     parser.add_argument("--seconds", type=float, default=10.0, help="measuring time per concurrency")
     parser.add_argument("--clients", default="1,4,16")
+    parser.add_argument(
+        "--ort-threads", default=None, help="INCSEG_ORT_THREADS values, comma-separated (default: default)"
+    )
+    parser.add_argument(
+        "--batching",
+        default="1:0,8:2",
+        help="INCSEG_BATCH_MAX_SIZE:INCSEG_BATCH_WINDOW_MS pairs, comma-separated (1:0 is batching off)",
+    )
+    parser.add_argument("--runtime-batches", default="1,2,4,8", help="batches of the runtime's own figure")
+    parser.add_argument("--runtime-iters", type=int, default=20, help="timed runtime calls per figure")
+    parser.add_argument("--rounds", type=int, default=3, help="measuring windows per server and concurrency")
+    parser.add_argument("--no-swap", action="store_true", help="skip the swap and activation measurements")
     parser.add_argument("--swap-clients", type=int, default=4)
     parser.add_argument("--redis-url", default=None, help="announce on Redis pub/sub (default: pointer poll)")
     parser.add_argument("--poll-interval", type=float, default=0.5, help="pointer poll period of the API (s)")
     args = parser.parse_args()
 
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="incseg-bench-") as tmp:
         settings = Settings(
             _env_file=None,
@@ -290,42 +415,99 @@ def main() -> None:
             poll_interval_s=args.poll_interval,
             redis_url=args.redis_url,
             api_key=API_KEY,
+            # every client admitted: the default queue (8) answers 503 to clients beyond 10
+            segment_queue=max(int(c) for c in args.clients.split(",")),
         )
+        configurations = servings(args.ort_threads or str(settings.ort_threads), args.batching)
         registry = Registry(settings.registry_dir)
         print("exporting two demo-size versions ...", flush=True)
         first = publish(registry, CLASSES, args.serve_size, seed=0)
         second = publish(registry, [*CLASSES, "class7"], args.serve_size, seed=1)
         registry.activate(first)
         image = test_image(args.image_size)
-        runtime = runtime_latency(registry.export_dir(first), image, settings.ort_threads, 100)
+        runtime = {
+            str(count): runtime_latency(registry.export_dir(first), image, count, args.runtime_iters)
+            for count in sorted({serving.ort_threads for serving in configurations})
+        }
         print(f"runtime predict: {runtime}", flush=True)
-        process, url = start_api(settings, Path(tmp) / "api.log")
+        limit = benchmark_runtimes(
+            registry.export_dir(first),
+            (args.serve_size, args.serve_size),
+            iters=args.runtime_iters,
+            batches=[int(b) for b in args.runtime_batches.split(",")],
+            backends=["ort-cpu"],
+        )["backends"]["ort-cpu"]["batch"]
+        best_batch = max(limit, key=lambda batch: limit[batch]["images_per_s"])
+        best = limit[best_batch]["images_per_s"]
+        servers: list[tuple[subprocess.Popen, str]] = []
+        swap, idle = None, None
         try:
-            loads = []
+            for index, serving in enumerate(configurations):
+                served = settings.model_copy(
+                    update={
+                        "ort_threads": serving.ort_threads,
+                        "batch_max_size": serving.batch_max_size,
+                        "batch_window_ms": serving.batch_window_ms,
+                    }
+                )
+                servers.append(start_api(served, Path(tmp) / f"api-{index}.log"))
+            windows: dict[tuple[int, int], list[Window]] = {}
             for clients in (int(c) for c in args.clients.split(",")):
-                loads.append(steady(url, image, clients, args.seconds))
-                print(f"steady: {loads[-1]}", flush=True)
-            at_swap_clients = [load for load in loads if load["clients"] == args.swap_clients]
-            if not at_swap_clients:
-                at_swap_clients.append(steady(url, image, args.swap_clients, args.seconds))
-            steady_p99 = at_swap_clients[0]["p99_ms"]
-            swap = swap_under_load(url, image, args.swap_clients, settings, registry, second, steady_p99)
-            print(f"swap under load: {swap}", flush=True)
-            idle = api_activation(url, image, first, API_KEY)
-            print(f"activation through the API (idle): {idle}", flush=True)
+                for _ in range(args.rounds):  # the servers in turn: a change of the machine's load hits all
+                    for index, (_, url) in enumerate(servers):
+                        windows.setdefault((index, clients), []).append(
+                            measure(url, image, clients, args.seconds)
+                        )
+                for index, serving in enumerate(configurations):
+                    print(f"{serving}: {summary(clients, windows[index, clients])}", flush=True)
+            for process, _ in servers[1:]:  # the swap runs on the first server alone
+                process.terminate()
+                process.wait(30)
+            if not args.no_swap:
+                url = servers[0][1]
+                steady_p99 = steady(url, image, args.swap_clients, args.seconds)["p99_ms"]
+                swap = swap_under_load(url, image, args.swap_clients, settings, registry, second, steady_p99)
+                print(f"swap under load: {swap}", flush=True)
+                idle = api_activation(url, image, first, API_KEY)
+                print(f"activation through the API (idle): {idle}", flush=True)
         finally:
-            process.terminate()
-            process.wait(30)
-    single = next(load for load in loads if load["clients"] == 1)
+            for process, _ in servers:
+                process.terminate()
+                process.wait(30)
+        configs = []
+        for index, serving in enumerate(configurations):
+            loads = [summary(key[1], windows[key]) for key in windows if key[0] == index]
+            configs.append(
+                {
+                    "serving": serving.describe(),
+                    "steady": loads,
+                    "per_s_over_runtime_best": {str(load["clients"]): load["per_s"] / best for load in loads},
+                }
+            )
+    first_single = next(load for load in configs[0]["steady"] if load["clients"] == 1)
     results = {
-        "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine()},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "physical_cores": physical_cores(),
+            "processor": platform.processor() or platform.machine(),
+            "load_average_1m_before_after": [load_before[0], os.getloadavg()[0]],
+        },
         "model": {**DEMO_ARCHITECTURE, "classes": len(CLASSES), "serve_size": args.serve_size},
         "image_size": args.image_size,
-        "ort_threads": settings.ort_threads,
         "announce": "redis pub/sub" if args.redis_url else f"pointer poll every {args.poll_interval} s",
-        "runtime": runtime,
-        "steady": loads,
-        "overhead_ratio_c1": single["p50_ms"] / runtime["p50_ms"],
+        "runtime_by_threads": runtime,
+        "runtime_limit": {
+            "command": f"incseg bench-runtime --model EXPORT --size {args.serve_size}x{args.serve_size} "
+            f"--backends ort-cpu --iters {args.runtime_iters} "
+            f"--batches {args.runtime_batches.replace(',', ' ')}",
+            "threads": physical_cores(),
+            "batch": limit,
+            "best_batch": int(best_batch),
+            "best_images_per_s": limit[best_batch]["images_per_s"],
+        },
+        "configs": configs,
+        "overhead_ratio_c1": first_single["p50_ms"] / runtime[str(configurations[0].ort_threads)]["p50_ms"],
+        "lone_request_added_ms": lone_added_ms(configs),
         "swap": swap,
         "idle_api_activation": idle,
     }

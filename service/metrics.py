@@ -39,7 +39,18 @@ SEGMENT_ADMITTED = Gauge(
     "POST /segment requests admitted: reading their image, waiting for a work slot, or at work.",
 )
 SEGMENT_RUNNING = Gauge(
-    "incseg_segment_running", "POST /segment requests decoding, running the model or encoding their answer."
+    "incseg_segment_running", "POST /segment requests decoding their image or encoding their answer."
+)
+SEGMENT_BATCH_SIZE = Histogram(
+    "incseg_segment_batch_size",
+    "Images per runtime call of POST /segment (requests batched within INCSEG_BATCH_WINDOW_MS).",
+    buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64),
+)
+SEGMENT_BATCH_WAIT = Histogram(
+    "incseg_segment_batch_wait_seconds",
+    "Time a POST /segment image waited from its arrival at the batcher to the start of its runtime call: "
+    "the batching window, or the wait for a free model run.",
+    buckets=(0.0005, 0.001, 0.002, 0.003, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
 )
 UNMATCHED_ROUTE = "<unmatched>"
 TASK_DURATION_BUCKETS = (10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0, 21600.0)

@@ -170,6 +170,27 @@ class _Served:
     retired: bool = False
 
 
+class Lease:
+    """One lease on a serving runtime: the runtime is not closed before :meth:`release` is called.
+
+    Args:
+        runtime: The leased runtime.
+        give_back: Returns the lease to the model server (called once).
+    """
+
+    def __init__(self, runtime: SegmentationRuntime, give_back: Callable[[], None]) -> None:
+        self.runtime = runtime
+        self._give_back: Callable[[], None] | None = give_back
+        self._lock = threading.Lock()
+
+    def release(self) -> None:
+        """Returns the lease (idempotent); the last lease of a replaced version closes its runtime."""
+        with self._lock:
+            give_back, self._give_back = self._give_back, None
+        if give_back is not None:
+            give_back()
+
+
 def open_export(export_dir: Path, settings: Settings, backend: str = "auto") -> SegmentationRuntime:
     """The default loader: ``open_runtime`` on a version's export directory with ``settings.ort_threads``,
     INT8 when ``settings.int8`` (a version without a passing INT8 model serves FP32 and says why)."""
@@ -258,15 +279,26 @@ class ModelServer:
             NoModelLoaded: No version serves (yet); the message says why, ``retry_after_s`` when to ask
                 again (None: no version exists).
         """
-        served = self._acquire(self._settings.model_wait_s if wait_s is None else wait_s)
+        lease = self.acquire(wait_s)
         try:
-            yield served.runtime
+            yield lease.runtime
         finally:
-            with self._state:
-                served.leases -= 1
-                close = served.retired and served.leases == 0
-            if close:
-                self._close(served)
+            lease.release()
+
+    def acquire(self, wait_s: float | None = None) -> Lease:
+        """A lease on the serving runtime that the caller returns with :meth:`Lease.release`.
+
+        For a request whose stages run in different threads (``POST /segment``: decode in a worker thread,
+        the model in a batch, encode in another thread); otherwise :meth:`lease` returns it on exit.
+
+        Args:
+            wait_s: Longest wait for a version that is loading (default: ``settings.model_wait_s``).
+
+        Raises:
+            NoModelLoaded: As :meth:`lease`.
+        """
+        served = self._acquire(self._settings.model_wait_s if wait_s is None else wait_s)
+        return Lease(served.runtime, partial(self._return, served))
 
     def status(self) -> ModelServerStatus:
         """A snapshot of the serving state."""
@@ -527,6 +559,14 @@ class ModelServer:
         if old is not None:
             _unset_active_version(old.version)
             self._retire(old)
+
+    def _return(self, served: _Served) -> None:
+        """Returns one lease on ``served``; the last lease of a retired version closes it."""
+        with self._state:
+            served.leases -= 1
+            close = served.retired and served.leases == 0
+        if close:
+            self._close(served)
 
     def _retire(self, served: _Served) -> None:
         """Marks a version as no longer serving; closes it now if no lease holds it, else at the last one."""

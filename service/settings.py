@@ -85,7 +85,8 @@ class Settings(BaseSettings):
     ort_threads: int = Field(
         default_factory=default_ort_threads,
         ge=1,
-        description="Intra-op threads of each ONNX Runtime session (default: half the physical cores).",
+        description="Intra-op threads of each ONNX Runtime session (default: half the physical cores); "
+        "/segment runs physical cores // this many batches at once.",
     )
     int8: bool = Field(
         False,
@@ -146,14 +147,28 @@ class Settings(BaseSettings):
     segment_concurrency: int = Field(
         2,
         ge=1,
-        description="Most /segment requests decoding, running the model or encoding at once in one API "
-        "process.",
+        description="Most /segment requests decoding their image or encoding their answer at once in one "
+        "API process (the model runs their images in batches in between).",
     )
     segment_queue: int = Field(
         8,
         ge=0,
-        description="Most /segment requests reading their image or waiting for a work slot in one API "
-        "process; more are answered 503 with Retry-After.",
+        description="Most /segment requests reading their image, waiting for a work slot or waiting for "
+        "the model in one API process, beyond INCSEG_SEGMENT_CONCURRENCY; more are answered 503 with "
+        "Retry-After.",
+    )
+    batch_window_ms: float = Field(
+        2.0,
+        ge=0,
+        le=1000,
+        description="/segment requests arriving within this many milliseconds of the first waiting one run "
+        "as one batch (the first never waits longer for others); 0: batch only requests already waiting.",
+    )
+    batch_max_size: int = Field(
+        8,
+        ge=1,
+        le=256,
+        description="Most images in one /segment batch (one runtime call); 1 turns batching off.",
     )
     task_soft_time_limit_s: int = Field(
         6 * 3600,
@@ -242,6 +257,11 @@ class Settings(BaseSettings):
                 value = str(self.data_dir.resolve())  # the worker may start in another directory
             env[f"INCSEG_{name.upper()}"] = value if isinstance(value, str) else json.dumps(value)
         return env
+
+    @property
+    def inference_runs(self) -> int:
+        """Model runs of /segment at once: as many sessions of ``ort_threads`` threads as the cores hold."""
+        return max(1, physical_cores() // self.ort_threads)
 
     @property
     def registry_dir(self) -> Path:

@@ -1,9 +1,11 @@
 """Admission control of ``POST /segment``: a few requests at work, a short queue, then 503.
 
 A request is admitted while fewer than ``concurrency + queue`` are admitted; it then reads its body and
-waits on an asyncio semaphore for one of ``concurrency`` work slots (waiting holds no thread). Decoding,
-inference and encoding run in worker threads of the admission's own capacity limiter, so they never take
-the threads of FastAPI's shared pool that the other routes' handlers and dependencies use. A request that
+waits on an asyncio semaphore for one of ``concurrency`` work slots (waiting holds no thread) to decode its
+image, and again to encode its answer. Decoding and encoding run in worker threads of the admission's own
+capacity limiter, so they never take the threads of FastAPI's shared pool that the other routes' handlers
+and dependencies use; in between, the request waits for its batch without a slot or a thread
+(``service.batcher``, whose own threads run the model). A request that
 finds the queue full is answered 503 with ``Retry-After`` before its body is read, and counted in
 ``incseg_segment_rejected_total``.
 """
@@ -29,8 +31,8 @@ class Admission:
     """Bounds the ``/segment`` requests of one API process that are at work and waiting.
 
     Args:
-        concurrency: Requests decoding, running the model or encoding at once.
-        queue: Admitted requests beyond those (reading their body or waiting for a slot).
+        concurrency: Requests decoding or encoding at once.
+        queue: Admitted requests beyond those (reading their body, waiting for a slot or for the model).
     """
 
     def __init__(self, concurrency: int, queue: int) -> None:

@@ -3,7 +3,8 @@
 ``create_app`` builds the task store, the registry and the model server from the settings, mounts the
 routes by resource, and maps the library's exceptions to JSON error bodies whose ``detail`` says what to
 fix. The lifespan starts the model server (background load of the active version, watcher for new ones)
-and a clean-up of leftover uploads (``service.staging``), and stops the model server on shutdown.
+and a clean-up of leftover uploads (``service.staging``), and stops the ``/segment`` batcher and the model
+server on shutdown.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from service.api.routes import console, models, segment, system, tasks
 from service.api.routes.segment import VERSION_HEADER
 from service.api.schemas import ErrorBody
 from service.archive import UploadError
+from service.batcher import Batcher
 from service.db import TaskConflict, TaskNotFound, TaskStore
 from service.jobs import QueueUnavailable
 from service.metrics import RequestMetricsMiddleware, task_registry
@@ -113,6 +115,11 @@ EXCEPTION_HANDLERS: dict[int | type[Exception], Callable[[Request, Any], Corouti
 }
 
 
+def segment_batcher(settings: Settings) -> Batcher:
+    """The ``/segment`` batcher of ``settings``: its window, its largest batch, its model runs at once."""
+    return Batcher(settings.batch_window_ms / 1000, settings.batch_max_size, settings.inference_runs)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Builds the API for ``settings`` (default: the environment's, see :func:`get_settings`)."""
     settings = settings or get_settings()
@@ -125,11 +132,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         model_server = ModelServer(settings, registry)
         app.state.model_server = model_server
         app.state.segment_admission = Admission(settings.segment_concurrency, settings.segment_queue)
+        batcher = segment_batcher(settings)
+        app.state.segment_batcher = batcher
         model_server.start()
         clean_staging_in_background(settings, store)
         try:
             yield
         finally:
+            await batcher.stop()
             model_server.stop()
 
     app = FastAPI(
@@ -144,6 +154,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.registry = registry
     app.state.model_server = ModelServer(settings, registry)  # not started: "no model" until the lifespan
     app.state.segment_admission = Admission(settings.segment_concurrency, settings.segment_queue)
+    app.state.segment_batcher = segment_batcher(settings)
     app.state.task_registry = task_registry(store)
     app.add_middleware(RequestMetricsMiddleware)
     if settings.cors_allow_origins:  # no CORS headers at all unless origins are listed

@@ -285,8 +285,14 @@ def test_liveness_answers_and_admission_refuses_while_inference_is_blocked(
     module_settings: Settings, tmp_path: Path
 ) -> None:
     settings = module_settings.model_copy(
-        update={"segment_concurrency": 2, "segment_queue": IN_FLIGHT - 2, "data_dir": tmp_path / "data"}
+        update={
+            "segment_concurrency": 2,
+            "segment_queue": IN_FLIGHT - 2,
+            "batch_max_size": 1,  # one blocked runtime call per request
+            "data_dir": tmp_path / "data",
+        }
     )
+    runs = settings.inference_runs
     source = Registry(module_settings.registry_dir)  # v1 of the module; the app's own registry is empty
     release = threading.Event()
     runtime = BlockingRuntime(release)
@@ -304,12 +310,12 @@ def test_liveness_answers_and_admission_refuses_while_inference_is_blocked(
             ]
             wait_until(
                 lambda: (
-                    runtime.waiting == 2
+                    runtime.waiting == runs
                     and gauge("incseg_segment_admitted") == IN_FLIGHT
-                    and gauge("incseg_segment_running") == 2
+                    and gauge("incseg_segment_running") == 0
                 ),
                 60,
-                "2 requests blocked in the model and 46 waiting",
+                f"{runs} requests blocked in the model and the others decoded, waiting for a run",
             )
             liveness = {path: pool.submit(client.get, path) for path in ("/health", "/ready", "/metrics")}
             done, _ = wait_futures(liveness.values(), timeout=60)
@@ -327,7 +333,7 @@ def test_liveness_answers_and_admission_refuses_while_inference_is_blocked(
             assert busy.headers["Retry-After"] == "1"
             assert "busy" in busy.json()["detail"] and "INCSEG_SEGMENT_QUEUE" in busy.json()["detail"]
             assert gauge("incseg_segment_rejected_total") == rejected_before + 1
-            assert runtime.waiting == 2 and not any(future.done() for future in segments)
+            assert runtime.waiting == runs and not any(future.done() for future in segments)
         finally:
             release.set()
             answers = [future.result(timeout=120) for future in segments]

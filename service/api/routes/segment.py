@@ -2,7 +2,9 @@
 
 The image is never converted or processed at its full size: a JPEG is decoded at a reduced scale
 (``Image.draft``), other images are reduced to the serving size (a PNG is decoded in its own mode, 1 to 4
-bytes per pixel, then reduced before conversion to RGB), and the model runs at the serving size. Each answer
+bytes per pixel, then reduced before conversion to RGB), and the model runs at the serving size, on one batch
+of the images of concurrent requests (:mod:`service.batcher`; the decode and encode of each request run in
+worker threads of :mod:`service.api.admission`, the model in the batcher's). Each answer
 is built from the serving-size label map: the ``png`` mask by a nearest-neighbour resize to the image's size
 (1 byte per pixel), the ``json`` fractions by weighting each serving-size label with the mask pixels it
 becomes, the ``overlay`` preview at most ``OVERLAY_MAX_SIDE`` pixels on its longest side.
@@ -25,7 +27,8 @@ from service.api.admission import Admission
 from service.api.deps import ModelServerDep, SettingsDep
 from service.api.schemas import ErrorBody, SegmentSummary
 from service.api.upload import read_file_part
-from service.model_server import ModelServer
+from service.batcher import Batcher
+from service.model_server import Lease, ModelServer
 
 router = APIRouter(tags=["segment"])
 
@@ -188,15 +191,45 @@ def _encode(
     return buffer.getvalue(), "image/jpeg"
 
 
-def _segment(server: ModelServer, data: bytes, output: OutputFormat, max_pixels: int) -> Response:
-    """Decodes, segments and encodes one image under a model-server lease (blocking: run in a thread)."""
-    with server.lease() as runtime:
+@dataclass(frozen=True)
+class PreparedImage:
+    """An image decoded and letterboxed for the runtime leased for its request.
+
+    Attributes:
+        lease: The request's lease on the serving runtime (returned once the answer is encoded).
+        image: The decoded image.
+        model_input: Normalised float32 (3, H, W) on the runtime's canvas.
+        box: Where the image lies on the canvas.
+    """
+
+    lease: Lease
+    image: DecodedImage
+    model_input: np.ndarray
+    box: Letterbox
+
+
+def _prepare(server: ModelServer, data: bytes, output: OutputFormat, max_pixels: int) -> PreparedImage:
+    """Leases the serving runtime, decodes the image and letterboxes it (blocking: run in a thread)."""
+    lease = server.acquire()
+    try:
+        runtime = lease.runtime
         image = decode_image(data, max_pixels, runtime.size, with_preview=output is OutputFormat.OVERLAY)
         batch, (box,) = preprocess([image.model_input], runtime.size, runtime.mean, runtime.std)
-        canvas_labels = runtime.predict_labels(batch)[0]  # (H, W) uint8 class indices
+    except BaseException:
+        lease.release()
+        raise
+    return PreparedImage(lease, image, batch[0], box)
+
+
+def _answer(prepared: PreparedImage, canvas_labels: np.ndarray, output: OutputFormat) -> Response:
+    """Encodes the answer from the canvas label map uint8 (H, W), then returns the lease (blocking)."""
+    try:
+        runtime, box = prepared.lease.runtime, prepared.box
         labels = canvas_labels[box.top : box.top + box.height, box.left : box.left + box.width]
-        body, media_type = _encode(image, labels, runtime.classes, runtime.version, output)
+        body, media_type = _encode(prepared.image, labels, runtime.classes, runtime.version, output)
         return Response(body, media_type=media_type, headers={VERSION_HEADER: runtime.version})
+    finally:
+        prepared.lease.release()
 
 
 async def _read_image_bytes(request: Request) -> bytes:
@@ -285,15 +318,23 @@ async def segment(
 ) -> Response:
     """Segments the image with the serving model; the answer's X-Model-Version header names the version.
 
-    At most ``INCSEG_SEGMENT_CONCURRENCY`` requests of the process decode, infer and encode at once and
-    ``INCSEG_SEGMENT_QUEUE`` more read their image or wait; a request beyond those is answered 503 with
-    ``Retry-After`` before its body is read.
+    At most ``INCSEG_SEGMENT_CONCURRENCY + INCSEG_SEGMENT_QUEUE`` requests of the process are admitted;
+    a request beyond those is answered 503 with ``Retry-After`` before its body is read. Of those, at most
+    ``INCSEG_SEGMENT_CONCURRENCY`` decode or encode at once; in between, the model runs the images of
+    requests that arrive within ``INCSEG_BATCH_WINDOW_MS`` as one batch (``service.batcher``).
     """
     admission: Admission = request.app.state.segment_admission
+    batcher: Batcher = request.app.state.segment_batcher
     try:
         async with admission.admit():
             data = await _read_image_bytes(request)
-            return await admission.run(_segment, server, data, output, settings.max_image_pixels)
+            prepared = await admission.run(_prepare, server, data, output, settings.max_image_pixels)
+            del data  # a request waiting for its batch holds its reduced copies only, not its body
+            try:
+                canvas_labels = await batcher.labels(prepared.lease.runtime, prepared.model_input)
+                return await admission.run(_answer, prepared, canvas_labels, output)
+            finally:
+                prepared.lease.release()  # a no-op once the answer is encoded
     except HTTPException as err:  # refused input: still say which version serves
         version = server.status().serving_version
         if version is not None:
