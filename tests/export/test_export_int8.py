@@ -140,6 +140,7 @@ def test_mean_iou_matches_the_training_metric() -> None:
     for predicted, truth in zip(predictions, labels, strict=True):
         confusion.update(torch.from_numpy(predicted), torch.from_numpy(truth.astype(np.int64)))
     expected = SegmentationScores.from_confusion(confusion, ["a", "b", "c", "d"], 4).miou_all
+    assert expected is not None  # None only where no class occurs
     assert mean_iou(predictions, labels, 4) == pytest.approx(100 * expected)
 
 
@@ -217,13 +218,15 @@ def test_export_without_int8_has_no_entry_and_serves_fp32(tmp_path: Path, traine
     result = export_onnx(trained, tmp_path / "export", SIZE)
     assert result.manifest["int8"] is None and not (tmp_path / "export" / CALIBRATION_FILE).exists()
     with open_runtime(result.out_dir, "ort-cpu", int8=True) as runtime:
-        assert runtime.precision == "fp32" and "no INT8 model" in runtime.fallback
+        assert runtime.precision == "fp32"
+        assert runtime.fallback is not None and "no INT8 model" in runtime.fallback
 
 
 def test_calibration_from_a_dataset_maps_labels_by_name(synth_dataset: Path) -> None:
     classes = ["background", "red_circle_plain", "azure_square_striped"]  # the dataset's first two classes
     loaded = load_calibration(synth_dataset, classes, SIZE, IMAGENET_MEAN, IMAGENET_STD, limit=6)
     assert loaded.calibration.count == 6 and loaded.evaluation.count == 6
+    assert loaded.evaluation.labels is not None
     values = set(np.unique(np.concatenate([item.ravel() for item in loaded.evaluation.labels])).tolist())
     assert values <= {0, 1, 2, IGNORE_LABEL} and {1, 2} & values
 

@@ -175,7 +175,7 @@ def test_requests_on_different_runtimes_never_share_a_call() -> None:
 def test_a_runtime_error_fails_every_request_of_its_batch_and_the_next_batch_runs() -> None:
     broken, working = LabelRuntime(fail=ValueError("bad input tensor")), LabelRuntime()
 
-    async def scenario() -> tuple[list[object], list[np.ndarray]]:
+    async def scenario() -> tuple[list[np.ndarray | BaseException], list[np.ndarray]]:
         batcher = Batcher(window_s=0.05, max_size=8, runs=1)
         try:
             failures = await asyncio.gather(
@@ -236,7 +236,7 @@ def test_stop_fails_the_queued_requests_and_lets_the_running_batch_finish() -> N
         return [*outcomes, *late], [label for _, batch in runtime.calls for label in batch]
 
     (ran, queued, late), called = asyncio.run(scenario())
-    assert int(np.unique(ran).item()) == 1
+    assert isinstance(ran, np.ndarray) and int(np.unique(ran).item()) == 1
     assert isinstance(queued, NoModelLoaded) and queued.retry_after_s is not None
     assert isinstance(late, NoModelLoaded)
     assert called == [1]
@@ -279,11 +279,12 @@ def test_batched_answers_equal_unbatched_ones_under_concurrent_clients(
         )
         runtime = PixelRuntime()
         server = ModelServer(served, active_registry, loader=lambda _: runtime, warmup_iterations=0)
-        with TestClient(create_app(served)) as client, ThreadPoolExecutor(len(images)) as pool:
+        app = create_app(served)
+        with TestClient(app) as client, ThreadPoolExecutor(len(images)) as pool:
             server.start()
             try:
                 assert server.wait_until_serving(timeout=60)
-                client.app.state.model_server = server
+                app.state.model_server = server
                 posted = [
                     pool.submit(client.post, f"/segment?format={output}", content=image, headers=headers)
                     for image in images
@@ -306,7 +307,9 @@ def test_batched_answers_equal_unbatched_ones_under_concurrent_clients(
 
 def test_the_onnx_runtime_labels_a_batch_as_it_labels_each_image(active_registry: Registry) -> None:
     """The exported model itself: a batch of N gives each image the logits and labels it gets alone."""
-    runtime = OrtRuntime(active_registry.export_dir(active_registry.active()), threads=1)
+    version = active_registry.active()
+    assert version is not None
+    runtime = OrtRuntime(active_registry.export_dir(version), threads=1)
     batch = np.random.default_rng(0).standard_normal((5, 3, *runtime.size), dtype=np.float32)
     try:
         alone = np.concatenate([runtime.predict_logits(batch[i : i + 1]) for i in range(len(batch))])
@@ -323,8 +326,9 @@ def test_the_onnx_runtime_labels_a_batch_as_it_labels_each_image(active_registry
 def test_each_runtime_call_and_image_wait_is_observed_in_the_batch_histograms(
     settings: Settings, active_registry: Registry
 ) -> None:
-    with TestClient(create_app(settings)) as client:
-        assert client.app.state.model_server.wait_until_serving(timeout=60)
+    app = create_app(settings)
+    with TestClient(app) as client:
+        assert app.state.model_server.wait_until_serving(timeout=60)
         before = batch_histogram()
         assert client.post("/segment", content=png_bytes(), headers={"Content-Type": "image/png"}).is_success
         after = batch_histogram()

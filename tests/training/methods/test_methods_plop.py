@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import math
-from types import SimpleNamespace
 from typing import cast
 
 import pytest
@@ -241,15 +240,16 @@ def test_pseudo_label_cross_entropy_scales_each_image_and_sums_the_heads() -> No
         SegmentationOutput(main, torch.zeros(2, 1, 1, 3), [], [aux]),
         SegmentationOutput(old.permute(0, 2, 1).reshape(2, 3, 1, 3), torch.zeros(2, 1, 1, 3), []),
     )
-    ctx = StepContext(1, None, SimpleNamespace(), 3, ["bg", "a", "b", "c"], None, torch.device("cpu"))
+    ctx = StepContext(1, stub_model(), stub_model(), 3, ["bg", "a", "b", "c"], NO_DATA, torch.device("cpu"))
 
     def reference(logits: torch.Tensor) -> float:
         total = 0.0
         for b in range(2):
             for p in range(3):
-                if targets[b][p] is not None:
+                target = targets[b][p]
+                if target is not None:
                     z = logits[b, :, 0, p].tolist()
-                    ce = math.log(sum(math.exp(v) for v in z)) - z[targets[b][p]]
+                    ce = math.log(sum(math.exp(v) for v in z)) - z[target]
                     total += factors[b] * ce
         return total / 6  # all B * H * W pixels, the ignored ones counting 0
 

@@ -5,14 +5,13 @@ from __future__ import annotations
 import copy
 import math
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, TensorDataset
 
-from tests.helpers import NO_DATA, TINY_OPTIONS, TinySet
+from tests.helpers import NO_DATA, TINY_OPTIONS, TinySet, stub_model
 from training.bench import memory_bytes, run_benchmark
 from training.method_spec import METHOD_NAMES, sigmoid_family
 from training.methods import build_method
@@ -296,6 +295,7 @@ def test_replay_per_real_position_keeps_the_reference_share_without_dividing_the
     out = SegmentationOutput(logits, batch.out.features, [])
     term(Batch(batch.images, batch.labels, out, batch.old_out), ctx).backward()
     s = 1 / (1 + math.exp(-z_pixels[0]))
+    assert logits.grad is not None
     assert logits.grad[0, 3, 0, 0].item() == pytest.approx(4.0 * (s - 1) / 2, abs=1e-5)
 
 
@@ -380,7 +380,7 @@ def test_spatial_path_is_a_parameter_group_at_the_backbone_rate_that_the_user_ca
     assert _rates(ctx, unscaled)["spatial_path"] == pytest.approx(1e-3)  # the heads' rate
     step0 = StarClassification()
     step0.on_step_start(
-        StepContext(0, copy.deepcopy(base.model), None, 0, ["bg", "a", "b"], None, ctx.device)
+        StepContext(0, copy.deepcopy(base.model), None, 0, ["bg", "a", "b"], NO_DATA, ctx.device)
     )
     assert step0.lr_multipliers[ParamGroup.SPATIAL_PATH] == step0.lr_multipliers[ParamGroup.HEAD]
 
@@ -461,9 +461,9 @@ def test_old_label_map_thresholds_the_raw_logits() -> None:
     assert old_label_map(logits, 0.0).tolist() == logits.argmax(1).tolist() == [[[2, 1, 0]]]
 
 
-def _stub_old_model(logits: torch.Tensor) -> SimpleNamespace:
+def _stub_old_model(logits: torch.Tensor) -> BiSeNet:
     """An old model whose embedding is the input and whose head returns ``logits`` (B, C, H, W)."""
-    return SimpleNamespace(forward_features=lambda images: images, forward_head=lambda features, size: logits)
+    return stub_model(forward_features=lambda images: images, forward_head=lambda features, size: logits)
 
 
 def test_the_step_counts_what_the_old_model_sees_at_its_threshold() -> None:
@@ -475,17 +475,20 @@ def test_the_step_counts_what_the_old_model_sees_at_its_threshold() -> None:
         torch.zeros(2, 3), torch.zeros(2, 3), torch.ones(2), torch.zeros(2), torch.tensor([8.0, 6, 6])
     )
     model = BiSeNet(BiSeNetConfig(4, "resnet10", 8, 8, sigmoid_outputs=True), aux=False)
-    ctx = StepContext(1, model, _stub_old_model(old_logits), 3, [], [(images, labels)], torch.device("cpu"))
+    loader = DataLoader(TensorDataset(images, labels), batch_size=1)  # the one batch
+    ctx = StepContext(1, model, _stub_old_model(old_logits), 3, [], loader, torch.device("cpu"))
     found = {}
     for threshold in (0.0, 0.5):
         term = StarClassification(old_logit_threshold=threshold, max_replay_ratio=None)
         term.memory = memory
         term._plan_replay(ctx)
+        assert term.found is not None
         found[threshold] = term.found.tolist()
     assert found[0.0] == [1, 1, 1]  # positions 0 -> class 2, 1 -> class 1, 2 -> background
     assert found[0.5] == [2, 1, 0]  # position 0's 0.4 is below 0.5: background for STAR's trainer
     # overlapped, one new class, one iteration: 8 * 0.99 / 2 - 0.5; deficits 6 - 1, 6 - 0
     assert term.background_ratio == pytest.approx(8 * 0.99 / 2 - 0.5)
+    assert term.fakes_per_iteration is not None
     assert term.fakes_per_iteration.tolist() == [5, 6]
 
 
@@ -495,12 +498,12 @@ def test_new_rows_copy_the_auxiliary_row_or_start_from_kaiming_noise() -> None:
     grown = copy.deepcopy(old)
     grown.add_classes(2)  # MiB's initialisation rewrites the bias of row 0
     init_new_rows(grown, old, aux_init=True)  # DKD model.py:110-115
-    weight, bias = grown.head.classifier.weight.detach(), grown.head.classifier.bias.detach()
+    weight, bias = grown.head.classifier.weight.detach(), bias_of(grown.head.classifier).detach()
     assert torch.equal(weight[:3], old.head.classifier.weight) and torch.equal(
-        bias[:3], old.head.classifier.bias
+        bias[:3], bias_of(old.head.classifier)
     )
     assert torch.equal(weight[3:], old.head.classifier.weight[:1].expand(2, -1, -1, -1))
-    assert torch.equal(bias[3:], old.head.classifier.bias[:1].expand(2))
+    assert torch.equal(bias[3:], bias_of(old.head.classifier)[:1].expand(2))
     wide = torch.nn.Conv2d(400, 1 + 300, 1)  # STAR model.py:85-92 on 120000 weights
     kept = wide.weight[:1].detach().clone()
     kaiming_rows(wide, 1)
@@ -509,16 +512,20 @@ def test_new_rows_copy_the_auxiliary_row_or_start_from_kaiming_noise() -> None:
         math.sqrt(2 / 400), rel=0.02
     )  # PyTorch's default: 0.029
     assert wide.weight[1:].mean().item() == pytest.approx(0.0, abs=1e-3)
-    assert wide.bias[1:].abs().max().item() <= 1 / math.sqrt(400)
+    assert bias_of(wide)[1:].abs().max().item() <= 1 / math.sqrt(400)
 
 
 def test_auxiliary_classifier_against_dkd() -> None:
     model = BiSeNet(BiSeNetConfig(3, "resnet10", 8, 8, sigmoid_outputs=True), aux=False)
     features = torch.randn(2, 8, 3, 4, requires_grad=True)
+    unread_logits = torch.full((2, 3, 3, 4), math.nan)  # the term reads the features only
     batch = Batch(
-        torch.zeros(2, 3, 3, 4), torch.zeros(2, 3, 4).long(), SegmentationOutput(None, features, []), None
+        torch.zeros(2, 3, 3, 4),
+        torch.zeros(2, 3, 4).long(),
+        SegmentationOutput(unread_logits, features, []),
+        None,
     )
-    ctx = StepContext(0, model, None, 0, [], None, torch.device("cpu"))
+    ctx = StepContext(0, model, None, 0, [], NO_DATA, torch.device("cpu"))
     loss = AuxiliaryClassifier()(batch, ctx)
     row0 = model.head.classifier(features)[:, :1]  # DKD model.py:71, row 0 on detached features
     # DKD loss.py:110-119: BCE with target 0, mean over positions (trainer_voc.py:360)
@@ -526,10 +533,9 @@ def test_auxiliary_classifier_against_dkd() -> None:
     assert loss.item() == pytest.approx(expected.item(), abs=1e-6)
     loss.backward()
     assert features.grad is None  # shapes nothing but row 0
-    assert (
-        model.head.classifier.weight.grad[1:].abs().sum() == 0
-        and model.head.classifier.weight.grad[0].abs().sum() > 0
-    )
+    weight_grad = model.head.classifier.weight.grad
+    assert weight_grad is not None
+    assert weight_grad[1:].abs().sum() == 0 and weight_grad[0].abs().sum() > 0
 
 
 def _per_element_sample(memory: ClassMemory, n: int, gen: torch.Generator) -> torch.Tensor:
@@ -568,12 +574,15 @@ def test_star_reference_is_stars_code_on_our_model() -> None:
     assert sigmoid_family("star_reference")
     assert [t.name for t in method.terms] == ["bce", "old_region_mse", "sad"]  # no auxiliary classifier
     bce, mse, sad = method.terms
+    assert isinstance(bce, StarClassification) and isinstance(mse, OldRegionFeatures)
     assert (mse.weight, sad.weight, bce.pos_weight) == (5.0, 0.05, 4.0)  # config_voc.json
     assert bce.lr_multipliers[ParamGroup.NEW_CLASSES] == 10.0  # 1e-2 at our 1e-3 (train_voc.py:133)
     assert bce.max_replay_weight is None and bce.max_replay_ratio is None and not bce.aux_init
     assert bce.old_logit_threshold == mse.old_logit_threshold == 0.5  # trainer_voc.py:399, 514
-    shipped = build_method("star")
-    assert shipped.terms[0].old_logit_threshold == shipped.terms[2].old_logit_threshold == 0.0
+    shipped = build_method("star").terms
+    shipped_bce, shipped_mse = shipped[0], shipped[2]
+    assert isinstance(shipped_bce, StarClassification) and isinstance(shipped_mse, OldRegionFeatures)
+    assert shipped_bce.old_logit_threshold == shipped_mse.old_logit_threshold == 0.0
 
 
 def test_star_reference_and_disjoint_run_tiny_steps() -> None:
@@ -588,7 +597,9 @@ def test_star_reference_and_disjoint_run_tiny_steps() -> None:
         )
         grown, _ = train_step(base, ["c"], TinySet([3], n=4), None, method, step_options)
         term = method.terms[0]
+        assert isinstance(term, StarClassification)
         assert term.formulas is formulas
+        assert term.memory is not None and term.found is not None and term.plan is not None
         expected = merged_counts(
             term.memory.counts, term.found, grown.state[STAR_MEMORY]["counts"][[0, 3]], term.plan, formulas
         )
@@ -600,10 +611,11 @@ def test_star_reference_and_disjoint_run_tiny_steps() -> None:
 def test_old_region_and_background_repetition_use_the_threshold() -> None:
     ctx, batch = _replay_context()
     # old logits at the two positions: class 1 at 0.3 / -1.0; position 0 is labelled 3, position 1 background
-    batch.old_out = SegmentationOutput(torch.tensor([[[[0.0, 0.0]], [[1.0, 0.3]], [[-1.0, -1.0]]]]), None, [])
     features = batch.out.features
     old_features = torch.zeros_like(features)
-    batch.old_out.features = old_features
+    batch.old_out = SegmentationOutput(
+        torch.tensor([[[[0.0, 0.0]], [[1.0, 0.3]], [[-1.0, -1.0]]]]), old_features, []
+    )
     mse = {t: OldRegionFeatures(1.0, t)(batch, ctx).item() for t in (0.0, 0.5)}
     region = torch.tensor([[[[0.0, 1.0]]]])  # logit 0.3 > 0: the old model sees class 1 at position 1
     assert mse[0.0] == pytest.approx(old_region_mse(features, old_features, region).item())
