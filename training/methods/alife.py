@@ -29,8 +29,8 @@ rotations (ALIFE starts from a small random A); class means weight the embedding
 the class covers instead of upsampling the embedding to the label size; the memory is float16
 unless asked otherwise; lambda_ROT stays at 15-5s's 0.99 (``scripts/voc/step2.sh``) for every step
 size; stage 1 trains at the trainer's incremental multiples of the step's lr (heads and old rows 10x,
-new rows 100x) where ALIFE uses one rate, until the comparison in BENCHMARKS.md ("ALIFE's learning
-rates") is measured.
+new rows 100x) where ALIFE uses one rate, at which the class of a 1-class step is never predicted
+here (BENCHMARKS.md, "ALIFE's learning rates").
 """
 
 from __future__ import annotations

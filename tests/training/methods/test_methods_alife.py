@@ -312,7 +312,7 @@ def test_finetune_loss_mixes_focal_ali_and_memory_as_the_reference() -> None:
 
 
 def test_alife_trains_at_the_trainers_incremental_multiples() -> None:
-    """BENCHMARKS.md "ALIFE's learning rates": no override until ALIFE's one rate is measured."""
+    """BENCHMARKS.md "ALIFE's learning rates": at ALIFE's one rate the step's class scored 0.0."""
     method = alife(replay=False)
     rates = resolve_multipliers(True, *(term.lr_multipliers for term in method.terms))
     assert rates == INCREMENTAL_STEP_MULTIPLIERS
