@@ -35,7 +35,7 @@ from training.methods.alife import (
 from training.methods.base import Batch, StepContext
 from training.model_dir import ModelBundle
 from training.models.bisenet import BiSeNet, BiSeNetConfig, SegmentationOutput
-from training.optim import INCREMENTAL_STEP_MULTIPLIERS, ParamGroup, resolve_multipliers
+from training.optim import ParamGroup, resolve_multipliers
 from training.trainer import train_step
 
 REPLAY: dict[str, Any] = {"memory_size": 8, "rotation_epochs": 2}
@@ -315,5 +315,5 @@ def test_alife_trains_at_the_trainers_incremental_multiples() -> None:
     """BENCHMARKS.md "ALIFE's learning rates": at ALIFE's one rate the step's class scored 0.0."""
     method = alife(replay=False)
     rates = resolve_multipliers(True, *(term.lr_multipliers for term in method.terms))
-    assert rates == INCREMENTAL_STEP_MULTIPLIERS
+    assert rates == resolve_multipliers(True)  # no override of the trainer's incremental defaults
     assert rates[ParamGroup.HEAD] == 10.0 and rates[ParamGroup.NEW_CLASSES] == 100.0
