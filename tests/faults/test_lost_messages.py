@@ -115,10 +115,16 @@ def test_a_worker_killed_holding_a_countdown_retry(
         assert time.monotonic() < deadline, "no worker delivered the queued task"
         time.sleep(0.1)
     holder = next(worker for worker in workers if waiting in worker.log())
-    # kill it while it holds the message: none in the queue, A's and B's unacknowledged (kombu's "unacked")
+    # the other worker runs the first task, so it cannot take the queued task's message: the holder is the
+    # only one that can. It re-sends the message every line_wait_s, so freeze it, and kill it only when,
+    # frozen, it holds the message: none in the queue, A's and B's unacknowledged (kombu's "unacked")
     deadline = time.monotonic() + 60
-    while not (_queue_length(stack) == 0 and stack.redis.cli("hlen", "unacked").stdout.strip() == "2"):
+    while True:
         assert time.monotonic() < deadline, "the waiting worker never held the queued task's message"
+        holder.freeze()
+        if _queue_length(stack) == 0 and stack.redis.cli("hlen", "unacked").stdout.strip() == "2":
+            break
+        holder.thaw()
         time.sleep(0.05)
     holder.kill()
     assert _queue_length(stack) == 0 and stack.redis.cli("hlen", "unacked").stdout.strip() == "2"

@@ -146,6 +146,14 @@ class ServiceProcess:
 
         wait_until(healthy, timeout_s, f"{url}/health", poll_s=0.2)
 
+    def freeze(self) -> None:
+        """SIGSTOP to the whole session: it keeps what it holds and does nothing until :meth:`thaw`."""
+        os.killpg(self.process.pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        """SIGCONT to the whole session after :meth:`freeze`."""
+        os.killpg(self.process.pid, signal.SIGCONT)
+
     def kill(self) -> None:
         """SIGKILL to the whole session: no shutdown handler runs."""
         os.killpg(self.process.pid, signal.SIGKILL)
