@@ -3,11 +3,14 @@
 As Triton's dynamic batcher does (reference/serving.md), the first request waiting for the model opens a
 window of ``window_s``; requests for the same runtime that arrive within it join its batch, which runs
 when the window closes or when it holds ``max_size`` images, whichever comes first, so a request waits at
-most the window for others. A batch runs as soon as one of ``runs`` model runs is free; while all are
-busy, requests keep queueing and the next free run takes the oldest ones at once (their window is over),
-which is how batches grow under load. Each queued image is already letterboxed onto its runtime's canvas
-(N, 3, H, W per batch), so images of any size batch together, and a batch only ever holds requests leased
-to one runtime (one model version): during a swap the old and the new version batch separately.
+most the window for others. Unlike Triton, the batcher knows which requests are on their way (admitted,
+still reading or decoding their image: :meth:`Batcher.on_the_way`), so a window also closes as soon as
+none is: a lone request runs at once instead of waiting for arrivals that cannot come. A batch
+runs as soon as one of ``runs`` model runs is free; while all are busy, requests keep queueing and the
+next free run takes the oldest ones at once (their window is over), which is how batches grow under
+load. Each queued image is already letterboxed onto its runtime's canvas (N, 3, H, W per batch), so
+images of any size batch together, and a batch only ever holds requests leased to one runtime (one model
+version): during a swap the old and the new version batch separately.
 
 The batcher lives on the event loop; the runtime call runs in one of the batcher's own ``runs`` threads,
 so waiting never holds a thread and inference never holds the loop. A failed call fails every request of
@@ -21,6 +24,7 @@ import asyncio
 import contextlib
 import time
 from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -59,7 +63,8 @@ class Batcher:
     """Groups the model calls of concurrent ``/segment`` requests into batches per runtime.
 
     Args:
-        window_s: Longest time the first request of a batch waits for others (0: only those waiting).
+        window_s: Longest time the first request of a batch waits for requests on their way (0: only
+            those waiting).
         max_size: Most images per runtime call (1: no batching); a runtime's own ``max_batch`` caps it too.
         runs: Runtime calls at once (threads of the batcher).
     """
@@ -69,12 +74,28 @@ class Batcher:
         self.max_size = max_size
         self.runs = runs
         self._queues: dict[SegmentationRuntime, deque[_Waiting]] = {}
+        self._on_the_way = 0
         self._arrival = asyncio.Event()
         self._free_runs = asyncio.Semaphore(runs)
         self._executor = ThreadPoolExecutor(runs, thread_name_prefix="incseg-batch")
         self._dispatcher: asyncio.Task[None] | None = None
         self._batches: set[asyncio.Task[None]] = set()
         self._stopped = False
+
+    @contextlib.contextmanager
+    def on_the_way(self) -> Iterator[None]:
+        """Marks a request that will ask for :meth:`labels` once its image is decoded.
+
+        While any request is on its way, an open window waits for it (at most ``window_s``); once none is,
+        the window closes: nothing else can join in time. Leave the block right before calling
+        :meth:`labels` (no ``await`` in between), or on failure.
+        """
+        self._on_the_way += 1
+        try:
+            yield
+        finally:
+            self._on_the_way -= 1
+            self._arrival.set()  # a window that waited for this request may close now
 
     async def labels(self, runtime: SegmentationRuntime, image: np.ndarray) -> np.ndarray:
         """The label map uint8 (H, W) of one normalised image float32 (3, H, W) on ``runtime``'s canvas.
@@ -128,14 +149,17 @@ class Batcher:
             task.add_done_callback(self._batches.discard)
 
     async def _next_batch(self) -> tuple[SegmentationRuntime, list[_Waiting]]:
-        """The oldest request's batch, once its window has closed or it is full (cancelled ones dropped)."""
+        """The oldest request's batch, once its window has closed, it is full or no request is on its way.
+
+        Cancelled requests are dropped.
+        """
         while True:
             timeout = None
             if self._queues:
                 runtime, queue = min(self._queues.items(), key=lambda item: item[1][0].arrived)
                 limit = self._limit(runtime)
                 timeout = queue[0].arrived + self.window_s - time.monotonic()
-                if len(queue) >= limit or timeout <= 0:
+                if len(queue) >= limit or timeout <= 0 or not self._on_the_way:
                     taken = [queue.popleft() for _ in range(min(limit, len(queue)))]
                     if not queue:
                         del self._queues[runtime]

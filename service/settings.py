@@ -162,7 +162,8 @@ class Settings(BaseSettings):
         ge=0,
         le=1000,
         description="/segment requests arriving within this many milliseconds of the first waiting one run "
-        "as one batch (the first never waits longer for others); 0: batch only requests already waiting.",
+        "as one batch (the first never waits longer for others, and not at all when no other request is "
+        "reading or decoding its image); 0: batch only requests already waiting.",
     )
     batch_max_size: int = Field(
         8,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -102,15 +103,18 @@ def test_requests_within_the_window_share_one_call_and_each_gets_its_own_labels(
     assert all(answer.shape == CANVAS and answer.dtype == np.uint8 for answer in answers)
 
 
-def test_a_lone_request_waits_the_window_and_no_longer() -> None:
+def test_a_request_waits_the_window_for_one_on_its_way_and_no_longer() -> None:
     window_s = 0.3
     runtime = LabelRuntime()
 
     async def scenario() -> float:
         batcher = Batcher(window_s=window_s, max_size=8, runs=1)
         try:
-            submitted = time.monotonic()
-            await batcher.labels(runtime, image_of(3))
+            with (
+                batcher.on_the_way()
+            ):  # another request is decoding its image, and takes longer than the window
+                submitted = time.monotonic()
+                await batcher.labels(runtime, image_of(3))
             return submitted
         finally:
             await batcher.stop()
@@ -119,6 +123,48 @@ def test_a_lone_request_waits_the_window_and_no_longer() -> None:
     ((called, batch),) = runtime.calls
     assert batch == [3]
     assert window_s - 0.01 <= called - submitted <= window_s + 0.2  # the margin is for a loaded machine
+
+
+def test_a_lone_request_runs_at_once() -> None:
+    """No request on its way: none can join, so the window does not hold the lone one."""
+    runtime = LabelRuntime()
+
+    async def scenario() -> float:
+        batcher = Batcher(window_s=30.0, max_size=8, runs=1)
+        try:
+            submitted = time.monotonic()
+            await batcher.labels(runtime, image_of(3))
+            return time.monotonic() - submitted
+        finally:
+            await batcher.stop()
+
+    assert asyncio.run(scenario()) < 5.0
+    assert [batch for _, batch in runtime.calls] == [[3]]
+
+
+def test_a_request_on_its_way_within_the_window_joins_the_batch() -> None:
+    runtime = LabelRuntime()
+
+    async def scenario() -> tuple[list[np.ndarray], float]:
+        batcher = Batcher(window_s=30.0, max_size=8, runs=1)
+        try:
+            started = time.monotonic()
+            with batcher.on_the_way():
+                first = asyncio.ensure_future(batcher.labels(runtime, image_of(1)))
+                await asyncio.sleep(0.05)  # the second request decodes its image while the first waits
+                assert not runtime.calls, "the first request ran without the one on its way"
+            second = batcher.labels(
+                runtime, image_of(2)
+            )  # queued as its on-the-way mark ends, no await between
+            answers = await asyncio.gather(first, second)
+            return list(answers), time.monotonic() - started
+        finally:
+            await batcher.stop()
+
+    answers, seconds = asyncio.run(scenario())
+    assert seconds < 5.0  # the window (30 s) closed once nothing else was on its way
+    assert [batch for _, batch in runtime.calls] == [[1, 2]]
+    assert [int(np.unique(answer).item()) for answer in answers] == [1, 2]
 
 
 def test_a_full_batch_runs_without_waiting_for_the_window() -> None:
@@ -251,14 +297,25 @@ def batch_histogram() -> tuple[float, float, float]:
 
 
 class PixelRuntime(SegmentationRuntime):
-    """Labels each pixel with its strongest channel: an answer that depends on every pixel of its image."""
+    """Labels each pixel with its strongest channel: an answer that depends on every pixel of its image.
 
-    def __init__(self) -> None:
+    Args:
+        hold_first: When given, the first call waits (at most 60 s) until it returns True.
+    """
+
+    def __init__(self, hold_first: Callable[[], bool] | None = None) -> None:
         super().__init__(
             "pixel", ["red", "green", "blue"], (32, 32), "v1", (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
         )
+        self.hold_first = hold_first
+        self.calls = 0
 
     def _logits(self, batch: np.ndarray) -> np.ndarray:
+        self.calls += 1
+        if self.hold_first is not None and self.calls == 1:
+            deadline = time.monotonic() + 60
+            while not self.hold_first() and time.monotonic() < deadline:
+                time.sleep(0.01)
         return batch.copy()  # (N, 3, H, W): one class per channel
 
     def _release(self) -> None:
@@ -277,26 +334,32 @@ def test_batched_answers_equal_unbatched_ones_under_concurrent_clients(
         served = settings.model_copy(
             update={"batch_max_size": max_size, "batch_window_ms": window_ms, "segment_queue": 16}
         )
-        runtime = PixelRuntime()
-        server = ModelServer(served, active_registry, loader=lambda _: runtime, warmup_iterations=0)
         app = create_app(served)
+        # the first call waits until every request is admitted, so the others queue or decode meanwhile; with
+        # one model run at once, the next batch takes them together
+        runtime = PixelRuntime(hold_first=lambda: app.state.segment_admission.admitted == len(images))
+        server = ModelServer(served, active_registry, loader=lambda _: runtime, warmup_iterations=0)
+        batcher = Batcher(window_ms / 1000, max_size, runs=1)
         with TestClient(app) as client, ThreadPoolExecutor(len(images)) as pool:
             server.start()
             try:
                 assert server.wait_until_serving(timeout=60)
                 app.state.model_server = server
+                app.state.segment_batcher = batcher
                 posted = [
                     pool.submit(client.post, f"/segment?format={output}", content=image, headers=headers)
                     for image in images
                 ]
                 responses = [future.result(timeout=120) for future in posted]
             finally:
+                assert client.portal is not None
+                client.portal.call(batcher.stop)
                 server.stop()
         return [(r.status_code, r.content, r.headers.get("X-Model-Version")) for r in responses]
 
     unbatched = answers(max_size=1, window_ms=0)
     before = batch_histogram()
-    batched = answers(max_size=8, window_ms=500)  # every concurrent request lands in one window
+    batched = answers(max_size=8, window_ms=500)
     after = batch_histogram()
     assert batched == unbatched
     assert {status for status, _, _ in batched} == {200}

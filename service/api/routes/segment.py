@@ -327,9 +327,10 @@ async def segment(
     batcher: Batcher = request.app.state.segment_batcher
     try:
         async with admission.admit():
-            data = await _read_image_bytes(request)
-            prepared = await admission.run(_prepare, server, data, output, settings.max_image_pixels)
-            del data  # a request waiting for its batch holds its reduced copies only, not its body
+            with batcher.on_the_way():  # open windows wait for this request's image
+                data = await _read_image_bytes(request)
+                prepared = await admission.run(_prepare, server, data, output, settings.max_image_pixels)
+                del data  # a request waiting for its batch holds its reduced copies only, not its body
             try:
                 canvas_labels = await batcher.labels(prepared.lease.runtime, prepared.model_input)
                 return await admission.run(_answer, prepared, canvas_labels, output)
