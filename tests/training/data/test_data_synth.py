@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from training.data import label_sets, read_folder_dataset, write_synthetic_dataset
+from training.data import label_sets, load_mask, read_folder_dataset, write_synthetic_dataset
 from training.data.synth import MAX_CLASSES, SCENES, SHAPES, class_styles
 
 
@@ -20,7 +20,7 @@ def _files(root: Path) -> dict[str, bytes]:
 def _arrays(root: Path, split: str) -> list[tuple[np.ndarray, np.ndarray]]:
     source = read_folder_dataset(root)
     samples = source.train if split == "train" else source.val
-    return [(np.asarray(Image.open(s.image_path)), np.asarray(Image.open(s.mask_path))) for s in samples]
+    return [(np.asarray(Image.open(s.image_path)), load_mask(s, len(source.classes))) for s in samples]
 
 
 def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path: Path) -> None:
