@@ -117,9 +117,13 @@ def _options(args: argparse.Namespace, **extra: Any) -> StepOptions:
 
 def cmd_synth(args: argparse.Namespace) -> int:
     out = write_synthetic_dataset(
-        args.out, args.classes, args.train, args.val, args.size, args.seed, args.scene
+        args.out, args.classes, args.train, args.val, args.size, args.seed, args.scene, args.weak_train
     )
-    console.print(f"wrote {args.classes} classes, {args.train} train + {args.val} val images to {out}")
+    train_labels = "labels.csv (image-level labels)" if args.weak_train else "masks"
+    console.print(
+        f"wrote {args.classes} classes, {args.train} train images with {train_labels} + {args.val} val "
+        f"images with masks to {out}"
+    )
     return 0
 
 
@@ -250,6 +254,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=sorted(SCENES),
         default="shapes",
         help="shapes: the tables' data; clutter: other shapes and textures, more objects, denser clutter",
+    )
+    p.add_argument(
+        "--weak-train",
+        action="store_true",
+        help="label the training images with labels.csv (the classes each shows) instead of masks, for a "
+        "weakly supervised step; validation keeps its masks",
     )
     p.set_defaults(func=cmd_synth)
 
