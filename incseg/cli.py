@@ -12,7 +12,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -142,6 +142,14 @@ def cmd_step(args: argparse.Namespace) -> int:
         f"step {record['step']}: + {', '.join(record['classes_added'])} "
         f"({record['train_images']} images, {time.monotonic() - started:.0f} s) -> {args.out}"
     )
+    pseudo = (record.get("metrics") or {}).get("pseudo_labels")
+    if scores is None and pseudo is not None:
+        console.print(
+            "no validation masks: no mIoU; the pseudo-labels' own statistics instead: "
+            f"{pseudo['images']} images, labelled classes found "
+            f"{_fraction(pseudo['labelled_classes_found'])}, "
+            f"images kept {_fraction(pseudo['complete_fraction'])}"
+        )
     if scores is not None:
         table = Table("class", "IoU")
         for name, iou in scores.per_class_iou.items():
@@ -151,6 +159,10 @@ def cmd_step(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fraction(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f} %"
+
+
 def _scores_line(old: float | None, new: float | None, all_: float | None) -> str:
     def pct(v: float | None) -> str:
         return "-" if v is None else f"{100 * v:.1f}"
@@ -158,7 +170,9 @@ def _scores_line(old: float | None, new: float | None, all_: float | None) -> st
     return f"mIoU old {pct(old)} | new {pct(new)} | all {pct(all_)}"
 
 
-def _bench(args: argparse.Namespace, methods: list[str], out: Path) -> dict:
+def _bench(
+    args: argparse.Namespace, methods: list[str], out: Path, supervisions: Sequence[str] = ("full",)
+) -> dict:
     """Runs the benchmark, writing ``out`` after each method (a long run keeps what it finished)."""
     from training.bench import format_table, run_benchmark, write_results
 
@@ -178,6 +192,7 @@ def _bench(args: argparse.Namespace, methods: list[str], out: Path) -> dict:
             log=lambda line: console.print(line, markup=False),
             on_progress=update,
             on_method_done=write_partial,
+            supervisions=supervisions,
         )
     results["seconds_total"] = round(time.monotonic() - started, 1)
     print(format_table(results))
@@ -189,7 +204,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from training.bench import plot_results, write_results
 
     methods = split_top_level(args.methods, ",")
-    results = _bench(args, methods, args.out)
+    results = _bench(args, methods, args.out, split_top_level(args.supervision, ","))
     write_results(results, args.out)
     plot = plot_results(results, args.plot or Path(args.out).with_suffix(".png"))
     console.print(f"results: {args.out}, plot: {plot}, total {results['seconds_total']:.0f} s")
@@ -292,6 +307,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--methods",
         default=",".join(BENCH_METHODS),
         help=f"comma-separated: {', '.join(METHOD_NAMES)}; combinations like mib+sdr; weights: mib(kd=100)",
+    )
+    p.add_argument(
+        "--supervision",
+        default="full",
+        help="full, weak or full,weak: weak trains the incremental steps from image-level labels derived "
+        "from the same images' masks (WILSON's localizer and pseudo-labels); rows of one method share step 0",
     )
     p.add_argument("--out", type=Path, default=Path("results.json"))
     p.add_argument("--plot", type=Path, default=None, help="PNG path (default: next to --out)")
