@@ -129,6 +129,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 def cmd_step(args: argparse.Namespace) -> int:
     require_train_extra("incseg step")
+    from training.model_dir import supervision_of
     from training.step import run_step
 
     base = None if args.base.lower() == "none" else Path(args.base)
@@ -138,9 +139,10 @@ def cmd_step(args: argparse.Namespace) -> int:
             base, args.data, args.method, _options(args, setting=args.setting), args.out, update
         )
     record = bundle.history[-1]
+    labels = "image-level labels" if supervision_of(record) == "weak" else "masks"
     console.print(
         f"step {record['step']}: + {', '.join(record['classes_added'])} "
-        f"({record['train_images']} images, {time.monotonic() - started:.0f} s) -> {args.out}"
+        f"({record['train_images']} images with {labels}, {time.monotonic() - started:.0f} s) -> {args.out}"
     )
     pseudo = (record.get("metrics") or {}).get("pseudo_labels")
     if scores is None and pseudo is not None:
@@ -280,7 +282,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("step", help="train one incremental step on a dataset folder")
     p.add_argument("--base", required=True, help="model directory of the previous step, or 'none' for step 0")
-    p.add_argument("--data", type=Path, required=True, help="dataset folder (project format, VOC or ADE20K)")
+    p.add_argument(
+        "--data",
+        type=Path,
+        required=True,
+        help="dataset folder (project format, VOC or ADE20K); a project folder whose training images have "
+        "a labels.csv row but no mask makes a weakly supervised step",
+    )
     p.add_argument(
         "--method",
         default=DEFAULT_METHOD,

@@ -79,7 +79,11 @@ class TaskView(BaseModel):
     epoch: int | None = None
     fraction: float = Field(0.0, description="progress of the current step in [0, 1]")
     loss: float | None = None
-    metrics: dict | None = Field(None, description="validation metrics: old/new/all mIoU, per-class IoU")
+    metrics: dict | None = Field(
+        None,
+        description="validation metrics: old/new/all mIoU, per-class IoU; for a weak step also pseudo_labels "
+        "(the pseudo-labels' statistics, the only figures when the val split has no masks)",
+    )
     model_version: str | None = None
     error: str | None = None
     created_at: datetime
