@@ -162,7 +162,8 @@ async function submit(form, page) {
   try {
     const created = await apiJson("/tasks", { method: "POST", body: data });
     selectedId = created.task_id;
-    notice.textContent = `Task ${created.task_id.slice(0, 8)} queued: it adds ${created.classes.join(", ")}.`;
+    const labels = created.supervision === "weak" ? " from image labels" : "";
+    notice.textContent = `Task ${created.task_id.slice(0, 8)} queued: it adds ${created.classes.join(", ")}${labels}.`;
     form.querySelector('[data-testid="task-input"]').value = "";
     form.querySelector(".drop .chosen")?.remove();
   } catch (failure) {
