@@ -236,7 +236,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _demo_service(args: argparse.Namespace, out: Path) -> int:
-    """``incseg demo --url``: base task, second task and segmentations before / after through the API."""
+    """``incseg demo --url``: base task, a mask task and a weak (image-level labels) task through the API,
+    segmenting the same image after each."""
     from service.api_key import local_api_key
     from service.client import DemoOptions, ServiceError, run_demo
     from service.settings import get_settings
@@ -335,7 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--url",
         default=None,
-        help="run the demo against the service at this URL (e.g. http://127.0.0.1:8000)",
+        help="run the demo against the service at this URL (e.g. http://127.0.0.1:8000): a base task, a task "
+        "adding classes from masks, then one adding classes from image-level labels (labels.csv)",
     )
     p.add_argument(
         "--api-key",
