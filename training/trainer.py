@@ -22,6 +22,7 @@ from training.data.dataset import WeakItem, WeakSegmentationDataset
 from training.method_spec import check_continuation
 from training.methods import Method, StepContext
 from training.methods.base import Batch
+from training.methods.weak import PSEUDO_LABELS_KEY
 from training.metrics import ConfusionMatrix, SegmentationScores
 from training.model_dir import ModelBundle
 from training.models.bisenet import BiSeNet, BiSeNetConfig
@@ -311,6 +312,10 @@ def train_step(
         val_loader = DataLoader(val_set, batch_size=options.batch_size, num_workers=options.workers)
         scores = evaluate(model, val_loader, classes, num_old if num_old else len(classes), device)
     metrics = {**(scores.to_dict() if scores else {}), **method.step_metrics()}
+    if scores is None and PSEUDO_LABELS_KEY in metrics:
+        metrics["note"] = (
+            f"no validation masks: no mIoU; {PSEUDO_LABELS_KEY} holds the pseudo-labels' statistics"
+        )
     history.append(
         {
             "step": ctx.step,

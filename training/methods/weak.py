@@ -422,8 +422,7 @@ class PseudoLabelStats:
         that got pixels, and each class's share of the pseudo-labelled pixels (by model index)."""
         total = float(self.pixels.sum())
         return {
-            "note": "statistics of the pseudo-labels of the training images without masks "
-            "(no validation masks are needed)",
+            "note": "pseudo-labels of the training images without masks, since pseudo_start",
             "images": self.images,
             "complete_fraction": self.complete / self.images if self.images else None,
             "labelled_classes_found": self.found / self.labelled if self.labelled else None,
