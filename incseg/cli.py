@@ -12,7 +12,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -117,14 +117,19 @@ def _options(args: argparse.Namespace, **extra: Any) -> StepOptions:
 
 def cmd_synth(args: argparse.Namespace) -> int:
     out = write_synthetic_dataset(
-        args.out, args.classes, args.train, args.val, args.size, args.seed, args.scene
+        args.out, args.classes, args.train, args.val, args.size, args.seed, args.scene, args.weak_train
     )
-    console.print(f"wrote {args.classes} classes, {args.train} train + {args.val} val images to {out}")
+    train_labels = "labels.csv (image-level labels)" if args.weak_train else "masks"
+    console.print(
+        f"wrote {args.classes} classes, {args.train} train images with {train_labels} + {args.val} val "
+        f"images with masks to {out}"
+    )
     return 0
 
 
 def cmd_step(args: argparse.Namespace) -> int:
     require_train_extra("incseg step")
+    from training.model_dir import supervision_of
     from training.step import run_step
 
     base = None if args.base.lower() == "none" else Path(args.base)
@@ -134,10 +139,19 @@ def cmd_step(args: argparse.Namespace) -> int:
             base, args.data, args.method, _options(args, setting=args.setting), args.out, update
         )
     record = bundle.history[-1]
+    labels = "image-level labels" if supervision_of(record) == "weak" else "masks"
     console.print(
         f"step {record['step']}: + {', '.join(record['classes_added'])} "
-        f"({record['train_images']} images, {time.monotonic() - started:.0f} s) -> {args.out}"
+        f"({record['train_images']} images with {labels}, {time.monotonic() - started:.0f} s) -> {args.out}"
     )
+    pseudo = (record.get("metrics") or {}).get("pseudo_labels")
+    if scores is None and pseudo is not None:
+        console.print(
+            "no validation masks: no mIoU; the pseudo-labels' own statistics instead: "
+            f"{pseudo['images']} images, labelled classes found "
+            f"{_fraction(pseudo['labelled_classes_found'])}, "
+            f"images kept {_fraction(pseudo['complete_fraction'])}"
+        )
     if scores is not None:
         table = Table("class", "IoU")
         for name, iou in scores.per_class_iou.items():
@@ -147,6 +161,10 @@ def cmd_step(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fraction(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f} %"
+
+
 def _scores_line(old: float | None, new: float | None, all_: float | None) -> str:
     def pct(v: float | None) -> str:
         return "-" if v is None else f"{100 * v:.1f}"
@@ -154,7 +172,9 @@ def _scores_line(old: float | None, new: float | None, all_: float | None) -> st
     return f"mIoU old {pct(old)} | new {pct(new)} | all {pct(all_)}"
 
 
-def _bench(args: argparse.Namespace, methods: list[str], out: Path) -> dict:
+def _bench(
+    args: argparse.Namespace, methods: list[str], out: Path, supervisions: Sequence[str] = ("full",)
+) -> dict:
     """Runs the benchmark, writing ``out`` after each method (a long run keeps what it finished)."""
     from training.bench import format_table, run_benchmark, write_results
 
@@ -174,6 +194,7 @@ def _bench(args: argparse.Namespace, methods: list[str], out: Path) -> dict:
             log=lambda line: console.print(line, markup=False),
             on_progress=update,
             on_method_done=write_partial,
+            supervisions=supervisions,
         )
     results["seconds_total"] = round(time.monotonic() - started, 1)
     print(format_table(results))
@@ -185,7 +206,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from training.bench import plot_results, write_results
 
     methods = split_top_level(args.methods, ",")
-    results = _bench(args, methods, args.out)
+    results = _bench(args, methods, args.out, split_top_level(args.supervision, ","))
     write_results(results, args.out)
     plot = plot_results(results, args.plot or Path(args.out).with_suffix(".png"))
     console.print(f"results: {args.out}, plot: {plot}, total {results['seconds_total']:.0f} s")
@@ -215,7 +236,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _demo_service(args: argparse.Namespace, out: Path) -> int:
-    """``incseg demo --url``: base task, second task and segmentations before / after through the API."""
+    """``incseg demo --url``: base task, a mask task and a weak (image-level labels) task through the API,
+    segmenting the same image after each."""
     from service.api_key import local_api_key
     from service.client import DemoOptions, ServiceError, run_demo
     from service.settings import get_settings
@@ -251,11 +273,23 @@ def build_parser() -> argparse.ArgumentParser:
         default="shapes",
         help="shapes: the tables' data; clutter: other shapes and textures, more objects, denser clutter",
     )
+    p.add_argument(
+        "--weak-train",
+        action="store_true",
+        help="label the training images with labels.csv (the classes each shows) instead of masks, for a "
+        "weakly supervised step; validation keeps its masks",
+    )
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("step", help="train one incremental step on a dataset folder")
     p.add_argument("--base", required=True, help="model directory of the previous step, or 'none' for step 0")
-    p.add_argument("--data", type=Path, required=True, help="dataset folder (project format, VOC or ADE20K)")
+    p.add_argument(
+        "--data",
+        type=Path,
+        required=True,
+        help="dataset folder (project format, VOC or ADE20K); a project folder whose training images have "
+        "a labels.csv row but no mask makes a weakly supervised step",
+    )
     p.add_argument(
         "--method",
         default=DEFAULT_METHOD,
@@ -283,6 +317,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=",".join(BENCH_METHODS),
         help=f"comma-separated: {', '.join(METHOD_NAMES)}; combinations like mib+sdr; weights: mib(kd=100)",
     )
+    p.add_argument(
+        "--supervision",
+        default="full",
+        help="full, weak or full,weak: weak trains the incremental steps from image-level labels derived "
+        "from the same images' masks (WILSON's localizer and pseudo-labels); rows of one method share step 0",
+    )
     p.add_argument("--out", type=Path, default=Path("results.json"))
     p.add_argument("--plot", type=Path, default=None, help="PNG path (default: next to --out)")
     p.add_argument(
@@ -296,7 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--url",
         default=None,
-        help="run the demo against the service at this URL (e.g. http://127.0.0.1:8000)",
+        help="run the demo against the service at this URL (e.g. http://127.0.0.1:8000): a base task, a task "
+        "adding classes from masks, then one adding classes from image-level labels (labels.csv)",
     )
     p.add_argument(
         "--api-key",

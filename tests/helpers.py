@@ -75,3 +75,42 @@ def make_int8_fragile(model: BiSeNet) -> None:
         classifier.weight[2] = classifier.weight[1] + 1e-3 * noise
         bias_of(classifier)[2] = bias_of(classifier)[1]
         bias_of(classifier)[0] -= 100.0
+
+
+def base_only(src: Path, dst: Path, keep: int) -> Path:
+    """A copy of the dataset folder ``src`` listing only its first ``keep`` classes (others' pixels ->
+    background): the base classes of a step 0."""
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    shutil.copytree(src, dst)
+    names = (src / "classes.txt").read_text().split()
+    (dst / "classes.txt").write_text("\n".join(names[: keep + 1]) + "\n")
+    for path in (dst / "masks").glob("*.png"):
+        mask = np.array(Image.open(path))
+        mask[(mask > keep) & (mask != 255)] = 0
+        Image.fromarray(mask).save(path)
+    return dst
+
+
+def to_weak(src: Path, dst: Path, splits: tuple[str, ...] = ("train",), keep_masks: int = 0) -> Path:
+    """A copy of ``src`` whose ``splits`` have image-level labels (``labels.csv``, from their masks) and
+    no masks, except the first ``keep_masks`` stems of each split (a mixed dataset)."""
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    shutil.copytree(src, dst)
+    names = (dst / "classes.txt").read_text().split()
+    rows = ["image,labels"]
+    for split in splits:
+        for stem in (dst / "splits" / f"{split}.txt").read_text().split()[keep_masks:]:
+            mask_path = dst / "masks" / f"{stem}.png"
+            shown = sorted(set(np.unique(np.array(Image.open(mask_path))).tolist()) - {0, 255})
+            rows.append(f"{stem},{';'.join(names[c] for c in shown)}")
+            mask_path.unlink()
+    (dst / "labels.csv").write_text("\n".join(rows) + "\n")
+    return dst

@@ -9,6 +9,14 @@ bound, learns every class in one step.
 
 Scores follow the papers' tables: old = background + the base classes ("0-15"), new = the
 classes added after step 0, all = every class seen so far; mIoU as fractions in [0, 1].
+
+Supervision (``supervisions``): ``full`` trains every step on masks; ``weak`` trains the incremental
+steps on image-level labels derived from the same images' masks (the classes each mask shows, in the
+step's training label space), with the method plus WILSON's weak term (``training.methods.weak``), so
+full and weak rows compare the same images; step 0 has masks in both and is shared (a weak row is named
+``"<method> [weak]"``). A weak row's steps also score its pseudo-labels against the true masks of the
+step's training images (``pseudo_miou``: background and the step's classes; ``pseudo_miou_new``: the
+step's classes).
 """
 
 from __future__ import annotations
@@ -30,6 +38,8 @@ from training.data import (
     Sample,
     SegmentationDataset,
     SegmentationSource,
+    WeakItem,
+    WeakSegmentationDataset,
     eval_transform,
     label_sets,
     read_source,
@@ -40,12 +50,14 @@ from training.methods import Method, StepContext, build_method
 from training.methods.alife import FEATURE_MEMORY
 from training.methods.sdr import PROTOTYPES
 from training.methods.star_memory import STAR_MEMORY
-from training.metrics import SegmentationScores
+from training.methods.weak import WeakLabels, with_weak_labels
+from training.metrics import ConfusionMatrix, SegmentationScores
 from training.model_dir import ModelBundle
 from training.protocols import Protocol, Setting, train_indices, train_lut, val_indices, val_lut
 from training.trainer import ProgressCallback, StepOptions, evaluate, train_step
 
 Log = Callable[[str], None]
+SUPERVISIONS = ("full", "weak")
 
 
 @dataclass
@@ -73,6 +85,68 @@ class ProtocolData:
         indices = train_indices(self.train_labels, self.protocol, step, self.setting)
         lut = train_lut(self.protocol, step, self.setting)
         return self._dataset(self.source.train, indices, lut, train_transform(self.options.size))
+
+    def weak_train_set(self, step: int, transform: PairTransform | None = None) -> WeakSegmentationDataset:
+        """The images of ``train_set(step)`` with image-level labels only: the classes their masks show."""
+        indices = train_indices(self.train_labels, self.protocol, step, self.setting)
+        train = self.source.train
+        samples = [
+            Sample(train[i].stem, train[i].image_path, None, frozenset(self.train_labels[i] - {0}))
+            for i in indices
+        ]
+        return WeakSegmentationDataset(
+            samples,
+            len(self.source.classes),
+            train_lut(self.protocol, step, self.setting),
+            len(self.protocol.seen(step)),
+            transform or train_transform(self.options.size),
+            self.source.label_map,
+        )
+
+    def masked_train_items(self, step: int) -> WeakSegmentationDataset:
+        """The step's training images with their true masks and image labels, at evaluation size."""
+        indices = train_indices(self.train_labels, self.protocol, step, self.setting)
+        return WeakSegmentationDataset(
+            [self.source.train[i] for i in indices],
+            len(self.source.classes),
+            train_lut(self.protocol, step, self.setting),
+            len(self.protocol.seen(step)),
+            eval_transform(self.options.size),
+            self.source.label_map,
+        )
+
+    @torch.no_grad()
+    def score_pseudo_labels(
+        self, term: WeakLabels, bundle: ModelBundle, teacher: ModelBundle, step: int
+    ) -> dict:
+        """mIoU of ``term``'s pseudo-labels (at the end of ``step``) against the true training masks.
+
+        Returns:
+            ``pseudo_miou`` over background and the step's classes, ``pseudo_miou_new`` over the step's
+            classes, and ``pseudo_iou`` per class name.
+        """
+        device = self.options.torch_device()
+        model, old_model = bundle.model.to(device).eval(), teacher.model.to(device).eval()
+        confusion = ConfusionMatrix(model.num_classes)
+        loader = DataLoader(self.masked_train_items(step), batch_size=self.options.batch_size)
+        item: WeakItem
+        for item in loader:
+            images, image_labels = item.image.to(device), item.image_labels.to(device)
+            confusion.update(term.label_images(model, old_model, images, image_labels).cpu(), item.mask)
+        iou = confusion.iou()
+        num_old = teacher.model.num_classes
+        scored = [0, *range(num_old, model.num_classes)]
+        names = [bundle.classes[c] for c in scored]
+        per_class = {
+            n: None if np.isnan(iou[c]) else float(iou[c]) for n, c in zip(names, scored, strict=True)
+        }
+        new = [v for c, v in zip(scored, per_class.values(), strict=True) if c > 0 and v is not None]
+        kept = [v for v in per_class.values() if v is not None]
+        return {
+            "pseudo_miou": sum(kept) / len(kept) if kept else None,
+            "pseudo_miou_new": sum(new) / len(new) if new else None,
+            "pseudo_iou": per_class,
+        }
 
     def joint_train_set(self) -> SegmentationDataset:
         last = self.protocol.num_steps - 1
@@ -188,15 +262,22 @@ def run_benchmark(
     log: Log = print,
     on_progress: ProgressCallback | None = None,
     on_method_done: Callable[[dict], None] | None = None,
+    supervisions: Sequence[str] = ("full",),
 ) -> dict:
-    """Runs the protocol for each method; returns the ``results.json`` document.
+    """Runs the protocol for each method and supervision; returns the ``results.json`` document.
 
-    ``on_method_done`` receives the document after each method (e.g. to write partial results
-    of a long run).
+    ``on_method_done`` receives the document after each row (e.g. to write partial results
+    of a long run). ``supervisions``: ``full`` and/or ``weak`` (module docstring); the rows of one
+    method share its step 0.
 
     Raises:
-        ValueError: Bad protocol, setting or method name (before any training).
+        ValueError: Bad protocol, setting, method name or supervision (before any training).
     """
+    unknown = sorted(set(supervisions) - set(SUPERVISIONS))
+    if unknown or not supervisions:
+        raise ValueError(
+            f"supervision must be one or more of {', '.join(SUPERVISIONS)}; got {unknown or 'none'}"
+        )
     source = read_source(Path(data_dir))
     protocol = Protocol.parse(protocol_spec, len(source.classes) - 1)
     built = {spec: build_method(spec) for spec in methods}
@@ -207,8 +288,12 @@ def run_benchmark(
         "protocol": protocol_spec,
         "setting": setting,
         "options": options.model_dump(mode="json"),
+        "supervisions": list(supervisions),
         "methods": {},
     }
+    weak_unsupported = [spec for spec, m in built.items() if m.trains_all_classes_at_once]
+    if "weak" in supervisions and weak_unsupported:
+        raise ValueError(f"--supervision weak: {', '.join(weak_unsupported)} trains every class at once")
 
     shared_base: ModelBundle | None = None
     for spec, method in built.items():
@@ -220,52 +305,70 @@ def run_benchmark(
                 None, data.step_names(0), data.train_set(0), None, build_method("ft"), options, on_progress
             )
             results["base_seconds"] = round(time.monotonic() - started, 1)
-        started = time.monotonic()
-        steps = []
         if method.trains_all_classes_at_once:
+            started = time.monotonic()
             log(f"[{spec}] one step over all {len(data.names) - 1} classes")
             bundle, _ = train_step(
                 None, data.names[1:], data.joint_train_set(), None, method, options, on_progress
             )
             seconds = round(time.monotonic() - started, 1)
-            steps.append(
-                step_record(last, data, bundle, data.score(bundle, last), data.image_bytes(last), seconds)
+            record = step_record(
+                last, data, bundle, data.score(bundle, last), data.image_bytes(last), seconds
             )
             _save(save_dir, spec, last, bundle)
+            _finish(results, spec, [record], started, on_method_done)
+            continue
+        started = time.monotonic()
+        base_seconds = None
+        if shares_base and shared_base is not None:
+            base = run_end_of_step_hooks(shared_base, method, data.train_set(0), options)
         else:
-            base_seconds = None
-            if shares_base and shared_base is not None:
-                bundle = run_end_of_step_hooks(shared_base, method, data.train_set(0), options)
-            else:
-                log(f"[{spec}] step 0: {len(data.step_names(0))} classes, its own")
-                bundle, _ = train_step(
-                    None, data.step_names(0), data.train_set(0), None, method, options, on_progress
-                )
-                base_seconds = round(time.monotonic() - started, 1)
-            steps.append(
-                step_record(0, data, bundle, data.score(bundle, 0), data.image_bytes(0), base_seconds)
+            log(f"[{spec}] step 0: {len(data.step_names(0))} classes, its own")
+            base, _ = train_step(
+                None, data.step_names(0), data.train_set(0), None, method, options, on_progress
             )
-            _save(save_dir, spec, 0, bundle)
+            base_seconds = round(time.monotonic() - started, 1)
+        base_record = step_record(0, data, base, data.score(base, 0), data.image_bytes(0), base_seconds)
+        for supervision in supervisions:
+            row = spec if supervision == "full" else f"{spec} [weak]"
+            term = WeakLabels() if supervision == "weak" else None
+            row_method = with_weak_labels(method, term) if term is not None else method
+            bundle, steps = base, [base_record]
+            _save(save_dir, row, 0, bundle)
             for step in range(1, protocol.num_steps):
-                log(f"[{spec}] step {step}: + {', '.join(data.step_names(step))}")
+                log(f"[{row}] step {step}: + {', '.join(data.step_names(step))}")
                 step_started = time.monotonic()
+                train_set = data.weak_train_set(step) if term is not None else data.train_set(step)
+                teacher = bundle
                 bundle, _ = train_step(
-                    bundle, data.step_names(step), data.train_set(step), None, method, options, on_progress
+                    bundle, data.step_names(step), train_set, None, row_method, options, on_progress
                 )
                 seconds = round(time.monotonic() - step_started, 1)  # training and end-of-step hooks
                 scores = data.score(bundle, step)
-                steps.append(step_record(step, data, bundle, scores, data.image_bytes(step), seconds))
-                _save(save_dir, spec, step, bundle)
-        final = steps[-1]
-        results["methods"][spec] = {
-            "steps": steps,
-            "final": {k: final[k] for k in ("miou_old", "miou_new", "miou_all", "hiou")},
-            # the shared step 0 is in base_seconds; a method's own step 0 is in here and in steps[0]
-            "seconds": round(time.monotonic() - started, 1),
-        }
-        if on_method_done is not None:
-            on_method_done(results)
+                record = step_record(step, data, bundle, scores, data.image_bytes(step), seconds)
+                if term is not None:
+                    record |= data.score_pseudo_labels(term, bundle, teacher, step)
+                    record["pseudo_label_stats"] = bundle.history[-1]["metrics"]["pseudo_labels"]
+                steps.append(record)
+                _save(save_dir, row, step, bundle)
+            _finish(results, row, steps, started, on_method_done)
+            started = time.monotonic()
     return results
+
+
+def _finish(
+    results: dict, row: str, steps: list[dict], started: float, on_method_done: Callable[[dict], None] | None
+) -> None:
+    """Adds a row (its steps and final scores) to ``results`` and reports the document."""
+    final = steps[-1]
+    results["methods"][row] = {
+        "steps": steps,
+        "final": {k: final[k] for k in ("miou_old", "miou_new", "miou_all", "hiou")},
+        # the shared step 0 is in base_seconds; a method's own step 0 is in its first row and steps[0]
+        "seconds": round(time.monotonic() - started, 1),
+    }
+    if on_method_done is not None:
+        on_method_done(results)
 
 
 def _save(save_dir: Path | None, spec: str, step: int, bundle: ModelBundle) -> None:

@@ -155,6 +155,11 @@ def _load_tensors(file: Path, map_location: str | torch.device) -> dict[str, Ten
     return value
 
 
+def supervision_of(record: dict[str, Any]) -> Literal["full", "weak"]:
+    """A step record's supervision: "weak" for image-level labels; records from before weak steps: "full"."""
+    return "weak" if record.get("supervision") == "weak" else "full"
+
+
 @dataclass
 class ModelBundle:
     """A model with its ordered class list, step history and method state.
@@ -162,7 +167,8 @@ class ModelBundle:
     Attributes:
         model: The network (with auxiliary heads when loaded for training).
         classes: Class names in model order, index 0 = background.
-        history: One record per step: step, classes_added, method, options, metrics, dates.
+        history: One record per step: step, classes_added, method, supervision ("full" or "weak";
+            see ``supervision_of``), options, metrics, dates.
         state: Method state by name (e.g. ``prototypes``), each a dict of tensors.
     """
 

@@ -15,6 +15,12 @@ Settings for one step (``training.protocols`` defines them for a protocol of man
   here; ``star`` still weighs its replay by the setting, as STAR's trainer does
   (``training.methods.star.SETTING_FORMULAS``).
 - *sequential*: known classes keep their labels in the training masks (same images).
+
+Image-level labels (a ``labels.csv``, ``DatasetReport.supervision == "weak"``): the step trains with the
+method plus WILSON's weak term (``training.methods.weak``; masks are used where they exist) and its record
+says ``supervision: weak``. Step 0 needs masks. Validation uses the val images that have masks; when none
+has, the step reports no mIoU and its metrics hold the pseudo-labels' own statistics
+(``metrics["pseudo_labels"]``, also present when there are masks).
 """
 
 from __future__ import annotations
@@ -30,12 +36,14 @@ from training.data import (
     DatasetReport,
     Sample,
     SegmentationDataset,
+    WeakSegmentationDataset,
     eval_transform,
     read_source,
     train_transform,
     validate_dataset,
 )
 from training.methods import build_method
+from training.methods.weak import with_weak_labels
 from training.metrics import SegmentationScores
 from training.model_dir import ModelBundle
 from training.protocols import Setting, label_lut
@@ -121,12 +129,13 @@ def run_step(
     phase (the pass over every image and mask) and the saving phase are reported here.
 
     Returns:
-        The saved bundle and its validation scores (None without a val split).
+        The saved bundle and its validation scores (None without a val split or without val masks; a
+        step with image-level labels then records its pseudo-labels' statistics instead).
 
     Raises:
         StepCancelled: ``should_stop`` returned True (nothing is written).
         DataError: When the dataset fails :func:`training.data.validate_dataset` (before any training).
-        ValueError: On an unknown method.
+        ValueError: On an unknown method, or image-level labels at step 0 ("step 0 needs masks: ...").
     """
     method_obj = build_method(method)  # fail on a bad name before reading anything
     source = read_source(Path(data_dir))
@@ -134,16 +143,36 @@ def run_step(
     known = base.classes if base is not None else ["background"]
     if on_progress is not None:
         on_progress(StepProgress(0, 0, 0, float("nan"), {}, CHECKING_DATA_PHASE))
-    plan = plan_step(validate_dataset(source, known), known, Setting(options.setting))
+    report = validate_dataset(source, known)
+    if report.supervision == "weak" and base is None:
+        raise ValueError(
+            f"step 0 needs masks: {data_dir} gives image-level labels (labels.csv) for training images; "
+            "train the base classes from masks, then add classes from labels"
+        )
+    plan = plan_step(report, known, Setting(options.setting))
     num_source = len(source.classes)
-    train_set = SegmentationDataset(
-        plan.train_samples, num_source, plan.train_lut, train_transform(options.size), source.label_map
-    )
+    train_set: SegmentationDataset | WeakSegmentationDataset
+    if report.supervision == "weak":
+        method_obj = with_weak_labels(method_obj)
+        num_labels = len(known) + len(plan.new_classes)
+        train_set = WeakSegmentationDataset(
+            plan.train_samples,
+            num_source,
+            plan.train_lut,
+            num_labels,
+            train_transform(options.size),
+            source.label_map,
+        )
+    else:
+        train_set = SegmentationDataset(
+            plan.train_samples, num_source, plan.train_lut, train_transform(options.size), source.label_map
+        )
+    masked_val = [sample for sample in source.val if not sample.is_weak]  # weak val images cannot be scored
     val_set = (
         SegmentationDataset(
-            source.val, num_source, plan.val_lut, eval_transform(options.size), source.label_map
+            masked_val, num_source, plan.val_lut, eval_transform(options.size), source.label_map
         )
-        if source.val
+        if masked_val
         else None
     )
     reports: list[StepProgress] = []  # the last one, to report the saving phase with its figures

@@ -9,17 +9,20 @@ from __future__ import annotations
 
 import copy
 import random
-from collections.abc import Callable, Sized
+from collections.abc import Callable, Iterator, Sized
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import numpy as np
 import torch
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from training.data.dataset import WeakItem, WeakSegmentationDataset
 from training.method_spec import check_continuation
 from training.methods import Method, StepContext
 from training.methods.base import Batch
+from training.methods.weak import PSEUDO_LABELS_KEY
 from training.metrics import ConfusionMatrix, SegmentationScores
 from training.model_dir import ModelBundle
 from training.models.bisenet import BiSeNet, BiSeNetConfig
@@ -82,6 +85,55 @@ def evaluate(
     return SegmentationScores.from_confusion(confusion, class_names, num_old)
 
 
+def unpack(
+    raw: WeakItem | list[Tensor], device: torch.device
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """A loader's batch on ``device``: images, labels, and the image labels and weak flags of a ``WeakItem``
+    batch (None for a batch of (image, mask) pairs)."""
+    if isinstance(raw, WeakItem):
+        images, labels, image_labels, weak = (t.to(device, non_blocking=True) for t in raw)
+        return images, labels, image_labels, weak
+    images, labels = raw
+    return images.to(device, non_blocking=True), labels.to(device, non_blocking=True), None, None
+
+
+class PseudoLabelledLoader:
+    """The step hooks' view of a loader of ``WeakItem`` batches: (images, labels) pairs whose weak images
+    carry the method's pseudo-labels (``Method.hook_labels``), computed with both models in eval mode.
+
+    Args:
+        loader: The step's loader of ``WeakItem`` batches.
+        method: The step's method (its weak term labels the images).
+        ctx: The step's context (its models and progress).
+    """
+
+    def __init__(self, loader: DataLoader, method: Method, ctx: StepContext) -> None:
+        self.loader, self.method, self.ctx = loader, method, ctx
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        ctx = self.ctx
+        old_model = ctx.require_old_model()
+        for raw in self.loader:
+            images, labels, image_labels, weak = unpack(raw, ctx.device)
+            was_training = ctx.model.training
+            ctx.model.eval()
+            with torch.no_grad():
+                batch = Batch(
+                    images,
+                    labels,
+                    ctx.model.forward_train(images),
+                    old_model.forward_train(images),
+                    image_labels,
+                    weak,
+                )
+                labels = self.method.hook_labels(batch, ctx)
+            ctx.model.train(was_training)
+            yield images, labels
+
+
 def batchnorm_layers(model: torch.nn.Module) -> list[torch.nn.modules.batchnorm._BatchNorm]:
     return [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
 
@@ -110,7 +162,9 @@ def train_step(
     Args:
         base: The previous model (loaded with ``aux=True``) or None for step 0.
         new_classes: Names of the classes this step adds, in the order of their label indices.
-        train_set: Yields (image (3, S, S), labels (S, S)) in the new model's class indices.
+        train_set: Yields (image (3, S, S), labels (S, S)) in the new model's class indices, or
+            ``WeakItem`` (a ``WeakSegmentationDataset``: image-level labels; the method must then have the
+            weak term, ``training.methods.weak.with_weak_labels``).
         val_set: Same for validation (labels of all seen classes) or None to skip evaluation.
         method: Loss terms to sum.
         options: Hyper-parameters.
@@ -120,6 +174,8 @@ def train_step(
     Raises:
         StepCancelled: ``should_stop`` returned True.
         TypeError: A dataset without a length (the epochs and iterations are counted from it).
+        ValueError: Image-level labels at step 0 ("step 0 needs masks"), or image-level labels and the
+            method's weak term not given together.
     """
     if not isinstance(train_set, Sized):
         raise TypeError(f"the training set needs a length, got {type(train_set).__name__}")
@@ -168,6 +224,17 @@ def train_step(
     )
     if len(train_set) < 2:  # batch norm needs two samples per batch in training
         raise ValueError(f"the step has {len(train_set)} training images; it needs at least 2")
+    weak = isinstance(train_set, WeakSegmentationDataset)
+    if weak != method.needs_image_labels:
+        raise ValueError(
+            "image-level labels need the weak term (training.methods.weak.with_weak_labels) and a "
+            f"WeakSegmentationDataset together; got {type(train_set).__name__} for {method.name}"
+        )
+    if weak and old_model is None:
+        raise ValueError("step 0 needs masks: image-level labels only train the classes of later steps")
+    floor = options.min_iterations if old_model is not None else 0  # step 0 runs its epochs as given
+    epochs = epochs_for(options.epochs, len(loader), floor)
+    total = epochs * len(loader)
     ctx = StepContext(
         len(history),
         model,
@@ -179,7 +246,10 @@ def train_step(
         state,
         options.epochs,
         Setting(options.setting),
+        total_iterations=total,
     )
+    if weak:
+        ctx.train_loader = PseudoLabelledLoader(loader, method, ctx)
     method.on_step_start(ctx)
 
     lr = options.learning_rate(ctx.step)
@@ -190,12 +260,14 @@ def train_step(
         old_model is not None, *(term.lr_multipliers for term in method.terms), options.lr_multipliers
     )
     optimizer = build_optimizer(model, lr, multipliers, options.momentum, options.weight_decay)
+    for term in method.active_terms(ctx):
+        for module, multiplier in term.trainable_modules():
+            optimizer.add_param_group(
+                {"params": list(module.parameters()), "lr": lr * multiplier, "name": term.name}
+            )
     row_hooks = scale_new_rows(
         model, num_old, multipliers[ParamGroup.NEW_CLASSES] / multipliers[ParamGroup.CLASSIFIER]
     )
-    floor = options.min_iterations if old_model is not None else 0  # step 0 runs its epochs as given
-    epochs = epochs_for(options.epochs, len(loader), floor)
-    total = epochs * len(loader)
     scheduler = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=total, power=0.9)
     use_amp = options.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
@@ -205,15 +277,16 @@ def train_step(
         model.train()
         for norm in frozen_norms:
             norm.eval()
-        for images, labels in loader:
+        for raw in loader:
             if should_stop is not None and should_stop():
                 raise StepCancelled(f"cancelled during training (iteration {iteration} of {total})")
-            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            images, labels, image_labels, is_weak = unpack(raw, device)
+            ctx.iteration = iteration
             with torch.autocast(device.type, enabled=use_amp):
                 out = model.forward_train(images)
                 with torch.no_grad():
                     old_out = old_model.forward_train(images) if old_model is not None else None
-                losses = method.losses(Batch(images, labels, out, old_out), ctx)
+                losses = method.losses(Batch(images, labels, out, old_out, image_labels, is_weak), ctx)
                 loss = torch.stack(list(losses.values())).sum()
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss became {loss.item()} at iteration {iteration}: {losses}")
@@ -230,6 +303,7 @@ def train_step(
 
     for hook in row_hooks:
         hook.remove()
+    ctx.iteration = iteration
     begin(END_OF_STEP_PHASE)
     method.on_step_end(ctx)
     scores = None
@@ -237,16 +311,22 @@ def train_step(
         begin(EVALUATING_PHASE)
         val_loader = DataLoader(val_set, batch_size=options.batch_size, num_workers=options.workers)
         scores = evaluate(model, val_loader, classes, num_old if num_old else len(classes), device)
+    metrics = {**(scores.to_dict() if scores else {}), **method.step_metrics()}
+    if scores is None and PSEUDO_LABELS_KEY in metrics:
+        metrics["note"] = (
+            f"no validation masks: no mIoU; {PSEUDO_LABELS_KEY} holds the pseudo-labels' statistics"
+        )
     history.append(
         {
             "step": ctx.step,
             "classes_added": list(new_classes),
             "method": method.name,
+            "supervision": "weak" if weak else "full",
             "options": options.model_dump(mode="json"),
             "train_images": len(train_set),
             "iterations": total,
             "learning_rates": {group: lr * multiplier for group, multiplier in multipliers.items()},
-            "metrics": scores.to_dict() if scores else None,
+            "metrics": metrics or None,
             "started_at": started.isoformat(),
             "finished_at": datetime.now(UTC).isoformat(),
             "duration_s": round((datetime.now(UTC) - started).total_seconds(), 2),

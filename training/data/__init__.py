@@ -25,15 +25,17 @@ from training.data.sources import (
     read_source,
     read_voc,
 )
-from training.data.synth import write_synthetic_dataset
+from training.data.synth import masks_to_image_labels, write_synthetic_dataset
 from training.data.validate import DatasetReport, validate_dataset
 
 if TYPE_CHECKING:
-    from training.data.dataset import SegmentationDataset
+    from training.data.dataset import SegmentationDataset, WeakItem, WeakSegmentationDataset
     from training.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
 
 _TORCH_MODULE_OF = {
     "SegmentationDataset": "training.data.dataset",
+    "WeakItem": "training.data.dataset",
+    "WeakSegmentationDataset": "training.data.dataset",
     "IMAGENET_MEAN": "training.data.transforms",
     "IMAGENET_STD": "training.data.transforms",
     "eval_transform": "training.data.transforms",
@@ -63,6 +65,7 @@ __all__ = [
     "label_sets",
     "load_image",
     "load_mask",
+    "masks_to_image_labels",
     "present_labels",
     "read_ade20k",
     "read_folder_dataset",
@@ -70,5 +73,7 @@ __all__ = [
     "read_voc",
     "train_transform",
     "validate_dataset",
+    "WeakItem",
+    "WeakSegmentationDataset",
     "write_synthetic_dataset",
 ]

@@ -4,11 +4,18 @@ Every reader returns a :class:`SegmentationSource`: the class names (index 0 = b
 and val samples, and an optional lookup table from raw mask values to class indices. Files are only
 listed here; :func:`load_image` and :func:`load_mask` read and validate them, raising :class:`DataError`
 with the offending file and what to fix.
+
+A project-format folder may give image-level labels instead of masks (weak supervision): a
+``labels.csv`` with the header ``image,labels``, one row per image stem, its classes (names from
+``classes.txt``) separated by ``;``, an empty field meaning none of them. Such images become weak samples
+(``mask_path`` None, ``image_labels`` set); an image with a mask uses the mask whatever its row says.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import csv
+import difflib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +24,9 @@ from PIL import Image
 
 IGNORE = 255
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+LABELS_FILE = "labels.csv"
+LABELS_HEADER = ("image", "labels")
+LABEL_SEPARATOR = ";"
 
 VOC_CLASSES = tuple(
     """
@@ -64,11 +74,32 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class Sample:
-    """One image and its mask."""
+    """One image and its label: a mask, or (weak) the set of classes it shows.
+
+    Attributes:
+        stem: The image's name without suffix.
+        image_path: The image file.
+        mask_path: Its mask; None when the image has image-level labels only.
+        image_labels: Source class indices the image shows (background excluded); set iff ``mask_path``
+            is None.
+
+    Raises:
+        ValueError: When both or neither of ``mask_path`` and ``image_labels`` are given.
+    """
 
     stem: str
     image_path: Path
-    mask_path: Path
+    mask_path: Path | None
+    image_labels: frozenset[int] | None = None
+
+    def __post_init__(self) -> None:
+        if (self.mask_path is None) == (self.image_labels is None):
+            raise ValueError(f"sample {self.stem!r}: give exactly one of mask_path and image_labels")
+
+    @property
+    def is_weak(self) -> bool:
+        """True when the image has image-level labels only (no mask)."""
+        return self.mask_path is None
 
 
 @dataclass(frozen=True)
@@ -98,9 +129,11 @@ def read_folder_dataset(root: Path) -> SegmentationSource:
     """Reads the project folder format.
 
     Layout: ``classes.txt`` (line i = name of mask value i, line 0 background),
-    ``images/<stem>.(jpg|jpeg|png)``, ``masks/<stem>.png`` and optionally ``splits/train.txt`` and
-    ``splits/val.txt`` (one stem a line).
-    Without ``splits/train.txt`` every stem not listed in ``splits/val.txt`` is a training stem.
+    ``images/<stem>.(jpg|jpeg|png)``, ``masks/<stem>.png`` and/or ``labels.csv`` (image-level labels,
+    see the module docstring), and optionally ``splits/train.txt`` and ``splits/val.txt`` (one stem a
+    line). Without ``splits/train.txt`` every stem not listed in ``splits/val.txt`` is a training stem.
+    An image with a mask is a fully labelled sample; one without a mask but with a ``labels.csv`` row is
+    a weak sample.
 
     Args:
         root: The dataset folder.
@@ -109,11 +142,15 @@ def read_folder_dataset(root: Path) -> SegmentationSource:
         The listed dataset.
 
     Raises:
-        DataError: On a bad ``classes.txt``, a missing image or mask, or overlapping splits.
+        DataError: On a bad ``classes.txt`` or ``labels.csv`` (bad header, unknown class, duplicate row,
+            row without an image: the message names the line), a missing image, an image with neither a
+            mask nor a row, or overlapping splits.
     """
     root = Path(root)
     classes = _read_classes(root / "classes.txt")
     images = _index_images(root / "images")
+    labels_file = root / LABELS_FILE
+    image_labels = _read_labels_file(labels_file, classes, images) if labels_file.is_file() else None
     train_file, val_file = root / "splits" / "train.txt", root / "splits" / "val.txt"
     val_stems = _read_stem_list(val_file) if val_file.is_file() else []
     if train_file.is_file():
@@ -134,9 +171,19 @@ def read_folder_dataset(root: Path) -> SegmentationSource:
             if stem not in images:
                 raise DataError(listed_in, f"stem {stem!r} has no image {root / 'images' / stem}.(jpg|png)")
             mask_path = root / "masks" / f"{stem}.png"
-            if not mask_path.is_file():
+            if mask_path.is_file():
+                found.append(Sample(stem, images[stem], mask_path))
+            elif image_labels is None:
                 raise DataError(images[stem], f"the mask {mask_path} is missing; add it or remove the image")
-            found.append(Sample(stem, images[stem], mask_path))
+            elif stem in image_labels:
+                found.append(Sample(stem, images[stem], None, image_labels[stem]))
+            else:
+                raise DataError(
+                    labels_file,
+                    f"image {stem!r} ({images[stem]}) has no row here and no mask {mask_path}; add a row "
+                    f"'{stem},<class>;<class>' (an empty field: none of the classes), add the mask, or "
+                    "remove the image",
+                )
         return tuple(found)
 
     return SegmentationSource(
@@ -310,13 +357,19 @@ def load_mask(
         uint8 array (H, W) of class indices and 255.
 
     Raises:
-        DataError: When the mask is not single channel or palette, unreadable, larger than ``max_pixels``,
-            or holds a label that is neither a class index nor 255.
+        DataError: When the sample is weak (it has no mask: callers branch on ``sample.is_weak``), when
+            the mask is not single channel or palette, unreadable, larger than ``max_pixels``, or holds a
+            label that is neither a class index nor 255.
     """
-    with _open(sample.mask_path, max_pixels) as mask_image:
+    mask_path = sample.mask_path
+    if mask_path is None:
+        raise DataError(
+            sample.image_path, "has image-level labels only (labels.csv), no mask to load; add its mask"
+        )
+    with _open(mask_path, max_pixels) as mask_image:
         if mask_image.mode not in ("L", "P"):
             raise DataError(
-                sample.mask_path,
+                mask_path,
                 f"mask has mode {mask_image.mode}; masks must be single channel (L) or "
                 "palette (P) PNGs whose values are class indices (255 = ignore), not colour images",
             )
@@ -326,7 +379,7 @@ def load_mask(
     invalid = (mask >= num_classes) & (mask != IGNORE)
     if invalid.any():
         raise DataError(
-            sample.mask_path,
+            mask_path,
             f"label {int(mask[invalid][0])} is not a class index (0..{num_classes - 1}) nor {IGNORE} "
             "(ignore); every mask value must be a line number of the class list (0 = first line) or 255",
         )
@@ -346,7 +399,7 @@ def check_mask_size(sample: Sample, image_size: tuple[int, int], mask: np.ndarra
     """
     if image_size != (mask.shape[1], mask.shape[0]):
         raise DataError(
-            sample.mask_path,
+            sample.mask_path or sample.image_path,
             f"mask is {mask.shape[1]}x{mask.shape[0]} but image {sample.image_path} is "
             f"{image_size[0]}x{image_size[1]}; they must have the same size",
         )
@@ -401,6 +454,88 @@ def _open(path: Path, max_pixels: int | None = None) -> Image.Image:
         image.close()
         raise DataError(path, f"corrupt or truncated image ({error}); replace the file") from error
     return image
+
+
+def _read_labels_file(
+    path: Path, classes: tuple[str, ...], images: dict[str, Path]
+) -> dict[str, frozenset[int]]:
+    """Reads ``labels.csv``: each image stem's set of class indices (background excluded).
+
+    Args:
+        path: The ``labels.csv`` file.
+        classes: The class names of ``classes.txt`` (index 0 background).
+        images: Image stem -> file, as found in ``images/``.
+
+    Returns:
+        Stem -> class indices, for every row.
+
+    Raises:
+        DataError: Naming the line: a header other than ``image,labels``, a row without two fields, a row
+            for a stem with no image, a second row for a stem, an unknown class name.
+    """
+    try:
+        with path.open(encoding="utf-8-sig", newline="") as file:  # -sig: spreadsheets write a BOM
+            rows = csv.reader(file)  # streamed: one row in memory (a field is at most csv.field_size_limit())
+            try:
+                return _parse_label_rows(rows, path, classes, images)
+            except csv.Error as error:
+                raise DataError(path, f"line {rows.line_num}: {error}; write plain CSV rows") from error
+    except UnicodeDecodeError as error:
+        raise DataError(path, f"not UTF-8 text ({error}); save it as UTF-8") from error
+
+
+def _parse_label_rows(
+    rows: Iterator[list[str]], path: Path, classes: tuple[str, ...], images: dict[str, Path]
+) -> dict[str, frozenset[int]]:
+    """The rows of :func:`_read_labels_file` (``rows.line_num`` names the line in its errors)."""
+    index_of = {name: index for index, name in enumerate(classes)}
+    header = [field.strip().lower() for field in next(rows, [])]
+    if tuple(header) != LABELS_HEADER:
+        raise DataError(
+            path,
+            f"line 1: header is {','.join(header)!r}; the first line must be '{','.join(LABELS_HEADER)}'",
+        )
+    found: dict[str, frozenset[int]] = {}
+    first_line: dict[str, int] = {}
+    for row in rows:
+        line = rows.line_num  # type: ignore[attr-defined]
+        if not any(field.strip() for field in row):
+            continue
+        if len(row) != 2:
+            hint = f"; separate the classes with {LABEL_SEPARATOR!r}, not ','" if len(row) > 2 else ""
+            raise DataError(path, f"line {line}: {len(row)} fields; a row is '<image stem>,<labels>'{hint}")
+        stem, names = row[0].strip(), row[1]
+        if stem not in images:
+            suffix_hint = (
+                f"; write the stem {Path(stem).stem!r} without the suffix"
+                if Path(stem).stem in images and Path(stem).suffix
+                else ""
+            )
+            raise DataError(
+                path,
+                f"line {line}: no image {stem!r} in {path.parent / 'images'} (.jpg, .jpeg or .png); "
+                f"remove the row or add the image{suffix_hint}",
+            )
+        if stem in found:
+            raise DataError(
+                path, f"line {line}: image {stem!r} already has a row (line {first_line[stem]}); keep one row"
+            )
+        labels = set()
+        for name in (part.strip() for part in names.split(LABEL_SEPARATOR)):
+            if not name:
+                continue
+            if name not in index_of:
+                close = difflib.get_close_matches(name, classes, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise DataError(
+                    path,
+                    f"line {line}: unknown class {name!r}{hint}; use names of {path.parent / 'classes.txt'}, "
+                    f"separated by {LABEL_SEPARATOR!r}",
+                )
+            labels.add(index_of[name])
+        found[stem] = frozenset(labels - {0})  # background is in every image; naming it adds nothing
+        first_line[stem] = line
+    return found
 
 
 def _read_classes(path: Path) -> tuple[str, ...]:

@@ -3,12 +3,17 @@
 One pass reads every image and mask once: each image is decoded completely (so a corrupt or truncated file
 shows now, not in the middle of training), its pixel count is checked from the header before decoding
 (decompression bomb guard), each mask must have its image's size and hold only class indices or 255. The
-labels found on the way are kept, so the step's image selection needs no second scan.
+labels found on the way are kept, so the step's image selection needs no second scan. A weak sample (image
+labels from ``labels.csv``, no mask) contributes its image labels instead of a mask's.
 
 Then the class list is checked against the model: at least one class must be new, and every new class must
-have pixels in at least one training image. For a ``classes.txt`` the user wrote, a new class without
-training pixels is an error (it would be added with nothing to learn from and an IoU of None forever); for
-the fixed class lists of the VOC and ADE20K layouts, such classes are left out of the step and reported.
+be carried by at least one training image (pixels in its mask, or its name in its ``labels.csv`` row). For
+a ``classes.txt`` the user wrote, a new class no training image carries is an error (it would be added with
+nothing to learn from and an IoU of None forever); for the fixed class lists of the VOC and ADE20K layouts,
+such classes are left out of the step and reported.
+
+A step whose training split holds any weak sample is a weakly supervised step (``supervision == "weak"``);
+masks are used where they exist.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Literal
 
 from training.data.sources import (
     DataError,
@@ -28,6 +34,8 @@ from training.data.sources import (
     present_labels,
 )
 
+Supervision = Literal["full", "weak"]
+
 MIN_TRAIN_IMAGES = 2  # batch norm needs two samples per training batch
 SCAN_THREADS = min(4, os.cpu_count() or 1)  # each holds one decoded image (<= max_image_pixels x 3 B)
 
@@ -38,11 +46,13 @@ class DatasetReport:
 
     Attributes:
         source: The dataset as listed.
-        train_labels: Dataset class indices present in each training mask (255 excluded), in sample order.
-        val_labels: The same for the validation masks.
+        train_labels: Dataset class indices present in each training mask (255 excluded), in sample order;
+            for a weak sample its image labels (background excluded).
+        val_labels: The same for the validation samples.
         new_classes: Classes the step adds (not known to the model, with training pixels), in dataset order.
         unused_classes: Classes of a fixed class list (VOC, ADE20K) that the model does not know and no
             training image shows; the step leaves them out (their validation pixels are ignored).
+        supervision: ``"weak"`` when any training sample has image-level labels only, else ``"full"``.
     """
 
     source: SegmentationSource
@@ -50,6 +60,7 @@ class DatasetReport:
     val_labels: tuple[frozenset[int], ...]
     new_classes: tuple[str, ...]
     unused_classes: tuple[str, ...]
+    supervision: Supervision = "full"
 
     @property
     def new_indices(self) -> frozenset[int]:
@@ -69,13 +80,13 @@ def validate_dataset(
             ``PIL.Image.MAX_IMAGE_PIXELS``.
 
     Returns:
-        The labels of every mask and the classes the step adds.
+        The labels of every sample, the classes the step adds and the step's supervision.
 
     Raises:
         DataError: Naming the file and saying what to fix: an undecodable or oversized image, a mask of
             another size than its image, a mask label that is no class index nor 255, no training image,
-            no new class, a new class with no training pixel, fewer than two training images showing a
-            new class.
+            no new class, a new class no training image carries, fewer than two training images showing
+            a new class.
     """
     if not source.train:
         raise DataError(source.root, "no training images; every image is in the validation split")
@@ -97,9 +108,13 @@ def validate_dataset(
     missing = [(index, name) for index, name in unknown if index not in in_train]
     if missing and source.class_file is not None:
         index, name = missing[0]
+        weak = any(sample.is_weak for sample in (*source.train, *source.val))
         where = (
             "appears only in validation images; move some of them to the training split"
             if index in in_val
+            else "is carried by no training image (no pixel in a mask, no labels.csv row names it); "
+            "label it in the training masks or labels.csv"
+            if weak
             else "has no pixel in any mask; label it in the training masks"
         )
         others = (
@@ -131,6 +146,7 @@ def validate_dataset(
         val_labels=val_labels,
         new_classes=tuple(name for _, name in new),
         unused_classes=tuple(name for _, name in missing),
+        supervision="weak" if any(sample.is_weak for sample in source.train) else "full",
     )
 
 
@@ -148,8 +164,10 @@ def _scan_all(
 
 
 def _scan(sample: Sample, source: SegmentationSource, max_pixels: int | None) -> frozenset[int]:
-    """Decodes a sample's image and mask, checks them, and returns the mask's labels."""
+    """Decodes a sample's image and mask, checks them, and returns the mask's labels (a weak sample's own)."""
     size = image_size(sample.image_path, max_pixels)
+    if sample.image_labels is not None:
+        return sample.image_labels
     mask = load_mask(sample, len(source.classes), source.label_map, max_pixels)  # (H, W) class indices
     check_mask_size(sample, size, mask)
     return present_labels(mask)

@@ -281,7 +281,7 @@ class CayleyRotation(nn.Module):
 
 def _loader(ctx: StepContext, dataset: Dataset) -> DataLoader:
     """An ordered loader over ``dataset`` with the step loader's batch size and workers."""
-    source = ctx.train_loader
+    source = ctx.mask_loader()
     return DataLoader(dataset, batch_size=source.batch_size or 1, num_workers=source.num_workers)
 
 
@@ -295,7 +295,7 @@ def extract_memory(ctx: StepContext, classes: list[int], options: ReplayOptions)
     it the region covers (the labels area-downsampled to the embedding's size). Draws whose region
     shrank below ``min_area`` are redrawn.
     """
-    dataset = ctx.train_loader.dataset
+    dataset = ctx.mask_loader().dataset
     candidates: dict[int, list[int]] = defaultdict(list)
     first = 0
     for _, labels in _loader(ctx, dataset):

@@ -3,7 +3,10 @@
 A method is a list of ``LossTerm`` objects. The trainer calls, for every term,
 ``on_step_start(ctx)`` once, ``term(batch, ctx)`` every iteration (the result is multiplied by
 ``term.weight`` and summed with the other terms) and ``on_step_end(ctx)`` after the last
-iteration (where replay methods build their memory). Terms keep what must survive the step in
+iteration (where replay methods build their memory). Before the terms are called, each term may
+``prepare`` the batch (the weak-label term writes its pseudo-labels into ``batch.labels`` there, so
+every other term reads them), may bring modules of its own for the optimiser (``trainable_modules``)
+and may report figures of the step (``step_metrics``). Terms keep what must survive the step in
 ``ctx.state`` (saved in the model directory), never on the trainer.
 
 Call graph of one step::
@@ -12,14 +15,16 @@ Call graph of one step::
       -> term.on_step_start(ctx)                 for each term
       -> for each batch:
            out = model.forward_train(x); old_out = old_model.forward_train(x)
+           batch = term.prepare(batch, ctx)      for each term, in order
            loss = sum(term.weight * term(batch, ctx))
       -> term.on_step_end(ctx)                   for each term
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -28,6 +33,18 @@ from torch.utils.data import DataLoader
 from training.models.bisenet import BiSeNet, SegmentationOutput
 from training.optim import ParamGroup
 from training.protocols import Setting
+
+
+class TrainLoader(Protocol):
+    """What the step hooks iterate: (images (B, 3, H, W), labels (B, H, W)) batches, with a length.
+
+    A ``DataLoader`` of pairs, or for data with image-level labels the trainer's view of its loader that
+    gives the weak images their pseudo-labels (``training.trainer.PseudoLabelledLoader``).
+    """
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]: ...
+
+    def __len__(self) -> int: ...
 
 
 @dataclass
@@ -40,12 +57,15 @@ class StepContext:
         old_model: Frozen model of the previous step (None at step 0).
         num_old_classes: Classes of the previous model, background included (0 at step 0).
         classes: Class names of the new model, in model order.
-        train_loader: The step's training data (labels in model indices).
+        train_loader: The step's training data (labels in model indices; weak images pseudo-labelled).
         device: Where the models live.
         state: Persistent method state (e.g. prototypes, feature memory), saved with the model.
         epochs: Training epochs of the step (terms with their own loops may reuse it).
         setting: How the step's images and labels were chosen (``StepOptions.setting``); a method
             whose reference treats the old data per setting (``star``) reads it.
+        iteration: Iterations done so far in the step (the trainer updates it; the step-end hooks
+            see the total).
+        total_iterations: Iterations of the whole step (0 until the trainer knows it).
     """
 
     step: int
@@ -53,11 +73,13 @@ class StepContext:
     old_model: BiSeNet | None
     num_old_classes: int
     classes: list[str]
-    train_loader: DataLoader
+    train_loader: TrainLoader
     device: torch.device
     state: dict[str, dict[str, Tensor]] = field(default_factory=dict)
     epochs: int = 1
     setting: Setting = Setting.OVERLAPPED
+    iteration: int = 0
+    total_iterations: int = 0
 
     @property
     def num_classes(self) -> int:
@@ -66,6 +88,19 @@ class StepContext:
     @property
     def new_class_indices(self) -> range:
         return range(self.num_old_classes, self.num_classes)
+
+    def mask_loader(self) -> DataLoader:
+        """The step's loader of (image, mask) pairs, for hooks that reload its dataset themselves (ALIFE).
+
+        Raises:
+            ValueError: In a step with image-level labels, whose loader pseudo-labels the weak images.
+        """
+        if not isinstance(self.train_loader, DataLoader):
+            raise ValueError(
+                "this method reloads the step's masks itself and cannot train from image-level labels; "
+                "use star or mib for a step with labels.csv"
+            )
+        return self.train_loader
 
     def require_old_model(self) -> BiSeNet:
         """The previous step's model, for the terms and hooks that only run after step 0.
@@ -87,12 +122,19 @@ class Batch:
         labels: (B, H, W) model class indices, 255 = ignore.
         out: Current model's ``forward_train`` output.
         old_out: Frozen previous model's output (None at step 0).
+        image_labels: (B, C) float multi-hot of the classes each image shows, in the step's training
+            label space (index 0 = background, always 0); only for data with image-level labels
+            (``training.data.WeakItem``), else None.
+        weak: (B,) bool, True for the images without a mask (their ``labels`` are 255 until a term's
+            ``prepare`` writes pseudo-labels); None with ``image_labels``.
     """
 
     images: Tensor
     labels: Tensor
     out: SegmentationOutput
     old_out: SegmentationOutput | None
+    image_labels: Tensor | None = None
+    weak: Tensor | None = None
 
     def require_old_out(self) -> SegmentationOutput:
         """The previous model's output, for the ``needs_old_model`` terms (run only after step 0).
@@ -121,6 +163,7 @@ class LossTerm:
     needs_old_model: bool = False
     classifies: bool = False
     needs_own_base: bool = False
+    needs_image_labels: bool = False
     lr_multipliers: Mapping[ParamGroup, float] = {}
 
     def __init__(self, weight: float = 1.0) -> None:
@@ -128,6 +171,23 @@ class LossTerm:
 
     def on_step_start(self, ctx: StepContext) -> None:
         """Called once before the first iteration of a step."""
+
+    def prepare(self, batch: Batch, ctx: StepContext) -> Batch:
+        """Called every iteration before any term's ``__call__``; returns the batch the terms read."""
+        return batch
+
+    def hook_labels(self, batch: Batch, ctx: StepContext) -> Tensor | None:
+        """The labels the step hooks see for this batch (None: the batch's own); no side effects."""
+        return None
+
+    def trainable_modules(self) -> list[tuple[torch.nn.Module, float]]:
+        """Modules of the term's own that the step's optimiser trains, each with its multiple of the
+        step's lr (read after ``on_step_start``, which builds them)."""
+        return []
+
+    def step_metrics(self) -> dict[str, Any]:
+        """Figures of the step to record with its metrics (read after ``on_step_end``)."""
+        return {}
 
     def __call__(self, batch: Batch, ctx: StepContext) -> Tensor:
         raise NotImplementedError
@@ -190,9 +250,33 @@ class Method:
         for term in self.terms:
             term.on_step_start(ctx)
 
+    @property
+    def needs_image_labels(self) -> bool:
+        """True when a term reads ``Batch.image_labels`` (the data must be ``training.data.WeakItem``)."""
+        return any(term.needs_image_labels for term in self.terms)
+
+    def prepare(self, batch: Batch, ctx: StepContext) -> Batch:
+        """The batch after every active term's ``prepare``, in order."""
+        for term in self.active_terms(ctx):
+            batch = term.prepare(batch, ctx)
+        return batch
+
+    def hook_labels(self, batch: Batch, ctx: StepContext) -> Tensor:
+        """The labels the step hooks read for ``batch``: the first term's that gives any, else the batch's."""
+        for term in self.active_terms(ctx):
+            labels = term.hook_labels(batch, ctx)
+            if labels is not None:
+                return labels
+        return batch.labels
+
     def losses(self, batch: Batch, ctx: StepContext) -> dict[str, Tensor]:
-        """Weighted loss per term name; the trainer sums them."""
+        """Weighted loss per term name, on the prepared batch; the trainer sums them."""
+        batch = self.prepare(batch, ctx)
         return {term.name: term.weight * term(batch, ctx) for term in self.active_terms(ctx)}
+
+    def step_metrics(self) -> dict[str, Any]:
+        """The terms' ``step_metrics``, merged."""
+        return {key: value for term in self.terms for key, value in term.step_metrics().items()}
 
     def on_step_end(self, ctx: StepContext) -> None:
         for term in self.terms:

@@ -281,10 +281,13 @@ class BiSeNet(nn.Module):
             return logits
         return torch.cat([torch.zeros_like(logits[:, :1]), logits[:, 1:]], dim=1)
 
+    def classify(self, features: Tensor) -> Tensor:
+        """Logits at the embedding's resolution: (B, D, h, w) -> (B, C, h, w)."""
+        return self._outputs(self.head.classifier(features))
+
     def forward_head(self, features: Tensor, size: tuple[int, ...]) -> Tensor:
         """Classifies an embedding and upsamples: (B, D, h, w) -> (B, C, *size)."""
-        logits = self._outputs(self.head.classifier(features))
-        return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+        return F.interpolate(self.classify(features), size=size, mode="bilinear", align_corners=False)
 
     def forward(self, x: Tensor) -> Tensor:
         """Logits at the input size: (B, 3, H, W) -> (B, C, H, W)."""

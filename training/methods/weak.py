@@ -1,0 +1,442 @@
+"""WILSON's weak supervision: new classes learnt from image-level labels (Cermelli et al., CVPR 2022).
+
+Reference read line by line: fcdl94/WILSON (``train.py`` 60-70, 120-126, 218-290, ``wss/single_stage.py``
+``pseudo_gtmask`` 18-40 and ``balanced_mask_loss_ce`` 43-79, ``utils/wss_loss.py`` ``ngwp_focal`` 5-20,
+``bce_loss`` 34-51, ``binarize`` 186-188, defaults of ``argparser.py`` 145-189 and ``run.sh`` for VOC
+15-5). "W x:n" below cites those files. ``WeakLabels`` is one loss term that any method whose step has
+image-level labels gets (``with_weak_labels``); it is used with ``star`` and ``mib``.
+
+What WILSON does, and what this term does the same way:
+- A localizer (W train.py:65-69: conv3x3-BN-LeakyReLU, conv3x3-BN-LeakyReLU, conv1x1 to every class
+  of the step, background included) on the encoder's features, trained online in the step, with its
+  own learning rate (W ``lr_pseudo`` 0.01 = 10x the step's 0.001, W train.py:124-125), discarded after
+  the step (nothing of it is saved).
+- Image classification from the maps (``ngwp_focal``: normalised global weighted pooling plus a focal
+  penalty; W wss_loss.py:5-20), BCE against the image labels of the new classes (``bce_loss`` with
+  ``mode='ngwp'``, ``reduction='mean'``, W train.py:231-232).
+- The localizer's old channels learn the old model's probabilities (BCE, W train.py:233-235).
+- From ``pseudo_ep`` on (W argparser.py:179, 5 of run.sh's 40 epochs): the localizer's softmax (eval
+  mode, detached; W train.py:222-223), its channels of classes the image does not show zeroed (W 254;
+  the image labels of old classes are 0, W dataset/dataset.py ``LabelSelection``, so every old channel
+  is zeroed), is binarised to its argmax and mixed with the soft map, ``alpha`` 0.5 of the hard map
+  (W 260-262, argparser.py:173); the target of the model is the old model's probabilities on the old
+  classes, this mix on the new ones, and on background the smaller of the old model's background and
+  the mix's (W 271-275, ``icarl_bkg`` -1); images whose mix misses a labelled new class weigh 0
+  (W 264-268); the model's loss is the BCE against this target, summed over classes, mean over pixels,
+  mean over the images that count (``l_seg`` 1, W 280-282).
+- The localizer trains on its own thresholded maps too (``pseudo_gtmask`` with top 0.6, background 0.7,
+  low 0.2 and ambiguous pixels dropped, W 257-258; ``balanced_mask_loss_ce``, W 284).
+
+How the term fits this project's methods (deviations, each on purpose):
+- Features: BiSeNet's embedding at 1/8 (``SegmentationOutput.features``, what the classifier reads),
+  not the backbone's last stage as WILSON's ``features['body']`` (its DeepLab runs at output stride 16,
+  so ``body`` is at 1/16 and feeds the segmentation head). BiSeNet's backbone output is at 1/32: 3x3
+  cells for a 96 px crop, too coarse to localise anything; the embedding keeps BiSeNet's spatial path
+  at 1/8 and is the input of its classifier, the role ``body`` has for WILSON's head. Its gradient
+  reaches the encoder, as in WILSON (the features are not detached).
+- Localizer width: the embedding's width (WILSON 256 on a 2048-wide body).
+- ``pseudo_ep`` as a fraction of the step's iterations (``pseudo_start`` 0.125 = 5/40), because the
+  steps here have a floor of iterations rather than WILSON's 40 epochs.
+- The old model's probabilities: WILSON's base model is trained with per-class BCE, and it takes
+  ``sigmoid(outputs_old)``. A ``star`` model is such a model (per-class sigmoids; its background,
+  which it does not output, is 1 - the largest class sigmoid, its argmax rule); a softmax model
+  (``mib``) gives its softmax.
+- The model's loss on the target: for a sigmoid model WILSON's BCE over the classes 1.. (channel 0 is
+  the constant 0 of ``sigmoid_outputs``); for a softmax model the cross-entropy against the target
+  normalised to sum 1 per pixel (the BCE of a softmax's logits would train logits no softmax reads).
+  The target is computed at the embedding's resolution (WILSON: at its outputs' 1/16) and upsampled
+  bilinearly to the logits' size.
+- The method's own losses stay: WILSON trains ``l_seg`` and an encoder MSE (``loss_de`` 1) only; here
+  the images without a mask get the argmax of the target (old classes as background, the training
+  labels' convention) as their labels, so that the method's classification loss, distillation regions
+  and end-of-step hooks (``star``'s new-class statistics) read pseudo-labels where there is no mask;
+  before ``pseudo_start`` those pixels are ignored (255). The encoder MSE is left to the method
+  (``star``'s old-region MSE, ``mib``'s KD). Images with a mask keep it and add only the localizer's
+  losses (their image labels come from the mask).
+- PAMR (W ``--affinity`` in run.sh, W wss/modules.py) is not ported; not measured.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from training.methods.base import Batch, LossTerm, Method, StepContext
+from training.models.bisenet import BiSeNet
+
+IGNORE = 255
+PSEUDO_LABELS_KEY = "pseudo_labels"  # the step's metrics key of the pseudo-labels' statistics
+
+
+class Localizer(nn.Sequential):
+    """WILSON's pseudo-labeler (W train.py:65-69): (B, D, h, w) features -> (B, C, h, w) class maps.
+
+    Args:
+        in_channels: D, the embedding's width.
+        num_classes: C, every class of the step, background included.
+        hidden: Width of the two 3x3 convolutions (default: ``in_channels``; WILSON 256).
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, hidden: int | None = None) -> None:
+        width = hidden or in_channels
+        super().__init__(
+            nn.Conv2d(in_channels, width, 3, padding=1, bias=False),
+            nn.BatchNorm2d(width),
+            nn.LeakyReLU(0.01),  # WILSON's norm is ABN with leaky_relu 0.01 (segmentation_module.get_norm)
+            nn.Conv2d(width, width, 3, padding=1, bias=False),
+            nn.BatchNorm2d(width),
+            nn.LeakyReLU(0.01),
+            nn.Conv2d(width, num_classes, 1),
+        )
+
+
+def ngwp_focal(maps: Tensor) -> Tensor:
+    """Image scores from class maps (W wss_loss.py:5-20, focal, ``lam`` 0.01): (B, C, h, w) -> (B, C).
+
+    y_c = sum_p z_cp m_cp / (1 + sum_p m_cp) + (1 - mean_p m_cp)^3 log(0.01 + mean_p m_cp), m = softmax_c(z).
+    """
+    masks = maps.softmax(dim=1).flatten(2)  # (B, C, hw)
+    logits = maps.flatten(2)
+    pooled = (logits * masks).sum(-1) / (1.0 + masks.sum(-1))
+    mean = masks.mean(-1)
+    return pooled + (1 - mean).pow(3) * torch.log(0.01 + mean)
+
+
+def image_label_loss(maps: Tensor, labels: Tensor) -> Tensor:
+    """``bce_loss(maps, labels, mode='ngwp', reduction='mean')`` (W wss_loss.py:34-51): the scores of the
+    last ``labels.shape[1]`` channels against the multi-hot ``labels`` (B, N), BCE mean -> scalar."""
+    scores = ngwp_focal(maps)[:, -labels.shape[1] :]
+    return F.binary_cross_entropy_with_logits(scores, labels)
+
+
+def binarize(maps: Tensor) -> Tensor:
+    """1 where a channel holds the pixel's maximum (ties: each such channel), else 0 (W wss_loss.py:186)."""
+    return (maps >= maps.max(dim=1, keepdim=True)[0]).type_as(maps)
+
+
+def pseudo_gtmask(
+    maps: Tensor, cutoff_top: float = 0.6, cutoff_bkg: float = 0.7, cutoff_low: float = 0.2
+) -> Tensor:
+    """Binary masks of confident pixels (W single_stage.py:18-40, ``ambiguous=True``; W train.py:257 cutoffs).
+
+    A pixel is class c's when its map exceeds max(cutoff * max of c's map over the image, cutoff_low)
+    (cutoff_bkg for channel 0, cutoff_top for the others); pixels claimed by two classes are dropped.
+    maps (B, C, h, w) probabilities -> (B, C, h, w) in {0, 1}.
+    """
+    b, c, h, w = maps.shape
+    flat = maps.reshape(b, c, -1)
+    peak = flat.max(-1, keepdim=True)[0].clone()  # (B, C, 1)
+    peak[:, :1] *= cutoff_bkg
+    peak[:, 1:] *= cutoff_top
+    peak = peak.clamp(min=cutoff_low)
+    chosen = (flat > peak).type_as(maps)
+    ambiguous = (chosen.sum(1, keepdim=True) > 1).type_as(maps)
+    return ((1 - ambiguous) * chosen).reshape(b, c, h, w)
+
+
+def balanced_mask_loss_ce(maps: Tensor, pseudo_gt: Tensor, image_labels: Tensor) -> Tensor:
+    """The localizer's self-training loss (W single_stage.py:43-79) -> scalar.
+
+    Cross-entropy of ``maps`` (B, C, h, w) against the argmax of ``pseudo_gt`` (B, C, h, w) in {0, 1}
+    (pixels with no 1 ignored), each pixel weighted by (pixels of the image - pixels of its class) /
+    (1 + pixels of the image); mean over pixels; an image counts only when its pseudo-mask holds as
+    many classes as its labels (B, C - 1) plus background.
+    """
+    maps = F.interpolate(maps, size=pseudo_gt.shape[-2:], mode="bilinear", align_corners=True)
+    target = pseudo_gt.argmax(1)  # (B, h, w)
+    target[pseudo_gt.sum(1) < 1.0] = IGNORE
+    b, c = pseudo_gt.shape[:2]
+    per_class = pseudo_gt.reshape(b, c, -1).sum(-1)  # (B, C)
+    total = per_class.sum(-1, keepdim=True)  # (B, 1)
+    class_weight = (total - per_class) / (1 + total)  # (B, C)
+    pixel_weight = (pseudo_gt * class_weight[:, :, None, None]).sum(1).reshape(b, -1)  # (B, hw)
+    loss = F.cross_entropy(maps, target, ignore_index=IGNORE, reduction="none").reshape(b, -1)
+    expected = image_labels.sum(-1).type_as(loss) + 1
+    found = (per_class > 0).type_as(loss).sum(-1)
+    image_weight = (expected == found).type_as(loss)  # (B,)
+    return (image_weight * (pixel_weight * loss).mean(-1)).mean()
+
+
+def old_probabilities(old_logits: Tensor, sigmoid_outputs: bool) -> Tensor:
+    """The old model's per-class probabilities: (B, C_old, h, w) logits -> same shape in [0, 1].
+
+    A sigmoid model (``BiSeNetConfig.sigmoid_outputs``): sigmoid of classes 1.., background 1 - their
+    maximum. A softmax model: its softmax.
+    """
+    if not sigmoid_outputs:
+        return old_logits.softmax(dim=1)
+    classes = old_logits[:, 1:].sigmoid()
+    background = 1 - classes.max(dim=1, keepdim=True)[0] if classes.shape[1] else torch.ones_like(old_logits)
+    return torch.cat([background, classes], dim=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """WILSON's target for the model (W train.py:252-275) and what it is made of.
+
+    Attributes:
+        target: (B, C, h, w) old probabilities on old classes, the hard/soft mix on new ones, the
+            minimum of both on background.
+        image_weight: (B,) 1 when every labelled new class (and no other) is in the mix (W 264-268).
+        masked: (B, C, h, w) the localizer's softmax with channels of classes the image lacks zeroed
+            (W 254), from which ``pseudo_gtmask`` makes the localizer's own targets.
+    """
+
+    target: Tensor
+    image_weight: Tensor
+    masked: Tensor
+
+
+def assemble_target(
+    probabilities: Tensor, image_labels: Tensor, old: Tensor, alpha: float, num_old: int
+) -> Target:
+    """Builds WILSON's target from the localizer's softmax and the old model's probabilities.
+
+    Args:
+        probabilities: (B, C, h, w) softmax of the localizer (eval mode, detached).
+        image_labels: (B, C) multi-hot over the step's classes, 0 for background and old classes.
+        old: (B, C_old, h, w) the old model's probabilities (``old_probabilities``).
+        alpha: Share of the hard (argmax) map in the mix (W 0.5).
+        num_old: C_old, background included.
+    """
+    masked = probabilities.clone()
+    masked[:, 1:] *= image_labels[:, 1:, None, None]
+    mixed = alpha * binarize(masked) + (1 - alpha) * masked
+    present = mixed.flatten(2).sum(-1)[:, num_old:] > 0  # (B, C_new)
+    image_weight = (present == image_labels[:, num_old:].bool()).all(dim=1).type_as(mixed)
+    target = torch.cat([old, mixed[:, num_old:]], dim=1)
+    target[:, 0] = torch.minimum(target[:, 0], mixed[:, 0])
+    return Target(target, image_weight, masked)
+
+
+def segmentation_loss(logits: Tensor, target: Tensor, image_weight: Tensor, sigmoid_outputs: bool) -> Tensor:
+    """The model's loss on WILSON's target (W train.py:280-282, ``l_seg`` weight applied by the caller).
+
+    Per pixel: a sigmoid model, BCE summed over classes 1..; a softmax model, cross-entropy against the
+    target normalised per pixel. Mean over each image's pixels, then the ``image_weight``-weighted mean
+    over images (+1e-5 in the denominator, as WILSON). logits and target (B, C, H, W) -> scalar.
+    """
+    if sigmoid_outputs:
+        per_pixel = F.binary_cross_entropy_with_logits(logits[:, 1:], target[:, 1:], reduction="none").sum(1)
+    else:
+        distribution = target / target.sum(1, keepdim=True).clamp(min=1e-8)
+        per_pixel = -(distribution * logits.log_softmax(dim=1)).sum(1)
+    per_image = per_pixel.flatten(1).mean(-1)  # (B,)
+    return (image_weight * per_image).sum() / (image_weight.sum() + 1e-5)
+
+
+@dataclasses.dataclass
+class _Iteration:
+    """What ``prepare`` computed for the current batch, read by ``__call__``."""
+
+    maps: Tensor  # (B, C, h, w) localizer logits, train mode (with gradient)
+    old: Tensor  # (B, C_old, h, w) old model's probabilities
+    built: Target | None  # None before pseudo_start
+
+
+class WeakLabels(LossTerm):
+    """WILSON's localizer and pseudo-labels as one loss term (module docstring).
+
+    The loss = BCE of the image scores on the new classes' labels + BCE of the old channels on the old
+    model + (from ``pseudo_start``) the localizer's balanced self-training CE + ``l_seg`` x the model's
+    loss on the target, this last over the images without a mask only.
+
+    Args:
+        alpha: Share of the hard map in the target (W 0.5).
+        pseudo_start: Fraction of the step's iterations before the pseudo-labels are used (W 5/40 epochs).
+        l_seg: Weight of the model's loss on the target (W 1).
+        localizer_lr: The localizer's learning rate as a multiple of the step's (W 0.01 / 0.001 = 10).
+        hidden: Width of the localizer (default: the embedding's).
+    """
+
+    name = "wilson"
+    needs_old_model = True
+    needs_image_labels = True
+
+    def __init__(
+        self,
+        alpha: float = 0.5,
+        pseudo_start: float = 0.125,
+        l_seg: float = 1.0,
+        localizer_lr: float = 10.0,
+        hidden: int | None = None,
+    ) -> None:
+        super().__init__(1.0)
+        if not 0 <= alpha <= 1 or not 0 <= pseudo_start <= 1:
+            raise ValueError(f"alpha and pseudo_start must lie in [0, 1], got {alpha}, {pseudo_start}")
+        self.alpha, self.pseudo_start, self.l_seg = alpha, pseudo_start, l_seg
+        self.localizer_lr, self.hidden = localizer_lr, hidden
+        self.localizer: Localizer | None = None
+        self._current: _Iteration | None = None
+        self._stats = PseudoLabelStats(0)
+
+    def on_step_start(self, ctx: StepContext) -> None:
+        if ctx.old_model is None:
+            raise ValueError("step 0 needs masks: image-level labels only train the classes of later steps")
+        self.localizer = Localizer(ctx.model.embed_dim, ctx.num_classes, self.hidden).to(ctx.device)
+        self._stats = PseudoLabelStats(ctx.num_classes)
+
+    def trainable_modules(self) -> list[tuple[nn.Module, float]]:
+        return [] if self.localizer is None else [(self.localizer, self.localizer_lr)]
+
+    def require_localizer(self) -> Localizer:
+        if self.localizer is None:
+            raise ValueError("the localizer is built by on_step_start; run the step first")
+        return self.localizer
+
+    def pseudo_labels_on(self, ctx: StepContext) -> bool:
+        return ctx.iteration >= self.pseudo_start * ctx.total_iterations
+
+    def build_target(
+        self, features: Tensor, old_logits: Tensor, image_labels: Tensor, model: BiSeNet, old_model: BiSeNet
+    ) -> tuple[Tensor, Target]:
+        """The localizer's maps (train mode) and WILSON's target from its eval-mode maps (W 222-275).
+
+        Args:
+            features: (B, D, h, w) the model's embedding.
+            old_logits: (B, C_old, h, w) the old model's logits at the embedding's resolution.
+            image_labels: (B, C) multi-hot.
+            model, old_model: For their output kind (``sigmoid_outputs``).
+        """
+        localizer = self.require_localizer()
+        was_training = localizer.training
+        localizer.eval()
+        with torch.no_grad():
+            probabilities = localizer(features).softmax(dim=1)  # (B, C, h, w)
+        localizer.train(was_training)
+        old = old_probabilities(old_logits, old_model.config.sigmoid_outputs)
+        return probabilities, assemble_target(probabilities, image_labels, old, self.alpha, old.shape[1])
+
+    def _pseudo_labelled(self, batch: Batch, ctx: StepContext) -> tuple[Tensor, Target | None]:
+        """The labels with the weak images' pseudo-labels (from ``pseudo_start``; before: as given)."""
+        image_labels, weak = _require_image_labels(batch)
+        if not self.pseudo_labels_on(ctx):
+            return batch.labels, None
+        old_model = ctx.require_old_model()
+        old_logits = old_model.classify(batch.require_old_out().features)  # (B, C_old, h, w)
+        _, built = self.build_target(
+            batch.out.features.detach(), old_logits, image_labels, ctx.model, old_model
+        )
+        hard = hard_labels(built.target, ctx.num_old_classes, batch.labels.shape[-2:])  # (B, H, W)
+        return torch.where(weak[:, None, None], hard, batch.labels), built
+
+    def hook_labels(self, batch: Batch, ctx: StepContext) -> Tensor:
+        return self._pseudo_labelled(batch, ctx)[0]
+
+    def prepare(self, batch: Batch, ctx: StepContext) -> Batch:
+        """Runs the localizer; from ``pseudo_start`` writes pseudo-labels into the weak images' labels."""
+        image_labels, weak = _require_image_labels(batch)
+        old_model = ctx.require_old_model()
+        old_logits = old_model.classify(batch.require_old_out().features)  # (B, C_old, h, w)
+        maps = self.require_localizer()(batch.out.features)  # (B, C, h, w), train mode
+        labels, built = self._pseudo_labelled(batch, ctx)
+        if built is not None:
+            self._stats.update(labels[weak], image_labels[weak], built.image_weight[weak])
+        old = old_probabilities(old_logits, old_model.config.sigmoid_outputs)
+        self._current = _Iteration(maps, old, built)
+        return dataclasses.replace(batch, labels=labels)
+
+    def __call__(self, batch: Batch, ctx: StepContext) -> Tensor:
+        current = self._current
+        image_labels, weak = _require_image_labels(batch)
+        if current is None:
+            raise ValueError("WeakLabels.prepare must run before the loss (Method.losses does)")
+        num_old = ctx.num_old_classes
+        loss = image_label_loss(current.maps, image_labels[:, num_old:])
+        loss = loss + F.binary_cross_entropy_with_logits(current.maps[:, :num_old], current.old)
+        built = current.built
+        if built is not None:
+            loss = loss + balanced_mask_loss_ce(
+                current.maps, pseudo_gtmask(built.masked), image_labels[:, 1:]
+            )
+            if weak.any():
+                size = batch.out.logits.shape[-2:]
+                target = F.interpolate(built.target[weak], size=size, mode="bilinear", align_corners=False)
+                loss = loss + self.l_seg * segmentation_loss(
+                    batch.out.logits[weak], target, built.image_weight[weak], ctx.model.config.sigmoid_outputs
+                )
+        self._current = None
+        return loss
+
+    def step_metrics(self) -> dict[str, Any]:
+        return {PSEUDO_LABELS_KEY: self._stats.summary()}
+
+    @torch.no_grad()
+    def label_images(
+        self, model: BiSeNet, old_model: BiSeNet, images: Tensor, image_labels: Tensor
+    ) -> Tensor:
+        """The pseudo-labels the step's end state gives (B, 3, H, W) images: -> (B, H, W) training labels."""
+        model.eval()
+        features = model.forward_features(images)
+        old_logits = old_model.classify(old_model.forward_features(images))
+        _, built = self.build_target(features, old_logits, image_labels, model, old_model)
+        return hard_labels(built.target, old_logits.shape[1], images.shape[-2:])
+
+
+def hard_labels(target: Tensor, num_old: int, size: tuple[int, ...] | torch.Size) -> Tensor:
+    """The argmax of the target at ``size``, old classes as background (training labels): -> (B, *size)."""
+    upsampled = F.interpolate(target, size=tuple(size), mode="bilinear", align_corners=False)
+    labels = upsampled.argmax(1)
+    return torch.where(labels < num_old, torch.zeros_like(labels), labels)
+
+
+def _require_image_labels(batch: Batch) -> tuple[Tensor, Tensor]:
+    if batch.image_labels is None or batch.weak is None:
+        raise ValueError("WeakLabels needs image-level labels: train on a WeakSegmentationDataset")
+    return batch.image_labels, batch.weak
+
+
+class PseudoLabelStats:
+    """Statistics of the pseudo-labels of the images without a mask, over the step's iterations since
+    ``pseudo_start`` (what a step without validation masks reports instead of mIoU).
+
+    Args:
+        num_classes: C, background included.
+    """
+
+    def __init__(self, num_classes: int) -> None:
+        self.pixels = torch.zeros(num_classes, dtype=torch.float64)  # (C,) pseudo-labelled pixels per class
+        self.images = 0
+        self.complete = 0.0  # images whose mix holds exactly their labelled new classes (W's weight)
+        self.found = 0  # labelled (image, class) pairs with at least one pixel of the class
+        self.labelled = 0  # labelled (image, class) pairs
+
+    def update(self, labels: Tensor, image_labels: Tensor, image_weight: Tensor) -> None:
+        """Adds a batch: labels (N, H, W), image_labels (N, C), image_weight (N,)."""
+        if len(labels) == 0:
+            return
+        self.pixels += torch.bincount(labels.flatten().cpu(), minlength=len(self.pixels)).double()
+        self.images += len(labels)
+        self.complete += float(image_weight.sum())
+        shown = F.one_hot(labels.flatten(1), len(self.pixels)).amax(1).float().cpu()  # (N, C)
+        wanted = image_labels.cpu().bool()
+        self.found += int((shown.bool() & wanted).sum())
+        self.labelled += int(wanted.sum())
+
+    def summary(self) -> dict[str, Any]:
+        """The figures: images seen, share of images WILSON's weight keeps, share of labelled classes
+        that got pixels, and each class's share of the pseudo-labelled pixels (by model index)."""
+        total = float(self.pixels.sum())
+        return {
+            "note": "pseudo-labels of the training images without masks, since pseudo_start",
+            "images": self.images,
+            "complete_fraction": self.complete / self.images if self.images else None,
+            "labelled_classes_found": self.found / self.labelled if self.labelled else None,
+            "pixel_fraction": [float(p) / total for p in self.pixels] if total else None,
+        }
+
+
+def with_weak_labels(method: Method, term: WeakLabels | None = None) -> Method:
+    """``method`` with the ``WeakLabels`` term first (its ``prepare`` writes the labels the others read).
+
+    Raises:
+        ValueError: For a method whose classification the weak term cannot feed (one trained in a
+            single step over every class).
+    """
+    if method.trains_all_classes_at_once:
+        raise ValueError(f"{method.name} trains every class at once; image-level labels need an old model")
+    return dataclasses.replace(method, terms=[term or WeakLabels(), *method.terms])
