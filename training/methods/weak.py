@@ -57,8 +57,10 @@ How the term fits this project's methods (deviations, each on purpose):
   the images without a mask get the argmax of the target (old classes as background, the training
   labels' convention) as their labels, so that the method's classification loss, distillation regions
   and end-of-step hooks (``star``'s new-class statistics) read pseudo-labels where there is no mask;
-  before ``pseudo_start`` those pixels are ignored (255). Images with a mask keep it and add only the
-  localizer's losses (their image labels come from the mask).
+  before ``pseudo_start`` those pixels are 255 (ignored by ``mib``; ``star``'s BCE counts 255 as a
+  negative of every class, as STAR's code does, and its replay plan, made at the step's start, finds no
+  old class in them). Images with a mask keep it and add only the localizer's losses (their image
+  labels come from the mask).
 - PAMR (W ``--affinity`` in run.sh, W wss/modules.py) is not ported; not measured.
 """
 
