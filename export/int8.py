@@ -155,7 +155,8 @@ def load_calibration(
     """Calibration and gate images from a folder of images or a dataset folder (classes.txt, images, masks).
 
     A dataset calibrates on its training images and gates on its validation images and masks, or on the
-    calibration images and their masks when it has no validation split; its labels are matched to the
+    calibration images and their masks when it has no validation split (a split with image-level labels
+    only, ``labels.csv``, gives images without masks); its labels are matched to the
     model's ``classes`` by name, as a step does (dataset class 0 is background, unknown classes ignored). A
     plain folder of images calibrates and gates on its images, without labels (the gate is then argmax
     agreement alone).
@@ -165,7 +166,7 @@ def load_calibration(
         DataError: A dataset that cannot be read.
     """
     from training.data import load_image
-    from training.data.sources import load_mask, read_source
+    from training.data.sources import Sample, load_mask, read_source
 
     folder = Path(folder)
     if not folder.is_dir():
@@ -179,8 +180,11 @@ def load_calibration(
         to_model = np.full(256, IGNORE_LABEL, np.uint8)  # dataset label -> model label
         to_model[:count] = [0, *(model_index.get(name, IGNORE_LABEL) for name in source.classes[1:])]
 
-        def read(samples: Sequence) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        def read(samples: Sequence[Sample]) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
+            """Images and masks; no masks when a sample has image-level labels only (labels.csv)."""
             images = [np.asarray(load_image(sample.image_path)) for sample in samples]
+            if any(sample.is_weak for sample in samples):
+                return images, None
             return images, [to_model[load_mask(sample, count, source.label_map)] for sample in samples]
 
         images, masks = read(calibration_samples)

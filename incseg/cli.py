@@ -117,14 +117,19 @@ def _options(args: argparse.Namespace, **extra: Any) -> StepOptions:
 
 def cmd_synth(args: argparse.Namespace) -> int:
     out = write_synthetic_dataset(
-        args.out, args.classes, args.train, args.val, args.size, args.seed, args.scene
+        args.out, args.classes, args.train, args.val, args.size, args.seed, args.scene, args.weak_train
     )
-    console.print(f"wrote {args.classes} classes, {args.train} train + {args.val} val images to {out}")
+    train_labels = "labels.csv (image-level labels)" if args.weak_train else "masks"
+    console.print(
+        f"wrote {args.classes} classes, {args.train} train images with {train_labels} + {args.val} val "
+        f"images with masks to {out}"
+    )
     return 0
 
 
 def cmd_step(args: argparse.Namespace) -> int:
     require_train_extra("incseg step")
+    from training.model_dir import supervision_of
     from training.step import run_step
 
     base = None if args.base.lower() == "none" else Path(args.base)
@@ -134,9 +139,10 @@ def cmd_step(args: argparse.Namespace) -> int:
             base, args.data, args.method, _options(args, setting=args.setting), args.out, update
         )
     record = bundle.history[-1]
+    labels = "image-level labels" if supervision_of(record) == "weak" else "masks"
     console.print(
         f"step {record['step']}: + {', '.join(record['classes_added'])} "
-        f"({record['train_images']} images, {time.monotonic() - started:.0f} s) -> {args.out}"
+        f"({record['train_images']} images with {labels}, {time.monotonic() - started:.0f} s) -> {args.out}"
     )
     pseudo = (record.get("metrics") or {}).get("pseudo_labels")
     if scores is None and pseudo is not None:
@@ -230,7 +236,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _demo_service(args: argparse.Namespace, out: Path) -> int:
-    """``incseg demo --url``: base task, second task and segmentations before / after through the API."""
+    """``incseg demo --url``: base task, a mask task and a weak (image-level labels) task through the API,
+    segmenting the same image after each."""
     from service.api_key import local_api_key
     from service.client import DemoOptions, ServiceError, run_demo
     from service.settings import get_settings
@@ -266,11 +273,23 @@ def build_parser() -> argparse.ArgumentParser:
         default="shapes",
         help="shapes: the tables' data; clutter: other shapes and textures, more objects, denser clutter",
     )
+    p.add_argument(
+        "--weak-train",
+        action="store_true",
+        help="label the training images with labels.csv (the classes each shows) instead of masks, for a "
+        "weakly supervised step; validation keeps its masks",
+    )
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("step", help="train one incremental step on a dataset folder")
     p.add_argument("--base", required=True, help="model directory of the previous step, or 'none' for step 0")
-    p.add_argument("--data", type=Path, required=True, help="dataset folder (project format, VOC or ADE20K)")
+    p.add_argument(
+        "--data",
+        type=Path,
+        required=True,
+        help="dataset folder (project format, VOC or ADE20K); a project folder whose training images have "
+        "a labels.csv row but no mask makes a weakly supervised step",
+    )
     p.add_argument(
         "--method",
         default=DEFAULT_METHOD,
@@ -317,7 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--url",
         default=None,
-        help="run the demo against the service at this URL (e.g. http://127.0.0.1:8000)",
+        help="run the demo against the service at this URL (e.g. http://127.0.0.1:8000): a base task, a task "
+        "adding classes from masks, then one adding classes from image-level labels (labels.csv)",
     )
     p.add_argument(
         "--api-key",

@@ -15,8 +15,10 @@ ratio per zip member and over the whole archive). Then the members are extracted
 under the staging root, each copy stopping with an error as soon as it yields more bytes than its header
 declared, and the dataset is validated with ``training.data.validate_dataset`` (every image decodable and
 within the pixel limit, masks of their image's size, labels from the class list or 255, a new class with
-training pixels). On any failure everything written is deleted and an :class:`UploadError` names the
-archive member concerned (a name cut to ``SHOWN_NAME_CHARS`` characters wherever an error echoes one).
+training pixels or, for weak labels, a ``labels.csv`` row naming it; weak labels need a model to extend,
+so a weak dataset as the first task is refused). On any failure everything written is deleted and an
+:class:`UploadError` names the archive member concerned (a name cut to ``SHOWN_NAME_CHARS`` characters
+wherever an error echoes one).
 
 macOS archive litter (``__MACOSX/``, ``.DS_Store``, ``._*`` AppleDouble files) is checked like any member
 but not extracted.
@@ -42,6 +44,8 @@ from pathlib import Path
 from typing import IO, Any, Protocol
 
 from training.data import DataError, read_source, validate_dataset
+from training.data.sources import LABELS_FILE
+from training.data.validate import Supervision
 
 ACCEPTED_FORMATS = ".zip, .tar.gz / .tgz, .tar (also .tar.bz2, .tar.xz)"
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
@@ -147,6 +151,7 @@ class StagedDataset:
         train_images: Images in the training split.
         val_images: Images in the validation split.
         bytes: Bytes extracted.
+        supervision: ``"weak"`` when training images have image-level labels (``labels.csv``) only.
     """
 
     path: Path
@@ -155,6 +160,7 @@ class StagedDataset:
     train_images: int
     val_images: int
     bytes: int
+    supervision: Supervision = "full"
 
 
 @dataclass(frozen=True)
@@ -643,6 +649,14 @@ def _validate(
         problem = error.problem.replace(f"{staged}/", prefix).replace(str(staged), top or ".")
         problem = _cut_middle(problem, SHOWN_PROBLEM_CHARS)
         raise UploadError(422, entry, problem) from error
+    if report.supervision == "weak" and list(known_classes) == ["background"]:
+        weak = sum(sample.is_weak for sample in source.train)
+        raise UploadError(
+            422,
+            f"{top}/{LABELS_FILE}" if top else LABELS_FILE,
+            f"step 0 needs masks: {weak} training image(s) have image-level labels only, and the first task "
+            "(no model yet) learns its classes from masks; post a dataset with masks first, then weak labels",
+        )
     return StagedDataset(
         path=staged,
         classes=list(source.classes),
@@ -650,4 +664,5 @@ def _validate(
         train_images=len(source.train),
         val_images=len(source.val),
         bytes=written,
+        supervision=report.supervision,
     )

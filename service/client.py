@@ -1,9 +1,10 @@
 """``incseg demo --url``: drives a running service the way a new user would.
 
-The demo writes a small synthetic dataset, splits its classes into a base task and a second task that adds
-classes, and then, through HTTP only: posts the base task and follows it with a progress bar, segments a
-demo image, posts the second task, segments the same image again, and prints which classes appeared and
-how the version changed. Overlays of the image before and after are saved next to the data.
+The demo writes small synthetic datasets that split the classes into a base task, a second task that adds
+classes from masks and a third (weak) task that adds classes from image-level labels (``labels.csv``), and
+then, through HTTP only: posts each task in turn and follows it with a progress bar, segmenting the same
+demo image before the second task, after it and after the weak task, and prints which classes appeared and
+how the version changed. Overlays of the image after each step are saved next to the data.
 """
 
 from __future__ import annotations
@@ -35,23 +36,26 @@ class ServiceError(RuntimeError):
 
 @dataclass(frozen=True)
 class DemoOptions:
-    """Sizes of the demo; the defaults finish both steps in a few minutes on 2 CPU cores.
+    """Sizes of the demo; the defaults finish the three steps in a few minutes on 2 CPU cores.
 
     Attributes:
-        classes: Foreground classes in all; the base task learns the first ``classes - new_classes``.
-        new_classes: Classes the second task adds.
+        classes: Foreground classes in all; the base task learns the first
+            ``classes - new_classes - weak_classes``.
+        new_classes: Classes the second task adds (from masks).
+        weak_classes: Classes the third task adds from image-level labels (the last ones).
         train_images: Training images per task.
         val_images: Validation images per task.
         image_size: Side of the synthetic images in pixels.
         epochs: Training epochs per task.
         size: Training crop and evaluation size.
         batch_size: Training batch size.
-        method: Method of both tasks (None: the service's default; star trains its own step 0).
+        method: Method of every task (None: the service's default; star trains its own step 0).
         seed: Seed of the synthetic data.
     """
 
-    classes: int = 6
+    classes: int = 8
     new_classes: int = 2
+    weak_classes: int = 2
     train_images: int = 120
     val_images: int = 30
     image_size: int = 64
@@ -150,52 +154,83 @@ class ServiceClient:
         raise ServiceError(f"the service did not start serving {version} within {timeout_s:.0f} s")
 
 
-def write_demo_datasets(out: Path, options: DemoOptions) -> tuple[Path, Path, Path]:
-    """Writes the base and second-task datasets as zip archives, and the demo image.
+@dataclass(frozen=True)
+class DemoDatasets:
+    """The demo's three task archives and the image it segments after each step.
 
-    The base dataset keeps the first ``classes - new_classes`` classes (the others' pixels become
-    background, as in the overlapped protocol); the second dataset, drawn with another seed, lists every
-    class, so the service keeps the known ones, adds the rest and scores old and new classes.
-
-    Returns:
-        The base archive, the second task's archive, and a validation image of the second dataset that
-        shows a new class.
+    Attributes:
+        base: The base task (masks, the first classes only).
+        step: The second task (masks, the base classes and the new ones).
+        weak: The weak task (every class; training images labelled by ``labels.csv`` only, val by masks).
+        image: A validation image of the weak task's dataset that shows classes of both later tasks.
     """
-    base_classes = options.classes - options.new_classes
-    if base_classes < 1 or options.new_classes < 1:
+
+    base: Path
+    step: Path
+    weak: Path
+    image: Path
+
+
+def write_demo_datasets(out: Path, options: DemoOptions) -> DemoDatasets:
+    """Writes the three task datasets as zip archives, and the demo image.
+
+    Each dataset is drawn with its own seed over every class; the base dataset keeps the first
+    ``classes - new_classes - weak_classes`` classes and the second the next ``new_classes`` too (the
+    others' pixels become background, as in the overlapped protocol); the weak dataset lists every class,
+    so the service keeps the known ones and adds the last ``weak_classes`` from its ``labels.csv``.
+
+    Raises:
+        ValueError: When a task would get no class.
+    """
+    base_classes = options.classes - options.new_classes - options.weak_classes
+    if min(base_classes, options.new_classes, options.weak_classes) < 1:
         raise ValueError(
-            f"need at least one base and one new class, got {options.classes} - {options.new_classes}"
+            f"need at least one base, one new and one weak class, got {options.classes} classes for "
+            f"{options.new_classes} new and {options.weak_classes} weak"
         )
-    full = {}
-    for name, seed in (("base-full", options.seed), ("step", options.seed + 1)):
+    folders = {}
+    for index, name in enumerate(("base", "step", "weak")):
         folder = out / name
         if folder.exists():
             shutil.rmtree(folder)
-        full[name] = write_synthetic_dataset(
-            folder, options.classes, options.train_images, options.val_images, options.image_size, seed
+        folders[name] = write_synthetic_dataset(
+            folder,
+            options.classes,
+            options.train_images,
+            options.val_images,
+            options.image_size,
+            options.seed + index,
+            weak_train=name == "weak",
         )
-    base = out / "base"
-    if base.exists():
-        shutil.rmtree(base)
-    shutil.copytree(full["base-full"], base)
-    shutil.rmtree(full["base-full"])
-    names = (base / "classes.txt").read_text().split()
-    (base / "classes.txt").write_text("\n".join(names[: base_classes + 1]) + "\n")
-    for mask_path in (base / "masks").glob("*.png"):
+    _keep_classes(folders["base"], base_classes)
+    _keep_classes(folders["step"], base_classes + options.new_classes)
+    archives = {name: _zip(folder, out / f"{name}.zip") for name, folder in folders.items()}
+    return DemoDatasets(
+        **archives,
+        image=_image_with_new_classes(folders["weak"], base_classes, base_classes + options.new_classes),
+    )
+
+
+def _keep_classes(dataset: Path, count: int) -> None:
+    """Keeps the first ``count`` foreground classes of a dataset; the others' pixels become background."""
+    names = (dataset / "classes.txt").read_text().split()
+    (dataset / "classes.txt").write_text("\n".join(names[: count + 1]) + "\n")
+    for mask_path in (dataset / "masks").glob("*.png"):
         labels = np.asarray(Image.open(mask_path))  # (S, S) uint8
-        labels = np.where((labels > base_classes) & (labels != 255), 0, labels).astype(np.uint8)
+        labels = np.where((labels > count) & (labels != 255), 0, labels).astype(np.uint8)
         Image.fromarray(labels).save(mask_path)
-    demo_image = _image_with_new_class(full["step"], base_classes)
-    return _zip(base, out / "base.zip"), _zip(full["step"], out / "step.zip"), demo_image
 
 
-def _image_with_new_class(dataset: Path, base_classes: int) -> Path:
-    """The validation image whose mask has the most pixels of the classes after ``base_classes``."""
+def _image_with_new_classes(dataset: Path, base_classes: int, mask_classes: int) -> Path:
+    """The validation image showing most pixels of both later tasks' classes: those after ``base_classes``
+    up to ``mask_classes`` (the mask task's) and those after ``mask_classes`` (the weak task's)."""
     stems = (dataset / "splits" / "val.txt").read_text().split()
 
-    def new_pixels(stem: str) -> int:
-        labels = np.asarray(Image.open(dataset / "masks" / f"{stem}.png"))
-        return int(((labels > base_classes) & (labels != 255)).sum())
+    def new_pixels(stem: str) -> tuple[int, int]:
+        labels = np.asarray(Image.open(dataset / "masks" / f"{stem}.png"))  # (S, S) class indices
+        mask_task = int(((labels > base_classes) & (labels <= mask_classes)).sum())
+        weak_task = int(((labels > mask_classes) & (labels != 255)).sum())
+        return min(mask_task, weak_task), mask_task + weak_task
 
     return dataset / "images" / f"{max(stems, key=new_pixels)}.png"
 
@@ -235,7 +270,10 @@ def _run_task(client: ServiceClient, console: Console, label: str, archive: Path
             )
 
         task = client.wait_task(task_id, update)
-    console.print(f"{label}: done -> model {task['model_version']}{_scores(task.get('metrics'))}")
+    console.print(
+        f"{label}: done -> model {task['model_version']} ({task['supervision']} supervision)"
+        f"{_scores(task.get('metrics'))}"
+    )
     return task
 
 
@@ -253,6 +291,11 @@ def _scores(metrics: dict | None) -> str:
 def run_demo(url: str, out: Path, options: DemoOptions, api_key: str | None = None) -> dict:
     """Runs the whole demo against the service at ``url``; returns what it measured.
 
+    Returns:
+        ``segmentations``: the demo image's segmentation after each task (base, second, weak);
+        ``added``: the classes each later task added; ``appeared``: those of them the segmentation after
+        that task shows and the one before did not; ``tasks``: the three finished tasks; ``seconds``.
+
     Raises:
         ServiceError: The service is unreachable, refused a request, or a task failed.
     """
@@ -260,12 +303,13 @@ def run_demo(url: str, out: Path, options: DemoOptions, api_key: str | None = No
     out.mkdir(parents=True, exist_ok=True)
     client = ServiceClient(url, api_key)
     started = time.monotonic()
+    tasks, segmentations = [], []
     try:
         client.health()
         existing = client.models()["versions"]
         if existing:
             console.print(f"note: the service already has {len(existing)} version(s); the demo adds its own")
-        base_zip, step_zip, image = write_demo_datasets(out, options)
+        datasets = write_demo_datasets(out, options)
         fields = {
             "epochs": str(options.epochs),
             "size": str(options.size),
@@ -273,38 +317,47 @@ def run_demo(url: str, out: Path, options: DemoOptions, api_key: str | None = No
         }
         if options.method is not None:
             fields["method"] = options.method
-        base_task = _run_task(client, console, "base task", base_zip, fields)
-        client.wait_serving(base_task["model_version"])
-        before = client.segment(image)
-        (out / "before.jpg").write_bytes(client.overlay(image))
-        step_task = _run_task(client, console, "second task", step_zip, fields)
-        client.wait_serving(step_task["model_version"])
-        after = client.segment(image)
-        (out / "after.jpg").write_bytes(client.overlay(image))
+        for label, archive, overlay in (
+            ("base task", datasets.base, "before.jpg"),
+            ("second task", datasets.step, "after.jpg"),
+            ("weak task (image-level labels)", datasets.weak, "after-weak.jpg"),
+        ):
+            tasks.append(_run_task(client, console, label, archive, fields))
+            client.wait_serving(tasks[-1]["model_version"])
+            segmentations.append(client.segment(datasets.image))
+            (out / overlay).write_bytes(client.overlay(datasets.image))
     finally:
         client.close()
     elapsed = time.monotonic() - started
-    appeared = [name for name in after.fractions if name not in before.fractions]
     table = Table(
-        "class", f"before ({before.version})", f"after ({after.version})", title=f"segment {image.name}"
+        "class", *(f"after {s.version}" for s in segmentations), title=f"segment {datasets.image.name}"
     )
     for name in sorted(
-        set(before.fractions) | set(after.fractions), key=lambda n: -after.fractions.get(n, 0)
+        set().union(*(s.fractions for s in segmentations)),
+        key=lambda n: -segmentations[-1].fractions.get(n, 0),
     ):
-        table.add_row(name, _pct(before.fractions.get(name)), _pct(after.fractions.get(name)))
+        table.add_row(name, *(_pct(s.fractions.get(name)) for s in segmentations))
     console.print(table)
+    added = [task["classes"] for task in tasks[1:]]
+    appeared = [
+        [name for name in after.fractions if name not in before.fractions]
+        for before, after in zip(segmentations, segmentations[1:], strict=False)
+    ]
+    for task, classes, shown in zip(tasks[1:], added, appeared, strict=True):
+        console.print(
+            f"{task['model_version']} ({task['supervision']} supervision) added {', '.join(classes)}; "
+            f"appeared in the segmentation: {', '.join(shown) or 'none'}"
+        )
     console.print(
-        f"version {before.version} -> {after.version}; classes added by the second task: "
-        f"{', '.join(step_task['classes'])}; appeared in the segmentation: {', '.join(appeared) or 'none'}"
+        f"overlays: {', '.join(str(out / name) for name in ('before.jpg', 'after.jpg', 'after-weak.jpg'))}; "
+        f"{elapsed:.0f} s in all"
     )
-    console.print(f"overlays: {out / 'before.jpg'}, {out / 'after.jpg'}; {elapsed:.0f} s in all")
     return {
-        "before": before,
-        "after": after,
+        "segmentations": segmentations,
+        "added": added,
         "appeared": appeared,
-        "added": step_task["classes"],
         "seconds": elapsed,
-        "tasks": [base_task, step_task],
+        "tasks": tasks,
     }
 
 

@@ -22,7 +22,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, overload
+from typing import Any, Literal, overload
 
 from pydantic import BaseModel, Field
 from sqlalchemy import (
@@ -71,12 +71,19 @@ class TaskView(BaseModel):
     method: str
     options: dict = Field(description="training options of the step (StepOptions fields)")
     classes: list[str] = Field(description="class names the task adds")
+    supervision: Literal["full", "weak"] = Field(
+        "full", description="weak: the training images have image-level labels (labels.csv), not masks"
+    )
     base_version: str | None = Field(None, description="model version the step started from")
     phase: str | None = None
     epoch: int | None = None
     fraction: float = Field(0.0, description="progress of the current step in [0, 1]")
     loss: float | None = None
-    metrics: dict | None = Field(None, description="validation metrics: old/new/all mIoU, per-class IoU")
+    metrics: dict | None = Field(
+        None,
+        description="validation metrics: old/new/all mIoU, per-class IoU; for a weak step also pseudo_labels "
+        "(the pseudo-labels' statistics, the only figures when the val split has no masks)",
+    )
     model_version: str | None = None
     error: str | None = None
     created_at: datetime
@@ -151,6 +158,7 @@ def _view(row: RowMapping) -> TaskView:
         method=row["method"],
         options=row["options"],
         classes=row["classes"],
+        supervision=row["supervision"] or "full",
         base_version=row["base_version"],
         phase=row["phase"],
         epoch=row["epoch"],
@@ -190,8 +198,15 @@ class TaskStore:
 
     # ---- API side -------------------------------------------------------------------------------------
 
-    def create(self, method: str, options: dict, classes: list[str], dataset_dir: Path | None) -> TaskView:
-        """Adds a queued task and returns it."""
+    def create(
+        self,
+        method: str,
+        options: dict,
+        classes: list[str],
+        dataset_dir: Path | None,
+        supervision: Literal["full", "weak"] = "full",
+    ) -> TaskView:
+        """Adds a queued task and returns it (``supervision``: of its dataset's training images)."""
         task_id = uuid.uuid4().hex
         with self.engine.begin() as conn:
             conn.execute(
@@ -201,6 +216,7 @@ class TaskStore:
                     method=method,
                     options=dict(options),
                     classes=list(classes),
+                    supervision=supervision,
                     dataset_dir=str(dataset_dir) if dataset_dir is not None else None,
                     phase="queued",
                     fraction=0.0,

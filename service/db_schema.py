@@ -70,6 +70,7 @@ tasks_table = Table(
     Column("worker", String(200), nullable=True),
     Column("message_at", DateTime(timezone=True), nullable=True),  # last send or delivery of its message
     Column("staged_version", String(32), nullable=True),  # version the task published, before it is done
+    Column("supervision", String(8), nullable=True),  # "full" | "weak"; NULL (older rows) reads "full"
 )
 locks_table = Table("incseg_locks", metadata, Column("name", String(64), primary_key=True))
 schema_table = Table("incseg_schema", metadata, Column("version", Integer, nullable=False))
@@ -92,9 +93,14 @@ def _upgrade_to_2(conn: Connection) -> None:
     _add_task_columns(conn, "message_at", "staged_version")
 
 
+def _upgrade_to_3(conn: Connection) -> None:
+    """Version 3: the task's ``supervision`` (weak labels); older tasks read as full supervision."""
+    _add_task_columns(conn, "supervision")
+
+
 # UPGRADES[v - 1] upgrades a version-v database to v + 1. Version 1 is the schema of databases made before
 # the schema was versioned (no incseg_schema table); a new database is created at SCHEMA_VERSION.
-UPGRADES: tuple[Callable[[Connection], None], ...] = (_upgrade_to_2,)
+UPGRADES: tuple[Callable[[Connection], None], ...] = (_upgrade_to_2, _upgrade_to_3)
 SCHEMA_VERSION = 1 + len(UPGRADES)
 
 

@@ -61,7 +61,7 @@ def submit_task(
             of the message (the task is failed and its data deleted).
     """
     try:
-        task = store.create(method, options, staged.new_classes, staged.path)
+        task = store.create(method, options, staged.new_classes, staged.path, staged.supervision)
     except BaseException:
         remove_staged(staged.path)
         raise
@@ -77,7 +77,13 @@ def submit_task(
                 "in a moment"
             ) from err
         raise
-    logger.info("task %s queued: %s + %s", task.id, method, ", ".join(staged.new_classes))
+    logger.info(
+        "task %s queued: %s + %s (%s supervision)",
+        task.id,
+        method,
+        ", ".join(staged.new_classes),
+        task.supervision,
+    )
     return task
 
 

@@ -432,7 +432,7 @@ def _train_and_publish(
             raise FileNotFoundError(f"the staged dataset of task {task.id} is gone ({dataset})")
         base_dir = registry.model_dir(task.base_version) if task.base_version else None
         options = step_options(settings, task.options)
-        bundle, scores = run_step(
+        bundle, _ = run_step(
             base_dir,
             dataset,
             task.method,
@@ -441,7 +441,9 @@ def _train_and_publish(
             writer,
             should_stop=heartbeat.stop.is_set,
         )
-        metrics = scores.to_dict() if scores is not None else None
+        # the step record's metrics: the validation scores (None without val masks) and, for a weak step,
+        # its pseudo-labels' statistics ("pseudo_labels")
+        metrics = bundle.history[-1].get("metrics")
         heartbeat.check(EXPORTING_PHASE)
         writer.write(EXPORTING_PHASE, state=TaskState.EXPORTING, fraction=1.0)
         size = (settings.serve_size, settings.serve_size)

@@ -37,9 +37,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, computed_field
 
 from training.durable import DIR_MODE, fsync_path, sync_tree, write_atomic
 
@@ -98,6 +98,14 @@ class VersionInfo(BaseModel):
         "with FP32 >= 99 %, mIoU loss <= 1 point; a failed one is never served, FP32 serves instead) and "
         "parity; calibration: how the table was made; None: none made",
     )
+
+    @computed_field(  # type: ignore[prop-decorator]
+        description="supervision of the step that made it: full (masks) or weak (image-level labels)"
+    )
+    @property
+    def supervision(self) -> Literal["full", "weak"]:
+        """The last history record's ``supervision``; records written before weak labels read as full."""
+        return "weak" if self.history and self.history[-1].get("supervision") == "weak" else "full"
 
 
 def _int8_summary(entry: dict | None) -> dict | None:

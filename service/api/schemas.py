@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -28,6 +28,9 @@ class TaskCreated(BaseModel):
 
     task_id: str
     classes: list[str] = Field(description="Class names the task adds.")
+    supervision: Literal["full", "weak"] = Field(
+        description="weak: the training images have image-level labels (labels.csv), not masks."
+    )
 
 
 class TaskPage(BaseModel):

@@ -78,7 +78,7 @@ function versionRow(version, listing, page) {
     el("td", { "data-label": "Classes", class: "classes", title: version.classes.join(", "),
                text: `${version.classes.length}: ${version.classes.join(", ")}` }),
     el("td", { "data-label": "Method", text: step.method ?? "–" }),
-    el("td", { "data-label": "Supervision", text: step.supervision ?? (step.method ? "masks" : "–") }),
+    el("td", { "data-label": "Supervision", text: version.supervision === "weak" ? "image labels" : "masks" }),
     el("td", { "data-label": "mIoU all", class: "num", text: percent(metrics.miou_all) }),
     el("td", { "data-label": "mIoU old", class: "num", text: percent(metrics.miou_old) }),
     el("td", { "data-label": "mIoU new", class: "num", text: percent(metrics.miou_new) }),

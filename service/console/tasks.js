@@ -90,6 +90,15 @@ function metricsTables(task) {
   return el("div", { class: "metrics-pair" }, summary, perClass);
 }
 
+/** A weak step's pseudo-label statistics (its only figures when the validation split has no masks). */
+function pseudoLabelFacts(stats) {
+  return el("p", {
+    "data-testid": "task-pseudo-labels",
+    text: `Pseudo-labels: ${stats.images} images, labelled classes found ${percent(stats.labelled_classes_found)}, ` +
+          `images kept ${percent(stats.complete_fraction)}.`,
+  });
+}
+
 function renderDetail(section, task) {
   if (!task) {
     section.hidden = true;
@@ -97,12 +106,14 @@ function renderDetail(section, task) {
     return;
   }
   const parts = [el("h2", { text: `Task ${task.id.slice(0, 8)} · ${task.state}` })];
-  const facts = [`method ${task.method}`, `from ${task.base_version ?? "scratch"}`];
+  const facts = [`method ${task.method}`, task.supervision === "weak" ? "image labels" : "masks",
+                 `from ${task.base_version ?? "scratch"}`];
   if (task.model_version) facts.push(`made ${task.model_version}`);
   facts.push(`epochs ${task.options.epochs ?? "–"}`, `attempts ${task.attempts}`);
   parts.push(el("p", { class: "muted", text: facts.join(" · ") }));
   if (task.error) parts.push(el("p", { class: "task-error", "data-testid": "task-failure", text: task.error }));
-  if (task.metrics) parts.push(metricsTables(task));
+  if (task.metrics?.pseudo_labels) parts.push(pseudoLabelFacts(task.metrics.pseudo_labels));
+  if (task.metrics?.per_class_iou) parts.push(metricsTables(task));
   else if (!task.error) parts.push(el("p", { text: FINISHED.has(task.state) ? "No validation figures." : "The validation table appears when the task is done." }));
   section.replaceChildren(...parts);
   section.hidden = false;
@@ -151,7 +162,8 @@ async function submit(form, page) {
   try {
     const created = await apiJson("/tasks", { method: "POST", body: data });
     selectedId = created.task_id;
-    notice.textContent = `Task ${created.task_id.slice(0, 8)} queued: it adds ${created.classes.join(", ")}.`;
+    const labels = created.supervision === "weak" ? " from image labels" : "";
+    notice.textContent = `Task ${created.task_id.slice(0, 8)} queued: it adds ${created.classes.join(", ")}${labels}.`;
     form.querySelector('[data-testid="task-input"]').value = "";
     form.querySelector(".drop .chosen")?.remove();
   } catch (failure) {

@@ -43,6 +43,7 @@ from export.onnx_export import export_onnx
 from export.runtime import OrtRuntime, open_runtime
 from export.tensorrt_engine import engine_source, ensure_engine, serving_precision, tensorrt_available
 from tests.helpers import make_int8_fragile, save_tiny_model
+from training.data import write_synthetic_dataset
 from training.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from training.metrics import ConfusionMatrix, SegmentationScores
 from training.model_dir import ModelBundle
@@ -229,6 +230,16 @@ def test_calibration_from_a_dataset_maps_labels_by_name(synth_dataset: Path) -> 
     assert loaded.evaluation.labels is not None
     values = set(np.unique(np.concatenate([item.ravel() for item in loaded.evaluation.labels])).tolist())
     assert values <= {0, 1, 2, IGNORE_LABEL} and {1, 2} & values
+
+
+def test_calibration_from_a_weak_dataset_gates_on_the_val_masks(tmp_path: Path) -> None:
+    data = write_synthetic_dataset(tmp_path / "weak", 2, 4, 3, 32, seed=0, weak_train=True)
+    classes = (data / "classes.txt").read_text().split()
+    loaded = load_calibration(data, classes, SIZE, IMAGENET_MEAN, IMAGENET_STD)
+    assert (loaded.calibration.count, loaded.calibration.labels) == (4, None)  # labels.csv: no masks
+    assert loaded.evaluation.count == 3 and loaded.evaluation.labels is not None
+    (data / "splits" / "val.txt").write_text("")  # no val split: the gate runs on the weak training images
+    assert load_calibration(data, classes, SIZE, IMAGENET_MEAN, IMAGENET_STD).evaluation.labels is None
 
 
 def test_calibration_from_a_folder_of_images_has_no_labels(tmp_path: Path) -> None:

@@ -142,3 +142,54 @@ def test_demo_url_takes_the_key_of_a_local_service(tmp_path: Path, monkeypatch) 
     assert main([*demo, "--url", "http://127.0.0.1:8000", "--api-key", "given"]) == 0
     assert main(["demo", "--out", str(tmp_path / "out"), "--url", "http://127.0.0.1:8000"]) == 0  # no file
     assert keys == [key, None, "given", None]
+
+
+def test_weak_step_after_a_mask_step_and_a_weak_step_0_is_an_error(tmp_path: Path, capsys) -> None:
+    masks, weak = tmp_path / "masks", tmp_path / "weak"
+    synth = ["synth", "--train", "8", "--val", "4", "--size", "32"]
+    assert main([*synth, "--out", str(masks), "--classes", "2"]) == 0
+    assert main([*synth, "--out", str(weak), "--classes", "3", "--seed", "1", "--weak-train"]) == 0
+    assert "8 train images with labels.csv" in capsys.readouterr().err.replace("\n", " ")
+    code = main(["step", "--base", "none", "--data", str(weak), "--out", str(tmp_path / "v0"), *TINY])
+    assert code == 2 and "step 0 needs masks" in capsys.readouterr().err
+    assert not (tmp_path / "v0").exists()
+    assert (
+        main(
+            [
+                "step",
+                "--base",
+                "none",
+                "--data",
+                str(masks),
+                "--method",
+                "ft",
+                "--out",
+                str(tmp_path / "v1"),
+                *TINY,
+            ]
+        )
+        == 0
+    )
+    v1 = tmp_path / "v1"
+    assert (
+        main(
+            [
+                "step",
+                "--base",
+                str(v1),
+                "--data",
+                str(weak),
+                "--method",
+                "mib",
+                "--out",
+                str(tmp_path / "v2"),
+                *TINY,
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().err.replace("\n", " ")
+    assert "step 1: + " in out and "images with image-level labels" in out and "mIoU old" in out
+    bundle = ModelBundle.load(tmp_path / "v2")
+    assert [record["supervision"] for record in bundle.history] == ["full", "weak"]
+    assert bundle.classes == (weak / "classes.txt").read_text().split()

@@ -17,7 +17,15 @@ from service.settings import Settings
 from tests.service.api_support import uvicorn_api, wait_until
 
 TINY_DEMO = DemoOptions(
-    classes=4, new_classes=2, train_images=8, val_images=4, image_size=32, epochs=1, size=32, batch_size=2
+    classes=5,
+    new_classes=2,
+    weak_classes=1,  # its archive is not posted here (tests/service/test_weak_task.py posts one)
+    train_images=8,
+    val_images=4,
+    image_size=32,
+    epochs=1,
+    size=32,
+    batch_size=2,
 )
 
 
@@ -53,7 +61,8 @@ def segment(client: httpx.Client, image: Path) -> tuple[str, dict]:
 def test_full_loop_through_http(redis_settings: Settings, start_worker, tmp_path: Path) -> None:
     # a generous orphan timeout: on a busy machine a 5 s heartbeat gap is not a dead worker
     settings = redis_settings.model_copy(update={"poll_interval_s": 0.2, "orphan_timeout_s": 120.0})
-    base_zip, step_zip, image = write_demo_datasets(tmp_path / "demo", TINY_DEMO)
+    datasets = write_demo_datasets(tmp_path / "demo", TINY_DEMO)
+    base_zip, step_zip, image = datasets.base, datasets.step, datasets.image
     base_names = (tmp_path / "demo" / "base" / "classes.txt").read_text().split()
     all_names = (tmp_path / "demo" / "step" / "classes.txt").read_text().split()
     start_worker(settings)

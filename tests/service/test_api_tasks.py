@@ -90,7 +90,7 @@ def test_a_valid_dataset_is_queued_with_202_and_location(
     assert response.headers["Location"] == f"/tasks/{task_id}"
     task = client.get(response.headers["Location"]).json()
     assert task["state"] == "queued"
-    assert task["method"] == "ft"
+    assert task["method"] == "ft" and task["supervision"] == response.json()["supervision"] == "full"
     assert task["classes"] == (dataset / "classes.txt").read_text().split()[1:]
     assert {"epochs": 2, "size": 32, "batch_size": 2}.items() <= task["options"].items()
     assert not [name for name in staging_leftovers(settings) if name.startswith("incoming-")]

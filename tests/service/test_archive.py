@@ -93,7 +93,7 @@ def assert_staged(staged: StagedDataset, staging: Path, source_folder: Path) -> 
     assert staged.path.parent == staging and staged.path.name.startswith("upload-")
     assert staged.classes == (source_folder / "classes.txt").read_text().split()
     assert staged.new_classes == staged.classes[1:]
-    assert (staged.train_images, staged.val_images) == (4, 2)
+    assert (staged.train_images, staged.val_images) == (4, 2) and staged.supervision == "full"
     extracted = dict(_files(staged.path))
     assert extracted.keys() == dict(_files(source_folder)).keys()
     assert staged.bytes == sum(path.stat().st_size for path in extracted.values())
@@ -446,3 +446,74 @@ def test_empty_archive_is_422(tmp_path: Path, staging: Path, limits: Settings) -
         archive.writestr("folder/", b"")
     error = refused(tmp_path / "empty.zip", staging, limits)
     assert error.status_code == 422 and error.entry == "empty.zip" and "holds no files" in error.message
+
+
+@pytest.fixture(scope="module")
+def weak_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Three classes, the training split labelled by labels.csv (image-level labels), val by masks."""
+    return write_synthetic_dataset(
+        tmp_path_factory.mktemp("weak") / "ds", 3, 6, 3, 32, seed=1, weak_train=True
+    )
+
+
+def test_weak_labels_archive_is_staged_as_weak(weak_dataset: Path, tmp_path: Path, staging, limits) -> None:
+    names = (weak_dataset / "classes.txt").read_text().split()
+    archive = make_zip(tmp_path / "weak.zip", weak_dataset, top="ds")
+    staged = receive_dataset(archive, "weak.zip", staging, limits, names[:2])
+    assert staged.supervision == "weak" and staged.new_classes == names[2:]
+    assert (staged.path / "labels.csv").is_file() and not list((staged.path / "masks").glob("train_*"))
+
+
+WEAK_PROBLEMS = {
+    "unknown class": (
+        lambda d: (d / "labels.csv").write_text(
+            (d / "labels.csv").read_text().replace("\ntrain_00002,", "\ntrain_00002,unicorn;", 1)
+        ),
+        "labels.csv",
+        "line 4: unknown class 'unicorn'",
+    ),
+    "row without an image": (
+        lambda d: (d / "images" / "train_00005.png").unlink(),
+        "labels.csv",
+        "line 7: no image 'train_00005' in ds/images",
+    ),
+    "image without a row": (
+        lambda d: (d / "labels.csv").write_text(
+            "".join(
+                line + "\n"
+                for line in (d / "labels.csv").read_text().splitlines()
+                if "train_00001" not in line
+            )
+        ),
+        "labels.csv",
+        "image 'train_00001' (ds/images/train_00001.png) has no row here and no mask",
+    ),
+    "bad header": (
+        lambda d: (d / "labels.csv").write_text(
+            "stem;labels\n" + (d / "labels.csv").read_text().split("\n", 1)[1]
+        ),
+        "labels.csv",
+        "line 1: header is 'stem;labels'; the first line must be 'image,labels'",
+    ),
+}
+
+
+@pytest.mark.parametrize("problem", WEAK_PROBLEMS)
+def test_labels_csv_problems_are_422_naming_the_line(
+    weak_dataset: Path, tmp_path: Path, staging, limits, problem: str
+) -> None:
+    edit, entry, message = WEAK_PROBLEMS[problem]
+    archive = make_tar(tmp_path / "up.tar.gz", _edited(weak_dataset, tmp_path, edit), top="ds")
+    names = (weak_dataset / "classes.txt").read_text().split()
+    error = refused(archive, staging, limits, known=names[:2])
+    assert (error.status_code, error.entry) == (422, f"ds/{entry}")
+    assert message in error.message, error.message
+    assert str(staging) not in error.message and "upload-" not in error.message
+
+
+def test_weak_labels_as_the_first_task_are_refused(
+    weak_dataset: Path, tmp_path: Path, staging, limits
+) -> None:
+    error = refused(make_zip(tmp_path / "weak.zip", weak_dataset, top="ds"), staging, limits, known=KNOWN)
+    assert (error.status_code, error.entry) == (422, "ds/labels.csv")
+    assert error.message.startswith("step 0 needs masks: 6 training image(s) have image-level labels only")

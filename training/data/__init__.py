@@ -25,7 +25,7 @@ from training.data.sources import (
     read_source,
     read_voc,
 )
-from training.data.synth import write_synthetic_dataset
+from training.data.synth import masks_to_image_labels, write_synthetic_dataset
 from training.data.validate import DatasetReport, validate_dataset
 
 if TYPE_CHECKING:
@@ -65,6 +65,7 @@ __all__ = [
     "label_sets",
     "load_image",
     "load_mask",
+    "masks_to_image_labels",
     "present_labels",
     "read_ade20k",
     "read_folder_dataset",

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import csv
 import difflib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -473,8 +473,22 @@ def _read_labels_file(
         DataError: Naming the line: a header other than ``image,labels``, a row without two fields, a row
             for a stem with no image, a second row for a stem, an unknown class name.
     """
+    try:
+        with path.open(encoding="utf-8-sig", newline="") as file:  # -sig: spreadsheets write a BOM
+            rows = csv.reader(file)  # streamed: one row in memory (a field is at most csv.field_size_limit())
+            try:
+                return _parse_label_rows(rows, path, classes, images)
+            except csv.Error as error:
+                raise DataError(path, f"line {rows.line_num}: {error}; write plain CSV rows") from error
+    except UnicodeDecodeError as error:
+        raise DataError(path, f"not UTF-8 text ({error}); save it as UTF-8") from error
+
+
+def _parse_label_rows(
+    rows: Iterator[list[str]], path: Path, classes: tuple[str, ...], images: dict[str, Path]
+) -> dict[str, frozenset[int]]:
+    """The rows of :func:`_read_labels_file` (``rows.line_num`` names the line in its errors)."""
     index_of = {name: index for index, name in enumerate(classes)}
-    rows = csv.reader(_read_text(path, encoding="utf-8-sig").splitlines())  # -sig: spreadsheets write a BOM
     header = [field.strip().lower() for field in next(rows, [])]
     if tuple(header) != LABELS_HEADER:
         raise DataError(
@@ -484,7 +498,7 @@ def _read_labels_file(
     found: dict[str, frozenset[int]] = {}
     first_line: dict[str, int] = {}
     for row in rows:
-        line = rows.line_num
+        line = rows.line_num  # type: ignore[attr-defined]
         if not any(field.strip() for field in row):
             continue
         if len(row) != 2:
@@ -566,9 +580,9 @@ def _read_stem_list(path: Path) -> list[str]:
     return [Path(line.split()[0]).stem for line in _read_text(path).splitlines() if line.strip()]
 
 
-def _read_text(path: Path, encoding: str = "utf-8") -> str:
+def _read_text(path: Path) -> str:
     try:
-        return path.read_text(encoding=encoding)
+        return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as error:
         raise DataError(path, f"not UTF-8 text ({error}); save it as UTF-8") from error
 

@@ -6,6 +6,10 @@ and texture, differ by about 80 degrees of hue). Objects are saturated; the back
 blotchy, noisy clutter that belongs to no class. Like Pascal VOC, every object border carries an ignore
 band (255) about 2 px wide at 128 px.
 
+With ``weak_train`` the training split is written as for weak supervision: a ``labels.csv`` naming the
+classes each training image shows (derived from its mask) and no training masks; validation keeps its masks.
+:func:`masks_to_image_labels` does the same to any project-format folder.
+
 Two scene styles (``SCENES``): ``shapes``, the tables' data, and ``clutter``, other shapes and textures,
 more and smaller objects, paler colours and denser clutter with filled grey shapes, kept for checking a
 method on data it was not tuned on.
@@ -14,13 +18,14 @@ method on data it was not tuned on.
 from __future__ import annotations
 
 import colorsys
+import csv
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from training.data.sources import IGNORE
+from training.data.sources import IGNORE, LABEL_SEPARATOR, LABELS_FILE, LABELS_HEADER, present_labels
 
 SHAPES = ("circle", "square", "triangle", "ellipse", "cross", "ring", "diamond", "star")
 TEXTURES = ("plain", "striped", "dotted", "checkered")
@@ -99,7 +104,14 @@ def class_styles(num_classes: int, scene: Scene = SCENES["shapes"]) -> tuple[Cla
 
 
 def write_synthetic_dataset(
-    out: Path, num_classes: int, num_train: int, num_val: int, size: int, seed: int, scene: str = "shapes"
+    out: Path,
+    num_classes: int,
+    num_train: int,
+    num_val: int,
+    size: int,
+    seed: int,
+    scene: str = "shapes",
+    weak_train: bool = False,
 ) -> Path:
     """Writes a synthetic dataset in the project folder format.
 
@@ -117,6 +129,8 @@ def write_synthetic_dataset(
         size: Image side in pixels, 32..1024.
         seed: Random seed.
         scene: A key of ``SCENES``.
+        weak_train: Write the training split's labels as ``labels.csv`` (image-level labels derived from
+            the masks) instead of masks; the images are the same as without it.
 
     Returns:
         ``out``.
@@ -149,7 +163,47 @@ def write_synthetic_dataset(
             Image.fromarray(image).save(out / "images" / f"{stem}.png")
             Image.fromarray(labels).save(out / "masks" / f"{stem}.png")
         (out / "splits" / f"{split}.txt").write_text("".join(f"{stem}\n" for stem in stems))
+    if weak_train:
+        masks_to_image_labels(out, [f"train_{index:05d}" for index in range(num_train)])
     return out
+
+
+def masks_to_image_labels(dataset: Path, stems: list[str]) -> Path:
+    """Replaces the masks of ``stems`` in a project-format folder by ``labels.csv`` rows (weak labels).
+
+    Each row names the classes with pixels in the stem's mask (background and ignore left out); the masks
+    are deleted. Rows already in ``labels.csv`` are kept.
+
+    Args:
+        dataset: A project-format dataset folder (``classes.txt``, ``masks/``).
+        stems: Stems whose masks become rows; each must have a mask and no row yet.
+
+    Returns:
+        The ``labels.csv`` path.
+
+    Raises:
+        FileNotFoundError: When a stem has no mask.
+        ValueError: When a stem already has a row.
+    """
+    names = (dataset / "classes.txt").read_text(encoding="utf-8").splitlines()
+    labels_file = dataset / LABELS_FILE
+    rows = (
+        list(csv.reader(labels_file.read_text(encoding="utf-8-sig").splitlines()))
+        if labels_file.is_file()
+        else [list(LABELS_HEADER)]
+    )
+    has_row = {row[0] for row in rows[1:] if row}
+    for stem in stems:
+        if stem in has_row:
+            raise ValueError(f"{labels_file}: {stem!r} already has a row")
+        mask_path = dataset / "masks" / f"{stem}.png"
+        with Image.open(mask_path) as mask_image:
+            shown = sorted(present_labels(np.asarray(mask_image)) - {0})  # mask (H, W) class indices
+        rows.append([stem, LABEL_SEPARATOR.join(names[index].strip() for index in shown)])
+        mask_path.unlink()
+    with labels_file.open("w", encoding="utf-8", newline="") as file:
+        csv.writer(file, lineterminator="\n").writerows(rows)
+    return labels_file
 
 
 def _unit_polygons(shape: str) -> tuple[np.ndarray, np.ndarray | None]:

@@ -197,7 +197,7 @@ async def create_task(
     finally:
         archive_path.unlink(missing_ok=True)
     response.headers["Location"] = f"/tasks/{task.id}"
-    return TaskCreated(task_id=task.id, classes=task.classes)
+    return TaskCreated(task_id=task.id, classes=task.classes, supervision=task.supervision)
 
 
 @router.get("", summary="List tasks, newest first")

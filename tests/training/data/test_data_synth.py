@@ -7,7 +7,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from training.data import label_sets, load_mask, read_folder_dataset, write_synthetic_dataset
+from training.data import (
+    label_sets,
+    load_mask,
+    masks_to_image_labels,
+    read_folder_dataset,
+    validate_dataset,
+    write_synthetic_dataset,
+)
 from training.data.synth import MAX_CLASSES, SCENES, SHAPES, class_styles
 
 
@@ -135,3 +142,31 @@ def test_clutter_scene_has_other_classes_more_objects_and_filled_grey_clutter(tm
         return float(np.mean([image[labels == 0].std() for image, labels in _arrays(root, "train")]))
 
     assert background_spread(root) > background_spread(shapes_root)
+
+
+def test_weak_train_writes_labels_csv_from_the_masks_and_keeps_val_masks(tmp_path: Path) -> None:
+    full = read_folder_dataset(write_synthetic_dataset(tmp_path / "full", 5, 8, 4, 48, seed=4))
+    weak_root = write_synthetic_dataset(tmp_path / "weak", 5, 8, 4, 48, seed=4, weak_train=True)
+    weak = read_folder_dataset(weak_root)
+    assert (
+        not list((weak_root / "masks").glob("train_*"))
+        and len(list((weak_root / "masks").glob("val_*"))) == 4
+    )
+    assert all(sample.is_weak for sample in weak.train) and not any(sample.is_weak for sample in weak.val)
+    shown = [labels - {0} for labels in label_sets(full.train, 6)]
+    assert [sample.image_labels for sample in weak.train] == shown and all(shown)
+    assert [s.image_path.read_bytes() for s in weak.train] == [s.image_path.read_bytes() for s in full.train]
+    first_row = (weak_root / "labels.csv").read_text().splitlines()[1]
+    assert first_row == "train_00000," + ";".join(full.classes[index] for index in sorted(shown[0]))
+    report = validate_dataset(weak, [*full.classes[:3]])
+    assert report.supervision == "weak" and report.new_classes == full.classes[3:]
+
+
+def test_masks_to_image_labels_keeps_existing_rows_and_refuses_a_second_row(tmp_path: Path) -> None:
+    root = write_synthetic_dataset(tmp_path / "d", 3, 4, 0, 32, seed=0)
+    masks_to_image_labels(root, ["train_00000"])
+    masks_to_image_labels(root, ["train_00002"])
+    source = read_folder_dataset(root)
+    assert [sample.is_weak for sample in source.train] == [True, False, True, False]
+    with pytest.raises(ValueError, match="'train_00000' already has a row"):
+        masks_to_image_labels(root, ["train_00000"])

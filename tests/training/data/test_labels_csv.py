@@ -206,3 +206,15 @@ def test_voc_and_ade_readers_ignore_a_labels_csv_and_give_full_samples(tmp_path:
     for source in (read_voc(voc, aug=False), read_ade20k(ade)):
         assert [(s.is_weak, s.image_labels) for s in source.train] == [(False, None)]
         assert load_mask(source.train[0], len(source.classes), source.label_map)[8, 8] == 1
+
+
+def test_a_file_that_is_no_utf8_or_no_csv_is_a_clear_error(tmp_path: Path) -> None:
+    root = _dataset(tmp_path / "d", "image,labels\na,cat\n")
+    (root / "labels.csv").write_bytes(b"image,labels\na,c\xe9t\n")  # Latin-1
+    with pytest.raises(DataError, match="labels.csv: not UTF-8 text .*save it as UTF-8"):
+        read_folder_dataset(root)
+    (root / "labels.csv").write_text(
+        "image,labels\na,cat\nb," + "x" * 200_000 + "\n"
+    )  # over csv's field limit
+    with pytest.raises(DataError, match="labels.csv: line 3: field larger than field limit"):
+        read_folder_dataset(root)
