@@ -46,13 +46,21 @@ How the term fits this project's methods (deviations, each on purpose):
   normalised to sum 1 per pixel (the BCE of a softmax's logits would train logits no softmax reads).
   The target is computed at the embedding's resolution (WILSON: at its outputs' 1/16) and upsampled
   bilinearly to the logits' size.
-- The method's own losses stay: WILSON trains ``l_seg`` and an encoder MSE (``loss_de`` 1) only; here
+- ``old_wins`` (default on): no new class in the target where the old model's most probable class is
+  an old foreground class. WILSON's target keeps the localizer's new classes there (its channels of
+  old classes are zeroed before the argmax, so an old object's pixel may be binarised to a new
+  class); its per-class BCE then trains both independently, but a softmax model must share one
+  distribution between them, and the old class lost (measured in BENCHMARKS.md, "Weak supervision").
+- The encoder MSE of WILSON's run.sh (``loss_de`` 1, W train.py:238-239, on the backbone's output) is
+  added by ``with_weak_labels`` as ILT's term (``standard.EncoderDistillation``, the same MSE).
+- The method's own losses stay: WILSON trains ``l_seg`` and the encoder MSE only; here
   the images without a mask get the argmax of the target (old classes as background, the training
   labels' convention) as their labels, so that the method's classification loss, distillation regions
   and end-of-step hooks (``star``'s new-class statistics) read pseudo-labels where there is no mask;
-  before ``pseudo_start`` those pixels are ignored (255). The encoder MSE is left to the method
-  (``star``'s old-region MSE, ``mib``'s KD). Images with a mask keep it and add only the localizer's
-  losses (their image labels come from the mask).
+  before ``pseudo_start`` those pixels are 255 (ignored by ``mib``; ``star``'s BCE counts 255 as a
+  negative of every class, as STAR's code does, and its replay plan, made at the step's start, finds no
+  old class in them). Images with a mask keep it and add only the localizer's losses (their image
+  labels come from the mask).
 - PAMR (W ``--affinity`` in run.sh, W wss/modules.py) is not ported; not measured.
 """
 
@@ -66,6 +74,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from training.methods.base import Batch, LossTerm, Method, StepContext
+from training.methods.standard import EncoderDistillation
 from training.models.bisenet import BiSeNet
 
 IGNORE = 255
@@ -192,7 +201,12 @@ class Target:
 
 
 def assemble_target(
-    probabilities: Tensor, image_labels: Tensor, old: Tensor, alpha: float, num_old: int
+    probabilities: Tensor,
+    image_labels: Tensor,
+    old: Tensor,
+    alpha: float,
+    num_old: int,
+    old_wins: bool = False,
 ) -> Target:
     """Builds WILSON's target from the localizer's softmax and the old model's probabilities.
 
@@ -202,10 +216,14 @@ def assemble_target(
         old: (B, C_old, h, w) the old model's probabilities (``old_probabilities``).
         alpha: Share of the hard (argmax) map in the mix (W 0.5).
         num_old: C_old, background included.
+        old_wins: Zero the new classes' mix where the old model's most probable class is an old
+            foreground class (not WILSON's; see the module docstring).
     """
     masked = probabilities.clone()
     masked[:, 1:] *= image_labels[:, 1:, None, None]
     mixed = alpha * binarize(masked) + (1 - alpha) * masked
+    if old_wins:
+        mixed[:, num_old:] *= (old.argmax(1, keepdim=True) == 0).type_as(mixed)
     present = mixed.flatten(2).sum(-1)[:, num_old:] > 0  # (B, C_new)
     image_weight = (present == image_labels[:, num_old:].bool()).all(dim=1).type_as(mixed)
     target = torch.cat([old, mixed[:, num_old:]], dim=1)
@@ -251,6 +269,8 @@ class WeakLabels(LossTerm):
         l_seg: Weight of the model's loss on the target (W 1).
         localizer_lr: The localizer's learning rate as a multiple of the step's (W 0.01 / 0.001 = 10).
         hidden: Width of the localizer (default: the embedding's).
+        old_wins: No new class in the target where the old model's most probable class is an old
+            foreground class (module docstring; False: WILSON's target).
     """
 
     name = "wilson"
@@ -264,12 +284,13 @@ class WeakLabels(LossTerm):
         l_seg: float = 1.0,
         localizer_lr: float = 10.0,
         hidden: int | None = None,
+        old_wins: bool = True,
     ) -> None:
         super().__init__(1.0)
         if not 0 <= alpha <= 1 or not 0 <= pseudo_start <= 1:
             raise ValueError(f"alpha and pseudo_start must lie in [0, 1], got {alpha}, {pseudo_start}")
         self.alpha, self.pseudo_start, self.l_seg = alpha, pseudo_start, l_seg
-        self.localizer_lr, self.hidden = localizer_lr, hidden
+        self.localizer_lr, self.hidden, self.old_wins = localizer_lr, hidden, old_wins
         self.localizer: Localizer | None = None
         self._current: _Iteration | None = None
         self._stats = PseudoLabelStats(0)
@@ -309,7 +330,8 @@ class WeakLabels(LossTerm):
             probabilities = localizer(features).softmax(dim=1)  # (B, C, h, w)
         localizer.train(was_training)
         old = old_probabilities(old_logits, old_model.config.sigmoid_outputs)
-        return probabilities, assemble_target(probabilities, image_labels, old, self.alpha, old.shape[1])
+        built = assemble_target(probabilities, image_labels, old, self.alpha, old.shape[1], self.old_wins)
+        return probabilities, built
 
     def _pseudo_labelled(self, batch: Batch, ctx: StepContext) -> tuple[Tensor, Target | None]:
         """The labels with the weak images' pseudo-labels (from ``pseudo_start``; before: as given)."""
@@ -430,8 +452,10 @@ class PseudoLabelStats:
         }
 
 
-def with_weak_labels(method: Method, term: WeakLabels | None = None) -> Method:
-    """``method`` with the ``WeakLabels`` term first (its ``prepare`` writes the labels the others read).
+def with_weak_labels(method: Method, term: WeakLabels | None = None, encoder_kd: float = 1.0) -> Method:
+    """``method`` with the ``WeakLabels`` term first (its ``prepare`` writes the labels the others read)
+    and WILSON's encoder distillation (``loss_de`` 1 in run.sh: ILT's MSE on the backbone's output,
+    ``standard.EncoderDistillation``) unless the method has one or ``encoder_kd`` is 0.
 
     Raises:
         ValueError: For a method whose classification the weak term cannot feed (one trained in a
@@ -439,4 +463,7 @@ def with_weak_labels(method: Method, term: WeakLabels | None = None) -> Method:
     """
     if method.trains_all_classes_at_once:
         raise ValueError(f"{method.name} trains every class at once; image-level labels need an old model")
-    return dataclasses.replace(method, terms=[term or WeakLabels(), *method.terms])
+    terms: list[LossTerm] = [term or WeakLabels(), *method.terms]
+    if encoder_kd > 0 and not any(isinstance(t, EncoderDistillation) for t in method.terms):
+        terms.append(EncoderDistillation(encoder_kd))
+    return dataclasses.replace(method, terms=terms)

@@ -115,6 +115,18 @@ def test_assemble_target_is_wilsons_mix_of_old_model_and_localizer() -> None:
     assert assemble_target(silent, both, old, 0.5, 2).image_weight.tolist() == [0.0]
 
 
+def test_old_wins_leaves_no_new_class_where_the_old_model_sees_an_old_one() -> None:
+    # pixel 0: the old model says background; pixel 1: old class 1 -> the new class's mix is zeroed there
+    probabilities = torch.tensor([[0.2, 0.2], [0.1, 0.1], [0.7, 0.7]]).reshape(1, 3, 1, 2)
+    old = torch.tensor([[0.8, 0.3], [0.2, 0.7]]).reshape(1, 2, 1, 2)
+    labels = torch.tensor([[0.0, 0.0, 1.0]])
+    wilson = assemble_target(probabilities, labels, old, 0.5, 2).target
+    ours = assemble_target(probabilities, labels, old, 0.5, 2, old_wins=True).target
+    assert wilson[0, 2, 0].tolist() == pytest.approx([0.85, 0.85])
+    assert ours[0, 2, 0].tolist() == pytest.approx([0.85, 0.0])
+    assert torch.equal(ours[:, :2], wilson[:, :2])
+
+
 def test_segmentation_loss_for_sigmoid_and_softmax_models() -> None:
     logits = torch.tensor([[[[0.0, 1.0]], [[1.0, -1.0]], [[-0.5, 2.0]]]])  # (1, 3, 1, 2)
     target = torch.tensor([[[[0.2, 0.6]], [[0.5, 0.0]], [[0.3, 0.4]]]])
@@ -193,6 +205,10 @@ def test_weak_step_needs_an_old_model_and_image_labels() -> None:
         with_weak_labels(build_method("joint"))
     weak = with_weak_labels(build_method("mib"))
     assert isinstance(weak.terms[0], WeakLabels) and weak.needs_image_labels and weak.name == "mib"
+    # WILSON's loss_de 1 (run.sh): the encoder MSE, once, even for a method that has it (ILT)
+    assert [t.name for t in weak.terms] == ["wilson", "unbiased_ce", "unbiased_kd", "feature_kd"]
+    assert [t.name for t in with_weak_labels(build_method("ilt")).terms].count("feature_kd") == 1
+    assert "feature_kd" not in [t.name for t in with_weak_labels(build_method("mib"), encoder_kd=0).terms]
 
 
 def _toy_images(
