@@ -18,7 +18,8 @@ SIGMOID_METHODS = ("star", "star_reference")
 
 # The method of `incseg step`, of the demo's incremental step, of a service task posted without one,
 # and the first of `incseg bench`. STAR (with its replay weight capped, training.methods.star): the
-# only method that beats MiB in every protocol of BENCHMARKS.md ("Which method is the default").
+# only method that beats MiB in every protocol of BENCHMARKS.md ("Every method, three protocols, two
+# data seeds").
 DEFAULT_METHOD = "star"
 BENCH_METHODS = (DEFAULT_METHOD, "mib", "alife", "plop", "mib(kd=100)+sdr", "ft", "joint")
 
