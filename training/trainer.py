@@ -250,6 +250,7 @@ def train_step(
     )
     if weak:
         ctx.train_loader = PseudoLabelledLoader(loader, method, ctx)
+        ctx.weak_batches = loader
     method.on_step_start(ctx)
 
     lr = options.learning_rate(ctx.step)

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from training.data.dataset import WeakItem
 from training.models.bisenet import BiSeNet, SegmentationOutput
 from training.optim import ParamGroup
 from training.protocols import Setting
@@ -66,6 +67,9 @@ class StepContext:
         iteration: Iterations done so far in the step (the trainer updates it; the step-end hooks
             see the total).
         total_iterations: Iterations of the whole step (0 until the trainer knows it).
+        weak_batches: In a step with image-level labels, its loader of ``WeakItem`` batches as the
+            trainer reads it (image labels and weak flags included), for a term that trains on them
+            before the first iteration (the weak term's localizer warm-up); None otherwise.
     """
 
     step: int
@@ -80,6 +84,7 @@ class StepContext:
     setting: Setting = Setting.OVERLAPPED
     iteration: int = 0
     total_iterations: int = 0
+    weak_batches: Iterable[WeakItem] | None = None
 
     @property
     def num_classes(self) -> int:

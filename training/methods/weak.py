@@ -61,24 +61,34 @@ How the term fits this project's methods (deviations, each on purpose):
   negative of every class, as STAR's code does, and its replay plan, made at the step's start, finds no
   old class in them). Images with a mask keep it and add only the localizer's losses (their image
   labels come from the mask).
-- PAMR (W ``--affinity`` in run.sh, W wss/modules.py) is not ported; not measured.
+- PAMR (W ``--affinity`` in run.sh, W wss/modules.py:121-150, ``pamr``) is ported; WILSON refines only
+  the localizer's own targets with it, at the maps' resolution (W train.py:249-258). ``refine`` instead
+  refines the maps that make the model's target, on the image at the logits' resolution (the target is
+  then built there): the embedding is at 1/8, and a map upsampled from it cannot follow object edges.
+- ``warmup_iterations`` (not WILSON's): the localizer trains alone before the step on the frozen old
+  model's embedding of the step's images, with the image-label and old-channel losses. WILSON's
+  localizer has about 450 iterations (5 epochs of VOC 15-5) before its pseudo-labels are used; a step
+  here has a floor of 100-200 iterations in all, so its pseudo-labels began from a barely trained head.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from training.data.dataset import WeakItem
 from training.methods.base import Batch, LossTerm, Method, StepContext
 from training.methods.standard import EncoderDistillation
 from training.models.bisenet import BiSeNet
 
 IGNORE = 255
 PSEUDO_LABELS_KEY = "pseudo_labels"  # the step's metrics key of the pseudo-labels' statistics
+WARMUP_CACHE_BYTES = 256 * 2**20  # the localizer's warm-up keeps at most this much of the embedding
 
 
 class Localizer(nn.Sequential):
@@ -125,6 +135,48 @@ def image_label_loss(maps: Tensor, labels: Tensor) -> Tensor:
 def binarize(maps: Tensor) -> Tensor:
     """1 where a channel holds the pixel's maximum (ties: each such channel), else 0 (W wss_loss.py:186)."""
     return (maps >= maps.max(dim=1, keepdim=True)[0]).type_as(maps)
+
+
+_NEIGHBOURS = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)]
+
+
+def _shifted(x: Tensor, dy: int, dx: int) -> Tensor:
+    """x's values at (y + dy, x + dx), edges replicated: (B, K, H, W) -> same."""
+    h, w = x.shape[-2:]
+    pad = max(abs(dy), abs(dx))
+    padded = F.pad(x, [pad] * 4, mode="replicate")
+    return padded[..., pad + dy : pad + dy + h, pad + dx : pad + dx + w]
+
+
+def pamr(
+    image: Tensor, masks: Tensor, iterations: int = 10, dilations: tuple[int, ...] = (1, 2, 4, 8, 12)
+) -> Tensor:
+    """Pixel-adaptive mask refinement (Araslanov and Roth, CVPR 2020; W wss/modules.py:121-150, with
+    W train.py:60's ``num_iter=10, dilations=[1, 2, 4, 8, 12]``).
+
+    Each pixel's masks become, ``iterations`` times, the weighted mean of its 8 neighbours' at every
+    dilation, weights softmax_q(-mean_k |x_kp - x_kq| / (1e-8 + 0.1 std_k)) over those neighbours q, std_k
+    the (unbiased) deviation of channel k over the pixel and its neighbours at every dilation.
+
+    Args:
+        image: (B, K, H, W) image (any scale; the weights divide by its local deviation).
+        masks: (B, C, h, w) maps, upsampled (bilinear, corners aligned) to (H, W) first.
+    Returns:
+        (B, C, H, W) refined maps.
+    """
+    masks = F.interpolate(masks, size=image.shape[-2:], mode="bilinear", align_corners=True)
+    offsets = [(dy * d, dx * d) for d in dilations for dy, dx in _NEIGHBOURS]
+    around = torch.stack([_shifted(image, dy, dx) for dy, dx in offsets], dim=2)  # (B, K, P, H, W)
+    centres = image[:, :, None].expand(-1, -1, len(dilations), -1, -1)  # the centre of each dilation's 3x3
+    spread = torch.cat([around, centres], dim=2).std(dim=2, keepdim=True)  # (B, K, 1, H, W)
+    distance = -(around - image[:, :, None]).abs() / (1e-8 + 0.1 * spread)
+    weights = distance.mean(dim=1).softmax(dim=1)  # (B, P, H, W)
+    for _ in range(iterations):
+        masks = sum(  # (B, C, H, W); one shift at a time keeps memory at the masks' size
+            (weights[:, p : p + 1] * _shifted(masks, dy, dx) for p, (dy, dx) in enumerate(offsets)),
+            torch.zeros_like(masks),
+        )
+    return masks
 
 
 def pseudo_gtmask(
@@ -271,6 +323,12 @@ class WeakLabels(LossTerm):
         hidden: Width of the localizer (default: the embedding's).
         old_wins: No new class in the target where the old model's most probable class is an old
             foreground class (module docstring; False: WILSON's target).
+        warmup_iterations: Iterations of the localizer alone before the step, on the frozen old model's
+            embedding of the step's images (module docstring; 0: none, as WILSON).
+        warmup_lr: The warm-up's learning rate (SGD, momentum 0.9; WILSON's ``lr_pseudo`` 0.01).
+        refine: Refine the localizer's maps with PAMR on the image at the logits' resolution before they
+            make the model's target (module docstring; False: WILSON, which refines only the
+            localizer's own targets, at its maps' resolution).
     """
 
     name = "wilson"
@@ -285,12 +343,18 @@ class WeakLabels(LossTerm):
         localizer_lr: float = 10.0,
         hidden: int | None = None,
         old_wins: bool = True,
+        warmup_iterations: int = 0,
+        warmup_lr: float = 0.01,
+        refine: bool = False,
     ) -> None:
         super().__init__(1.0)
         if not 0 <= alpha <= 1 or not 0 <= pseudo_start <= 1:
             raise ValueError(f"alpha and pseudo_start must lie in [0, 1], got {alpha}, {pseudo_start}")
+        if warmup_iterations < 0:
+            raise ValueError(f"warmup_iterations must be >= 0, got {warmup_iterations}")
         self.alpha, self.pseudo_start, self.l_seg = alpha, pseudo_start, l_seg
         self.localizer_lr, self.hidden, self.old_wins = localizer_lr, hidden, old_wins
+        self.warmup_iterations, self.warmup_lr, self.refine = warmup_iterations, warmup_lr, refine
         self.localizer: Localizer | None = None
         self._current: _Iteration | None = None
         self._stats = PseudoLabelStats(0)
@@ -300,6 +364,45 @@ class WeakLabels(LossTerm):
             raise ValueError("step 0 needs masks: image-level labels only train the classes of later steps")
         self.localizer = Localizer(ctx.model.embed_dim, ctx.num_classes, self.hidden).to(ctx.device)
         self._stats = PseudoLabelStats(ctx.num_classes)
+        if self.warmup_iterations and ctx.weak_batches is not None:
+            self.warm_up(ctx.weak_batches, ctx.require_old_model(), ctx.num_old_classes, ctx.device)
+
+    def warm_up(
+        self, batches: Iterable[WeakItem], old_model: BiSeNet, num_old: int, device: torch.device
+    ) -> list[float]:
+        """Trains the localizer alone for ``warmup_iterations`` on the frozen old model's embedding.
+
+        The embedding and the old model's probabilities of one pass over ``batches`` are kept (at most
+        ``WARMUP_CACHE_BYTES`` of them) and cycled through; the losses are the step's image-label BCE on
+        the new classes and BCE of the old channels on the old model (W train.py:229-235).
+
+        Returns:
+            The loss of each warm-up iteration.
+        """
+        localizer = self.require_localizer()
+        cached: list[tuple[Tensor, Tensor, Tensor]] = []  # (features, old probabilities, new image labels)
+        size = 0
+        with torch.no_grad():
+            for item in batches:
+                features = old_model.forward_features(item.image.to(device))  # (B, D, h, w)
+                old = old_probabilities(old_model.classify(features), old_model.config.sigmoid_outputs)
+                cached.append((features, old, item.image_labels.to(device)[:, num_old:]))
+                size += (features.numel() + old.numel()) * features.element_size()
+                if size >= WARMUP_CACHE_BYTES:
+                    break
+        parameters = localizer.parameters()
+        optimizer = torch.optim.SGD(parameters, lr=self.warmup_lr, momentum=0.9, weight_decay=1e-4)
+        localizer.train()
+        losses = []
+        for iteration in range(self.warmup_iterations):
+            features, old, labels = cached[iteration % len(cached)]
+            maps = localizer(features)  # (B, C, h, w)
+            loss = image_label_loss(maps, labels) + F.binary_cross_entropy_with_logits(maps[:, :num_old], old)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        return losses
 
     def trainable_modules(self) -> list[tuple[nn.Module, float]]:
         return [] if self.localizer is None else [(self.localizer, self.localizer_lr)]
@@ -313,15 +416,16 @@ class WeakLabels(LossTerm):
         return ctx.iteration >= self.pseudo_start * ctx.total_iterations
 
     def build_target(
-        self, features: Tensor, old_logits: Tensor, image_labels: Tensor, model: BiSeNet, old_model: BiSeNet
+        self, images: Tensor, features: Tensor, old_logits: Tensor, image_labels: Tensor, old_model: BiSeNet
     ) -> tuple[Tensor, Target]:
-        """The localizer's maps (train mode) and WILSON's target from its eval-mode maps (W 222-275).
+        """The localizer's eval-mode softmax and WILSON's target from it (W 222-275).
 
         Args:
+            images: (B, 3, H, W) the batch (read when ``refine``: the target is then at (H, W)).
             features: (B, D, h, w) the model's embedding.
             old_logits: (B, C_old, h, w) the old model's logits at the embedding's resolution.
             image_labels: (B, C) multi-hot.
-            model, old_model: For their output kind (``sigmoid_outputs``).
+            old_model: For its output kind (``sigmoid_outputs``).
         """
         localizer = self.require_localizer()
         was_training = localizer.training
@@ -330,6 +434,9 @@ class WeakLabels(LossTerm):
             probabilities = localizer(features).softmax(dim=1)  # (B, C, h, w)
         localizer.train(was_training)
         old = old_probabilities(old_logits, old_model.config.sigmoid_outputs)
+        if self.refine:
+            probabilities = pamr(images, probabilities)  # (B, C, H, W)
+            old = F.interpolate(old, size=images.shape[-2:], mode="bilinear", align_corners=False)
         built = assemble_target(probabilities, image_labels, old, self.alpha, old.shape[1], self.old_wins)
         return probabilities, built
 
@@ -341,7 +448,7 @@ class WeakLabels(LossTerm):
         old_model = ctx.require_old_model()
         old_logits = old_model.classify(batch.require_old_out().features)  # (B, C_old, h, w)
         _, built = self.build_target(
-            batch.out.features.detach(), old_logits, image_labels, ctx.model, old_model
+            batch.images, batch.out.features.detach(), old_logits, image_labels, old_model
         )
         hard = hard_labels(built.target, ctx.num_old_classes, batch.labels.shape[-2:])  # (B, H, W)
         return torch.where(weak[:, None, None], hard, batch.labels), built
@@ -395,7 +502,7 @@ class WeakLabels(LossTerm):
         model.eval()
         features = model.forward_features(images)
         old_logits = old_model.classify(old_model.forward_features(images))
-        _, built = self.build_target(features, old_logits, image_labels, model, old_model)
+        _, built = self.build_target(images, features, old_logits, image_labels, old_model)
         return hard_labels(built.target, old_logits.shape[1], images.shape[-2:])
 
 

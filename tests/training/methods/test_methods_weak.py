@@ -4,13 +4,16 @@ pseudo-label assembly on a tiny case, and the localizer learning to find an obje
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from training.data.dataset import WeakItem
 from training.methods import build_method
+from training.methods import weak as weak_module
 from training.methods.base import Batch, StepContext
 from training.methods.weak import (
     Localizer,
@@ -22,6 +25,7 @@ from training.methods.weak import (
     image_label_loss,
     ngwp_focal,
     old_probabilities,
+    pamr,
     pseudo_gtmask,
     segmentation_loss,
     with_weak_labels,
@@ -257,3 +261,120 @@ def test_localizer_map_peaks_on_the_object_after_training_on_image_labels() -> N
     far = torch.ones(16, 16, dtype=torch.bool)
     far[6:17, 0:10] = False  # more than 3 px from the object (the convolutions' reach blurs its edge)
     assert maps[far].max() < 0.1
+
+
+def _wilson_pamr(
+    image: torch.Tensor, masks: torch.Tensor, iterations: int, dilations: list[int]
+) -> torch.Tensor:
+    """W wss/modules.py:15-150 as its formula: 3x3 difference and copy kernels at each dilation
+    (replicate padding), the deviation over the 9 taps of every dilation, softmax over the 8 x D taps."""
+    masks = F.interpolate(masks, size=image.shape[-2:], mode="bilinear", align_corners=True)
+    taps = [(0, 0), (0, 1), (0, 2), (1, 0), (1, 2), (2, 0), (2, 1), (2, 2)]
+    copy = torch.zeros(8, 1, 3, 3)
+    for i, (r, c) in enumerate(taps):
+        copy[i, 0, r, c] = 1
+    difference = -copy.clone()
+    difference[:, 0, 1, 1] = 1
+    every = torch.eye(9).reshape(9, 1, 3, 3)
+
+    def local(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+        b, k, h, w = x.shape
+        flat = x.reshape(b * k, 1, h, w)
+        out = [F.conv2d(F.pad(flat, [d] * 4, mode="replicate"), kernel, dilation=d) for d in dilations]
+        return torch.cat(out, 1).reshape(b, k, -1, h, w)
+
+    spread = local(image, every).std(2, keepdim=True)
+    weights = (-local(image, difference).abs() / (1e-8 + 0.1 * spread)).mean(1, keepdim=True).softmax(2)
+    for _ in range(iterations):
+        masks = (local(masks, copy) * weights).sum(2)
+    return masks
+
+
+def test_pamr_is_wilsons_affinity_propagation() -> None:
+    generator = torch.Generator().manual_seed(0)
+    image = torch.rand(2, 3, 9, 11, generator=generator)
+    masks = torch.rand(2, 4, 3, 4, generator=generator).softmax(1)
+    expected = _wilson_pamr(image, masks, 10, [1, 2, 4, 8, 12])
+    refined = pamr(image, masks)
+    assert refined.shape == (2, 4, 9, 11)
+    assert torch.allclose(refined, expected, atol=1e-5)
+    assert torch.allclose(pamr(image, masks, 3, (1, 3)), _wilson_pamr(image, masks, 3, [1, 3]), atol=1e-5)
+
+
+def test_pamr_pulls_a_coarse_map_to_the_object_edges() -> None:
+    """A 12 x 12 square on a 24 x 24 image, its map at 1/8: the refined map's argmax matches the square
+    better than the bilinear upsampling of the same map."""
+    image = torch.zeros(1, 3, 24, 24)
+    image[:, :, 6:18, 6:18] = 1.0
+    image += 0.01 * torch.randn(1, 3, 24, 24, generator=torch.Generator().manual_seed(0))
+    coarse = torch.zeros(1, 2, 3, 3)
+    coarse[0, 1, 1, 1] = 1.0
+    coarse[0, 0] = 1 - coarse[0, 1]
+    truth = torch.zeros(24, 24, dtype=torch.bool)
+    truth[6:18, 6:18] = True
+
+    def iou(masks: torch.Tensor) -> float:
+        found = masks[0].argmax(0) == 1
+        return float((found & truth).sum() / (found | truth).sum())
+
+    bilinear = F.interpolate(coarse, size=(24, 24), mode="bilinear", align_corners=True)
+    assert iou(pamr(image, coarse)) > iou(bilinear) + 0.1
+    assert torch.allclose(
+        pamr(image, coarse).sum(1), torch.ones(1, 24, 24), atol=1e-5
+    )  # still a distribution
+
+
+def _weak_batches(n_batches: int, generator: torch.Generator) -> list[WeakItem]:
+    batches = []
+    for _ in range(n_batches):
+        images, labels, _ = _toy_images(4, generator)
+        step_labels = torch.cat([torch.zeros(4, 1), labels[:, 1:]], 1)  # old: bg + 0 classes; new: 1, 2
+        batches.append(
+            WeakItem(images, torch.full((4, 16, 16), 255), step_labels, torch.ones(4, dtype=torch.bool))
+        )
+    return batches
+
+
+def test_warm_up_trains_the_localizer_alone_on_the_old_embedding(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    old, model = _tiny(1).eval(), _tiny(3)
+    batches = _weak_batches(3, torch.Generator().manual_seed(0))
+    term = WeakLabels(warmup_iterations=60)
+    ctx = StepContext(1, model, old, 1, ["bg", "a", "b"], [], torch.device("cpu"))
+    ctx.weak_batches = batches
+    before = [p.clone() for p in old.parameters()]
+    term.on_step_start(ctx)  # builds the localizer, then warms it up
+    assert all(
+        torch.equal(a, b) for a, b in zip(before, old.parameters(), strict=True)
+    )  # old model untouched
+    losses = term.warm_up(batches, old, 1, torch.device("cpu"))  # 60 more
+    assert len(losses) == 60 and sum(losses[-10:]) < sum(losses[:10])
+
+    read = []
+
+    def counted() -> Iterator[WeakItem]:
+        for item in batches:
+            read.append(item)
+            yield item
+
+    monkeypatch.setattr(weak_module, "WARMUP_CACHE_BYTES", 1)  # the first batch already fills the cache
+    assert len(term.warm_up(counted(), old, 1, torch.device("cpu"))) == 60  # cycles through what it kept
+    assert len(read) == 1
+
+
+def test_a_step_without_warm_up_leaves_the_localizer_as_built() -> None:
+    torch.manual_seed(0)
+    old, model = _tiny(1).eval(), _tiny(3)
+    ctx = StepContext(1, model, old, 1, ["bg", "a", "b"], [], torch.device("cpu"))
+    ctx.weak_batches = _weak_batches(1, torch.Generator().manual_seed(0))
+    term = WeakLabels()
+    torch.manual_seed(1)
+    term.on_step_start(ctx)
+    torch.manual_seed(1)
+    fresh = Localizer(model.embed_dim, 3)
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(fresh.parameters(), term.require_localizer().parameters(), strict=True)
+    )
+    with pytest.raises(ValueError, match="warmup_iterations"):
+        WeakLabels(warmup_iterations=-1)
