@@ -171,11 +171,14 @@ def pamr(
     spread = torch.cat([around, centres], dim=2).std(dim=2, keepdim=True)  # (B, K, 1, H, W)
     distance = -(around - image[:, :, None]).abs() / (1e-8 + 0.1 * spread)
     weights = distance.mean(dim=1).softmax(dim=1)  # (B, P, H, W)
+    reach, (h, w) = max(dilations), masks.shape[-2:]
     for _ in range(iterations):
-        masks = sum(  # (B, C, H, W); one shift at a time keeps memory at the masks' size
-            (weights[:, p : p + 1] * _shifted(masks, dy, dx) for p, (dy, dx) in enumerate(offsets)),
-            torch.zeros_like(masks),
-        )
+        padded = F.pad(masks, [reach] * 4, mode="replicate")
+        refined = torch.zeros_like(masks)  # (B, C, H, W); one shift at a time keeps memory at the masks' size
+        for p, (dy, dx) in enumerate(offsets):
+            shifted = padded[..., reach + dy : reach + dy + h, reach + dx : reach + dx + w]
+            refined.addcmul_(weights[:, p : p + 1], shifted)
+        masks = refined
     return masks
 
 
@@ -259,6 +262,7 @@ def assemble_target(
     alpha: float,
     num_old: int,
     old_wins: bool = False,
+    cutoff: float = 0.0,
 ) -> Target:
     """Builds WILSON's target from the localizer's softmax and the old model's probabilities.
 
@@ -270,9 +274,17 @@ def assemble_target(
         num_old: C_old, background included.
         old_wins: Zero the new classes' mix where the old model's most probable class is an old
             foreground class (not WILSON's; see the module docstring).
+        cutoff: Each new class's masked map is zeroed where it is below ``cutoff`` x its maximum over
+            the image, its mass moved to background (not WILSON's; 0: none).
     """
     masked = probabilities.clone()
     masked[:, 1:] *= image_labels[:, 1:, None, None]
+    if cutoff > 0:
+        new = masked[:, num_old:]
+        peak = new.flatten(2).max(-1)[0][:, :, None, None]  # (B, C_new, 1, 1)
+        dropped = new * (new < cutoff * peak).type_as(new)
+        masked[:, num_old:] = new - dropped
+        masked[:, 0] += dropped.sum(1)
     mixed = alpha * binarize(masked) + (1 - alpha) * masked
     if old_wins:
         mixed[:, num_old:] *= (old.argmax(1, keepdim=True) == 0).type_as(mixed)
@@ -303,7 +315,7 @@ def segmentation_loss(logits: Tensor, target: Tensor, image_weight: Tensor, sigm
 class _Iteration:
     """What ``prepare`` computed for the current batch, read by ``__call__``."""
 
-    maps: Tensor  # (B, C, h, w) localizer logits, train mode (with gradient)
+    maps: Tensor | None  # (B, C, h, w) localizer logits, train mode (with gradient); None when frozen
     old: Tensor  # (B, C_old, h, w) old model's probabilities
     built: Target | None  # None before pseudo_start
 
@@ -326,9 +338,14 @@ class WeakLabels(LossTerm):
         warmup_iterations: Iterations of the localizer alone before the step, on the frozen old model's
             embedding of the step's images (module docstring; 0: none, as WILSON).
         warmup_lr: The warm-up's learning rate (SGD, momentum 0.9; WILSON's ``lr_pseudo`` 0.01).
-        refine: Refine the localizer's maps with PAMR on the image at the logits' resolution before they
-            make the model's target (module docstring; False: WILSON, which refines only the
-            localizer's own targets, at its maps' resolution).
+        refine_iterations: PAMR iterations that refine the localizer's background and new-class maps on
+            the image, at the logits' resolution, before they make the model's target (module
+            docstring; 0: none, as WILSON, which refines only the localizer's own targets).
+        cutoff: A new class keeps a pixel only where its map reaches ``cutoff`` x its peak over the
+            image; the rest goes to background (module docstring; 0: WILSON).
+        frozen_localizer: After the warm-up the localizer stops training and reads the old model's
+            embedding, the one it was warmed on, so each image's pseudo-labels stay fixed (module
+            docstring; False: WILSON's online localizer on the model's embedding).
     """
 
     name = "wilson"
@@ -345,16 +362,25 @@ class WeakLabels(LossTerm):
         old_wins: bool = True,
         warmup_iterations: int = 0,
         warmup_lr: float = 0.01,
-        refine: bool = False,
+        refine_iterations: int = 0,
+        cutoff: float = 0.0,
+        frozen_localizer: bool = False,
     ) -> None:
         super().__init__(1.0)
         if not 0 <= alpha <= 1 or not 0 <= pseudo_start <= 1:
             raise ValueError(f"alpha and pseudo_start must lie in [0, 1], got {alpha}, {pseudo_start}")
-        if warmup_iterations < 0:
-            raise ValueError(f"warmup_iterations must be >= 0, got {warmup_iterations}")
+        if warmup_iterations < 0 or refine_iterations < 0:
+            raise ValueError(
+                f"warmup_iterations and refine_iterations must be >= 0, got {warmup_iterations}, "
+                f"{refine_iterations}"
+            )
+        if not 0 <= cutoff < 1:
+            raise ValueError(f"cutoff must lie in [0, 1), got {cutoff}")
         self.alpha, self.pseudo_start, self.l_seg = alpha, pseudo_start, l_seg
         self.localizer_lr, self.hidden, self.old_wins = localizer_lr, hidden, old_wins
-        self.warmup_iterations, self.warmup_lr, self.refine = warmup_iterations, warmup_lr, refine
+        self.warmup_iterations, self.warmup_lr = warmup_iterations, warmup_lr
+        self.refine_iterations, self.cutoff = refine_iterations, cutoff
+        self.frozen_localizer = frozen_localizer
         self.localizer: Localizer | None = None
         self._current: _Iteration | None = None
         self._stats = PseudoLabelStats(0)
@@ -366,6 +392,8 @@ class WeakLabels(LossTerm):
         self._stats = PseudoLabelStats(ctx.num_classes)
         if self.warmup_iterations and ctx.weak_batches is not None:
             self.warm_up(ctx.weak_batches, ctx.require_old_model(), ctx.num_old_classes, ctx.device)
+        if self.frozen_localizer:
+            self.localizer.eval().requires_grad_(False)
 
     def warm_up(
         self, batches: Iterable[WeakItem], old_model: BiSeNet, num_old: int, device: torch.device
@@ -405,7 +433,9 @@ class WeakLabels(LossTerm):
         return losses
 
     def trainable_modules(self) -> list[tuple[nn.Module, float]]:
-        return [] if self.localizer is None else [(self.localizer, self.localizer_lr)]
+        if self.localizer is None or self.frozen_localizer:
+            return []
+        return [(self.localizer, self.localizer_lr)]
 
     def require_localizer(self) -> Localizer:
         if self.localizer is None:
@@ -421,7 +451,7 @@ class WeakLabels(LossTerm):
         """The localizer's eval-mode softmax and WILSON's target from it (W 222-275).
 
         Args:
-            images: (B, 3, H, W) the batch (read when ``refine``: the target is then at (H, W)).
+            images: (B, 3, H, W) the batch (read with ``refine_iterations``: the target is then at (H, W)).
             features: (B, D, h, w) the model's embedding.
             old_logits: (B, C_old, h, w) the old model's logits at the embedding's resolution.
             image_labels: (B, C) multi-hot.
@@ -434,10 +464,20 @@ class WeakLabels(LossTerm):
             probabilities = localizer(features).softmax(dim=1)  # (B, C, h, w)
         localizer.train(was_training)
         old = old_probabilities(old_logits, old_model.config.sigmoid_outputs)
-        if self.refine:
-            probabilities = pamr(images, probabilities)  # (B, C, H, W)
+        num_old = old.shape[1]
+        if self.refine_iterations:
+            # only background and the new classes reach the target (the old channels are zeroed by the
+            # image labels), and PAMR refines each channel on its own
+            kept = torch.cat([probabilities[:, :1], probabilities[:, num_old:]], dim=1)
+            kept = pamr(images, kept, self.refine_iterations)  # (B, 1 + C_new, H, W)
+            probabilities = torch.zeros(
+                kept.shape[0], probabilities.shape[1], *kept.shape[-2:], dtype=kept.dtype, device=kept.device
+            )
+            probabilities[:, :1], probabilities[:, num_old:] = kept[:, :1], kept[:, 1:]
             old = F.interpolate(old, size=images.shape[-2:], mode="bilinear", align_corners=False)
-        built = assemble_target(probabilities, image_labels, old, self.alpha, old.shape[1], self.old_wins)
+        built = assemble_target(
+            probabilities, image_labels, old, self.alpha, num_old, self.old_wins, self.cutoff
+        )
         return probabilities, built
 
     def _pseudo_labelled(self, batch: Batch, ctx: StepContext) -> tuple[Tensor, Target | None]:
@@ -447,9 +487,8 @@ class WeakLabels(LossTerm):
             return batch.labels, None
         old_model = ctx.require_old_model()
         old_logits = old_model.classify(batch.require_old_out().features)  # (B, C_old, h, w)
-        _, built = self.build_target(
-            batch.images, batch.out.features.detach(), old_logits, image_labels, old_model
-        )
+        features = batch.require_old_out().features if self.frozen_localizer else batch.out.features.detach()
+        _, built = self.build_target(batch.images, features, old_logits, image_labels, old_model)
         hard = hard_labels(built.target, ctx.num_old_classes, batch.labels.shape[-2:])  # (B, H, W)
         return torch.where(weak[:, None, None], hard, batch.labels), built
 
@@ -461,7 +500,7 @@ class WeakLabels(LossTerm):
         image_labels, weak = _require_image_labels(batch)
         old_model = ctx.require_old_model()
         old_logits = old_model.classify(batch.require_old_out().features)  # (B, C_old, h, w)
-        maps = self.require_localizer()(batch.out.features)  # (B, C, h, w), train mode
+        maps = None if self.frozen_localizer else self.require_localizer()(batch.out.features)  # (B, C, h, w)
         labels, built = self._pseudo_labelled(batch, ctx)
         if built is not None:
             self._stats.update(labels[weak], image_labels[weak], built.image_weight[weak])
@@ -475,13 +514,15 @@ class WeakLabels(LossTerm):
         if current is None:
             raise ValueError("WeakLabels.prepare must run before the loss (Method.losses does)")
         num_old = ctx.num_old_classes
-        loss = image_label_loss(current.maps, image_labels[:, num_old:])
-        loss = loss + F.binary_cross_entropy_with_logits(current.maps[:, :num_old], current.old)
         built = current.built
+        loss = batch.out.logits.new_zeros(())
+        if current.maps is not None:  # the online localizer's own losses
+            loss = loss + image_label_loss(current.maps, image_labels[:, num_old:])
+            loss = loss + F.binary_cross_entropy_with_logits(current.maps[:, :num_old], current.old)
+            if built is not None:
+                own = pseudo_gtmask(built.masked)
+                loss = loss + balanced_mask_loss_ce(current.maps, own, image_labels[:, 1:])
         if built is not None:
-            loss = loss + balanced_mask_loss_ce(
-                current.maps, pseudo_gtmask(built.masked), image_labels[:, 1:]
-            )
             if weak.any():
                 size = batch.out.logits.shape[-2:]
                 target = F.interpolate(built.target[weak], size=size, mode="bilinear", align_corners=False)
@@ -500,8 +541,9 @@ class WeakLabels(LossTerm):
     ) -> Tensor:
         """The pseudo-labels the step's end state gives (B, 3, H, W) images: -> (B, H, W) training labels."""
         model.eval()
-        features = model.forward_features(images)
-        old_logits = old_model.classify(old_model.forward_features(images))
+        old_features = old_model.forward_features(images)
+        features = old_features if self.frozen_localizer else model.forward_features(images)
+        old_logits = old_model.classify(old_features)
         _, built = self.build_target(images, features, old_logits, image_labels, old_model)
         return hard_labels(built.target, old_logits.shape[1], images.shape[-2:])
 

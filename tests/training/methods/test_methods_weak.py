@@ -378,3 +378,5 @@ def test_a_step_without_warm_up_leaves_the_localizer_as_built() -> None:
     )
     with pytest.raises(ValueError, match="warmup_iterations"):
         WeakLabels(warmup_iterations=-1)
+    with pytest.raises(ValueError, match="cutoff"):
+        WeakLabels(cutoff=1.0)
