@@ -131,6 +131,17 @@ def test_old_wins_leaves_no_new_class_where_the_old_model_sees_an_old_one() -> N
     assert torch.equal(ours[:, :2], wilson[:, :2])
 
 
+def test_cutoff_moves_a_new_class_below_its_share_of_the_peak_to_background() -> None:
+    # classes [bg, old 1, new 2]; class 2's map over 3 pixels: 0.8 (peak), 0.6, 0.3; cutoff 0.7 -> 0.56
+    probabilities = torch.tensor([[0.2, 0.4, 0.7], [0.0, 0.0, 0.0], [0.8, 0.6, 0.3]]).reshape(1, 3, 1, 3)
+    old = torch.tensor([[1.0, 1.0, 1.0], [0.0, 0.0, 0.0]]).reshape(1, 2, 1, 3)
+    labels = torch.tensor([[0.0, 0.0, 1.0]])
+    built = assemble_target(probabilities, labels, old, 0.5, 2, cutoff=0.7)
+    assert built.masked[0, 2, 0].tolist() == pytest.approx([0.8, 0.6, 0.0])
+    assert built.masked[0, 0, 0].tolist() == pytest.approx([0.2, 0.4, 1.0])  # the mass moved to background
+    assert torch.equal(assemble_target(probabilities, labels, old, 0.5, 2, cutoff=0.0).masked, probabilities)
+
+
 def test_segmentation_loss_for_sigmoid_and_softmax_models() -> None:
     logits = torch.tensor([[[[0.0, 1.0]], [[1.0, -1.0]], [[-0.5, 2.0]]]])  # (1, 3, 1, 2)
     target = torch.tensor([[[[0.2, 0.6]], [[0.5, 0.0]], [[0.3, 0.4]]]])
@@ -168,10 +179,18 @@ def _context(model: BiSeNet, old: BiSeNet, iteration: int, total: int) -> StepCo
     return ctx
 
 
+OPTION_SETS = [
+    {},
+    {"refine_iterations": 3, "cutoff": 0.5, "frozen_localizer": True},
+    {"refine_iterations": 2},
+]
+
+
+@pytest.mark.parametrize("options", OPTION_SETS)
 @pytest.mark.parametrize("sigmoid", [False, True])
-def test_pseudo_label_assembly_on_a_tiny_case(sigmoid: bool) -> None:
+def test_pseudo_label_assembly_on_a_tiny_case(sigmoid: bool, options: dict) -> None:
     """Weak images: 255 before pseudo_start, then background, new classes they show, never an old class
-    nor a new class they do not show; images with a mask keep it."""
+    nor a new class they do not show; images with a mask keep it (WILSON's term and its options)."""
     torch.manual_seed(0)
     old, model = _tiny(2, sigmoid).eval(), _tiny(4, sigmoid).eval()
     images = torch.randn(2, 3, 32, 32)
@@ -179,7 +198,7 @@ def test_pseudo_label_assembly_on_a_tiny_case(sigmoid: bool) -> None:
     masks[1, :16] = 3  # image 1 has a mask
     image_labels = torch.tensor([[0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 1.0]])  # image 0 shows class 2
     weak = torch.tensor([True, False])
-    term = WeakLabels()
+    term = WeakLabels(**options)
     with torch.no_grad():
         batch = Batch(
             images, masks, model.forward_train(images), old.forward_train(images), image_labels, weak
