@@ -62,9 +62,14 @@ How the term fits this project's methods (deviations, each on purpose):
   old class in them). Images with a mask keep it and add only the localizer's losses (their image
   labels come from the mask).
 - PAMR (W ``--affinity`` in run.sh, W wss/modules.py:121-150, ``pamr``) is ported; WILSON refines only
-  the localizer's own targets with it, at the maps' resolution (W train.py:249-258). ``refine`` instead
-  refines the maps that make the model's target, on the image at the logits' resolution (the target is
-  then built there): the embedding is at 1/8, and a map upsampled from it cannot follow object edges.
+  the localizer's own targets with it, at the maps' resolution (W train.py:249-258). Here
+  (``refine_iterations`` 30, WILSON 10) it refines the background and new-class maps that make the
+  model's target, on the image resized to at most 128 px a side (the target is then built there): the
+  embedding is at 1/8, and a map upsampled from it cannot follow object edges. Then ``cutoff`` (0.7,
+  the share of its peak below which WILSON's ``pseudo_gtmask`` drops a background pixel) gives a new
+  class only the pixels where its map reaches 0.7 of its peak over the image, the rest to background:
+  the localizer's maps spread over the background around an object (measured: about half of the
+  pixels a warmed-up localizer gives a new class are background).
 - ``warmup_iterations`` (not WILSON's): the localizer trains alone before the step on the frozen old
   model's embedding of the step's images, with the image-label and old-channel losses. WILSON's
   localizer has about 450 iterations (5 epochs of VOC 15-5) before its pseudo-labels are used; a step
@@ -89,6 +94,7 @@ from training.models.bisenet import BiSeNet
 IGNORE = 255
 PSEUDO_LABELS_KEY = "pseudo_labels"  # the step's metrics key of the pseudo-labels' statistics
 WARMUP_CACHE_BYTES = 256 * 2**20  # the localizer's warm-up keeps at most this much of the embedding
+REFINE_MAX_SIDE = 128  # PAMR refines the maps on the image resized to at most this many pixels a side
 
 
 class Localizer(nn.Sequential):
@@ -315,7 +321,7 @@ def segmentation_loss(logits: Tensor, target: Tensor, image_weight: Tensor, sigm
 class _Iteration:
     """What ``prepare`` computed for the current batch, read by ``__call__``."""
 
-    maps: Tensor | None  # (B, C, h, w) localizer logits, train mode (with gradient); None when frozen
+    maps: Tensor  # (B, C, h, w) localizer logits, train mode (with gradient)
     old: Tensor  # (B, C_old, h, w) old model's probabilities
     built: Target | None  # None before pseudo_start
 
@@ -329,23 +335,24 @@ class WeakLabels(LossTerm):
 
     Args:
         alpha: Share of the hard map in the target (W 0.5).
-        pseudo_start: Fraction of the step's iterations before the pseudo-labels are used (W 5/40 epochs).
+        pseudo_start: Fraction of the step's iterations before the pseudo-labels are used (W 5/40 epochs;
+            0 here, the warm-up trains the localizer before the step instead).
         l_seg: Weight of the model's loss on the target (W 1).
         localizer_lr: The localizer's learning rate as a multiple of the step's (W 0.01 / 0.001 = 10).
         hidden: Width of the localizer (default: the embedding's).
         old_wins: No new class in the target where the old model's most probable class is an old
             foreground class (module docstring; False: WILSON's target).
         warmup_iterations: Iterations of the localizer alone before the step, on the frozen old model's
-            embedding of the step's images (module docstring; 0: none, as WILSON).
+            embedding of the step's images (module docstring; 0: none, as WILSON; 500 chosen by
+            measurement, BENCHMARKS.md "Weak supervision").
         warmup_lr: The warm-up's learning rate (SGD, momentum 0.9; WILSON's ``lr_pseudo`` 0.01).
         refine_iterations: PAMR iterations that refine the localizer's background and new-class maps on
-            the image, at the logits' resolution, before they make the model's target (module
-            docstring; 0: none, as WILSON, which refines only the localizer's own targets).
+            the image (resized to at most ``REFINE_MAX_SIDE`` a side) before they make the model's
+            target (module docstring; 0: none, as WILSON, which refines only the localizer's own
+            targets; 30 chosen by measurement).
         cutoff: A new class keeps a pixel only where its map reaches ``cutoff`` x its peak over the
-            image; the rest goes to background (module docstring; 0: WILSON).
-        frozen_localizer: After the warm-up the localizer stops training and reads the old model's
-            embedding, the one it was warmed on, so each image's pseudo-labels stay fixed (module
-            docstring; False: WILSON's online localizer on the model's embedding).
+            image; the rest goes to background (module docstring; 0: WILSON; 0.7 chosen by measurement,
+            WILSON's own cutoff for its localizer's background targets).
     """
 
     name = "wilson"
@@ -355,16 +362,15 @@ class WeakLabels(LossTerm):
     def __init__(
         self,
         alpha: float = 0.5,
-        pseudo_start: float = 0.125,
+        pseudo_start: float = 0.0,
         l_seg: float = 1.0,
         localizer_lr: float = 10.0,
         hidden: int | None = None,
         old_wins: bool = True,
-        warmup_iterations: int = 0,
+        warmup_iterations: int = 500,
         warmup_lr: float = 0.01,
-        refine_iterations: int = 0,
-        cutoff: float = 0.0,
-        frozen_localizer: bool = False,
+        refine_iterations: int = 30,
+        cutoff: float = 0.7,
     ) -> None:
         super().__init__(1.0)
         if not 0 <= alpha <= 1 or not 0 <= pseudo_start <= 1:
@@ -380,7 +386,6 @@ class WeakLabels(LossTerm):
         self.localizer_lr, self.hidden, self.old_wins = localizer_lr, hidden, old_wins
         self.warmup_iterations, self.warmup_lr = warmup_iterations, warmup_lr
         self.refine_iterations, self.cutoff = refine_iterations, cutoff
-        self.frozen_localizer = frozen_localizer
         self.localizer: Localizer | None = None
         self._current: _Iteration | None = None
         self._stats = PseudoLabelStats(0)
@@ -392,8 +397,6 @@ class WeakLabels(LossTerm):
         self._stats = PseudoLabelStats(ctx.num_classes)
         if self.warmup_iterations and ctx.weak_batches is not None:
             self.warm_up(ctx.weak_batches, ctx.require_old_model(), ctx.num_old_classes, ctx.device)
-        if self.frozen_localizer:
-            self.localizer.eval().requires_grad_(False)
 
     def warm_up(
         self, batches: Iterable[WeakItem], old_model: BiSeNet, num_old: int, device: torch.device
@@ -433,9 +436,7 @@ class WeakLabels(LossTerm):
         return losses
 
     def trainable_modules(self) -> list[tuple[nn.Module, float]]:
-        if self.localizer is None or self.frozen_localizer:
-            return []
-        return [(self.localizer, self.localizer_lr)]
+        return [] if self.localizer is None else [(self.localizer, self.localizer_lr)]
 
     def require_localizer(self) -> Localizer:
         if self.localizer is None:
@@ -469,12 +470,16 @@ class WeakLabels(LossTerm):
             # only background and the new classes reach the target (the old channels are zeroed by the
             # image labels), and PAMR refines each channel on its own
             kept = torch.cat([probabilities[:, :1], probabilities[:, num_old:]], dim=1)
-            kept = pamr(images, kept, self.refine_iterations)  # (B, 1 + C_new, H, W)
+            height, width = images.shape[-2:]
+            scale = min(1.0, REFINE_MAX_SIDE / max(height, width))
+            size = (max(1, round(height * scale)), max(1, round(width * scale)))
+            small = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
+            kept = pamr(small, kept, self.refine_iterations)  # (B, 1 + C_new, *size)
             probabilities = torch.zeros(
                 kept.shape[0], probabilities.shape[1], *kept.shape[-2:], dtype=kept.dtype, device=kept.device
             )
             probabilities[:, :1], probabilities[:, num_old:] = kept[:, :1], kept[:, 1:]
-            old = F.interpolate(old, size=images.shape[-2:], mode="bilinear", align_corners=False)
+            old = F.interpolate(old, size=size, mode="bilinear", align_corners=False)
         built = assemble_target(
             probabilities, image_labels, old, self.alpha, num_old, self.old_wins, self.cutoff
         )
@@ -487,7 +492,7 @@ class WeakLabels(LossTerm):
             return batch.labels, None
         old_model = ctx.require_old_model()
         old_logits = old_model.classify(batch.require_old_out().features)  # (B, C_old, h, w)
-        features = batch.require_old_out().features if self.frozen_localizer else batch.out.features.detach()
+        features = batch.out.features.detach()
         _, built = self.build_target(batch.images, features, old_logits, image_labels, old_model)
         hard = hard_labels(built.target, ctx.num_old_classes, batch.labels.shape[-2:])  # (B, H, W)
         return torch.where(weak[:, None, None], hard, batch.labels), built
@@ -500,7 +505,7 @@ class WeakLabels(LossTerm):
         image_labels, weak = _require_image_labels(batch)
         old_model = ctx.require_old_model()
         old_logits = old_model.classify(batch.require_old_out().features)  # (B, C_old, h, w)
-        maps = None if self.frozen_localizer else self.require_localizer()(batch.out.features)  # (B, C, h, w)
+        maps = self.require_localizer()(batch.out.features)  # (B, C, h, w), train mode
         labels, built = self._pseudo_labelled(batch, ctx)
         if built is not None:
             self._stats.update(labels[weak], image_labels[weak], built.image_weight[weak])
@@ -515,14 +520,12 @@ class WeakLabels(LossTerm):
             raise ValueError("WeakLabels.prepare must run before the loss (Method.losses does)")
         num_old = ctx.num_old_classes
         built = current.built
-        loss = batch.out.logits.new_zeros(())
-        if current.maps is not None:  # the online localizer's own losses
-            loss = loss + image_label_loss(current.maps, image_labels[:, num_old:])
-            loss = loss + F.binary_cross_entropy_with_logits(current.maps[:, :num_old], current.old)
-            if built is not None:
-                own = pseudo_gtmask(built.masked)
-                loss = loss + balanced_mask_loss_ce(current.maps, own, image_labels[:, 1:])
+        loss = image_label_loss(current.maps, image_labels[:, num_old:])
+        loss = loss + F.binary_cross_entropy_with_logits(current.maps[:, :num_old], current.old)
         if built is not None:
+            loss = loss + balanced_mask_loss_ce(
+                current.maps, pseudo_gtmask(built.masked), image_labels[:, 1:]
+            )
             if weak.any():
                 size = batch.out.logits.shape[-2:]
                 target = F.interpolate(built.target[weak], size=size, mode="bilinear", align_corners=False)
@@ -541,9 +544,8 @@ class WeakLabels(LossTerm):
     ) -> Tensor:
         """The pseudo-labels the step's end state gives (B, 3, H, W) images: -> (B, H, W) training labels."""
         model.eval()
-        old_features = old_model.forward_features(images)
-        features = old_features if self.frozen_localizer else model.forward_features(images)
-        old_logits = old_model.classify(old_features)
+        features = model.forward_features(images)
+        old_logits = old_model.classify(old_model.forward_features(images))
         _, built = self.build_target(images, features, old_logits, image_labels, old_model)
         return hard_labels(built.target, old_logits.shape[1], images.shape[-2:])
 
