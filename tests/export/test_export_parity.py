@@ -87,6 +87,21 @@ def test_compare_logits_gates_independently() -> None:
     assert report.argmax_agreement == pytest.approx(15 / 16) and report.passed
 
 
+def test_the_logit_tolerance_is_relative_to_the_logit_scale() -> None:
+    """float32 rounding grows with the logits: 2e-3 apart at logits of 4000 is 5e-7 of them (passes);
+    the same 2e-3 at logits of 1 or less is over 1e-3 (fails); the scale never goes below 1."""
+    large = np.full((1, 2, 4, 4), -4000.0, np.float32)
+    large[:, 0] = 4000.0
+    report = compare_logits([large], [large + 2e-3], 1e-3, 0.999, "a", "b")
+    assert report.logit_scale == pytest.approx(4000.0) and report.passed
+    assert "logit scale 4e+03" in report.summary()
+    assert not compare_logits([large], [large + 5.0], 1e-3, 0.999, "a", "b").passed  # 1.25e-3 of 4000
+    small = np.zeros((1, 2, 4, 4), np.float32)
+    small[:, 0] = 0.5
+    tight = compare_logits([small], [small + 2e-3], 1e-3, 0.999, "a", "b")
+    assert tight.logit_scale == 1.0 and not tight.passed
+
+
 def test_failed_export_keeps_the_old_directory(model_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "export"
     out.mkdir()
