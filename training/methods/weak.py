@@ -35,8 +35,9 @@ How the term fits this project's methods (deviations, each on purpose):
   at 1/8 and is the input of its classifier, the role ``body`` has for WILSON's head. Its gradient
   reaches the encoder, as in WILSON (the features are not detached).
 - Localizer width: the embedding's width (WILSON 256 on a 2048-wide body).
-- ``pseudo_ep`` as a fraction of the step's iterations (``pseudo_start`` 0.125 = 5/40), because the
-  steps here have a floor of iterations rather than WILSON's 40 epochs.
+- ``pseudo_ep`` as a fraction of the step's iterations (``pseudo_start``; 0.125 = 5/40 is WILSON's
+  share), because the steps here have a floor of iterations rather than WILSON's 40 epochs; 0 by
+  default, as the warm-up below trains the localizer before the step.
 - The old model's probabilities: WILSON's base model is trained with per-class BCE, and it takes
   ``sigmoid(outputs_old)``. A ``star`` model is such a model (per-class sigmoids; its background,
   which it does not output, is 1 - the largest class sigmoid, its argmax rule); a softmax model
