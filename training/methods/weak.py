@@ -486,20 +486,27 @@ class WeakLabels(LossTerm):
         )
         return probabilities, built
 
-    def _pseudo_labelled(self, batch: Batch, ctx: StepContext) -> tuple[Tensor, Target | None]:
-        """The labels with the weak images' pseudo-labels (from ``pseudo_start``; before: as given)."""
+    def _pseudo_labelled(
+        self, batch: Batch, ctx: StepContext, old_logits: Tensor
+    ) -> tuple[Tensor, Target | None]:
+        """The labels with the weak images' pseudo-labels (from ``pseudo_start``; before: as given).
+
+        Args:
+            old_logits: (B, C_old, h, w) the old model's logits at the embedding's resolution.
+        """
         image_labels, weak = _require_image_labels(batch)
         if not self.pseudo_labels_on(ctx):
             return batch.labels, None
-        old_model = ctx.require_old_model()
-        old_logits = old_model.classify(batch.require_old_out().features)  # (B, C_old, h, w)
         features = batch.out.features.detach()
-        _, built = self.build_target(batch.images, features, old_logits, image_labels, old_model)
+        _, built = self.build_target(
+            batch.images, features, old_logits, image_labels, ctx.require_old_model()
+        )
         hard = hard_labels(built.target, ctx.num_old_classes, batch.labels.shape[-2:])  # (B, H, W)
         return torch.where(weak[:, None, None], hard, batch.labels), built
 
     def hook_labels(self, batch: Batch, ctx: StepContext) -> Tensor:
-        return self._pseudo_labelled(batch, ctx)[0]
+        old_logits = ctx.require_old_model().classify(batch.require_old_out().features)
+        return self._pseudo_labelled(batch, ctx, old_logits)[0]
 
     def prepare(self, batch: Batch, ctx: StepContext) -> Batch:
         """Runs the localizer; from ``pseudo_start`` writes pseudo-labels into the weak images' labels."""
@@ -507,7 +514,7 @@ class WeakLabels(LossTerm):
         old_model = ctx.require_old_model()
         old_logits = old_model.classify(batch.require_old_out().features)  # (B, C_old, h, w)
         maps = self.require_localizer()(batch.out.features)  # (B, C, h, w), train mode
-        labels, built = self._pseudo_labelled(batch, ctx)
+        labels, built = self._pseudo_labelled(batch, ctx, old_logits)  # one classify of the old model
         if built is not None:
             self._stats.update(labels[weak], image_labels[weak], built.image_weight[weak])
         old = old_probabilities(old_logits, old_model.config.sigmoid_outputs)
